@@ -1,0 +1,156 @@
+"""Multi-head latent attention (DeepSeek-V2), run with absorbed weights over its latent.
+
+Keys and values come from a latent c = x W^DKV of width ``kv_rank`` shared by all heads::
+
+    c_q = x W^DQ (q_rank)          q_i = c_q W^UQ_i (head_dim)      [q_rank=None: q_i = x W^Q_i]
+    c   = x W^DKV (kv_rank)        k_i = c W^UK_i,  v_i = c W^UV_i  (head_dim)
+    y   = concat_i softmax(scale q_i k_i^T) v_i  W^O
+
+Absorbing W^UK into the query and W^UV into the output turns this into multi-query
+attention over the latent (PAPER.md §4, Thm. B.4): q~_i = q_i W^UK_i^T (B, H, T, kv_rank)
+against K = V = c (B, 1, S, kv_rank), then o_i W^UV_i. That is how it always runs here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_even, check_int, resolve_head_dim
+from .base import Attention, init_normal_
+from .rope import apply_rope
+
+ROPE_MODES = (None, "decoupled", "latent")
+
+
+class MultiHeadLatentAttention(Attention):
+    """MLA with a K/V latent of width ``kv_rank`` (DeepSeek-V2, linear form by default).
+
+    RoPE (``rope``):
+      - ``None``: none.
+      - ``'decoupled'``: DeepSeek's extra branch: per-head rotated queries c_q W^QR_i and one
+        shared rotated key x W^KR, both of width ``rope_dim``, concatenated to the latent
+        query/key (scale default ``1/sqrt(head_dim + rope_dim)``).
+      - ``'latent'``: the paper's coupled RoPE (Cor. 3.2.1): rotate the kv_rank-dim latent
+        itself. Nothing sits between W^DQ, W^UQ_i and W^UK_i any more, so the whole query
+        side fuses into one matrix per head (:meth:`absorbed_query_weight`).
+
+    Cache per token: the latent ``kv`` (kv_rank; with 'decoupled' one row [latent, rotated
+    RoPE key] of width kv_rank + rope_dim); with ``shared_kv=False`` a key latent ``k`` (same
+    width) and a value latent ``v`` (kv_rank). The latent is cached unrotated for 'latent' RoPE
+    (values need it so) and its key copy rotated on read.
+    Init: every projection N(0, 1/fan_in), so for unit-variance x the latents, per-head
+    queries/keys/values have unit variance and the output matches MHA's.
+
+    Args:
+        d_model, n_heads: width d and query heads H. kv_rank: latent width d_c (<= d_model).
+        q_rank: query latent width d_c' (None: full-rank query projection).
+        head_dim: per-head width; default d_model // n_heads.
+        rope: None | 'decoupled' | 'latent'. rope_dim: decoupled RoPE width (default head_dim // 2).
+        shared_kv: one latent for keys and values (DeepSeek); False: separate latents.
+        latent_norm: RMSNorm on the latents (as in DeepSeek's weights); off by default so
+            the layer stays linear and the paper's tensor view applies.
+        causal, dropout, scale, rope_base: as on every layer. bias: query and output biases.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, kv_rank: int, *, q_rank: int | None = None,
+                 head_dim: int | None = None, rope: str | None = None, rope_dim: int | None = None,
+                 shared_kv: bool = True, latent_norm: bool = False, causal: bool = False, dropout: float = 0.0,
+                 bias: bool = False, scale: float | None = None, rope_base: float = 10000.0):
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
+        check_int("kv_rank", kv_rank, high=d_model)
+        if q_rank is not None:
+            check_int("q_rank", q_rank, high=d_model)
+        check_choice("rope", rope, ROPE_MODES)
+        head_dim = resolve_head_dim(d_model, n_heads, head_dim)
+        if rope == "decoupled":
+            rope_dim = check_even("rope_dim", check_int("rope_dim", rope_dim if rope_dim is not None
+                                                        else max(2, head_dim // 2 // 2 * 2)))
+        elif rope_dim is not None:
+            raise ValueError(f"rope_dim is only used with rope='decoupled', got rope={rope!r}, rope_dim={rope_dim}")
+        elif rope == "latent":
+            rope_dim = check_even("kv_rank (the latent RoPE width)", kv_rank)
+        qk_dim = head_dim + (rope_dim if rope == "decoupled" else 0)
+        super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
+                         default_scale=1.0 / math.sqrt(qk_dim), rope_dim=rope_dim, rope_base=rope_base)
+        self.kv_rank, self.q_rank, self.head_dim = kv_rank, q_rank, head_dim
+        self.rope, self.rope_dim, self.shared_kv = rope, rope_dim if rope == "decoupled" else None, bool(shared_kv)
+        self.rotate_cached_latent = self.shared_kv and rope == "latent"
+        q_in = q_rank if q_rank is not None else d_model
+        linear = nn.Linear
+        self.q_down = linear(d_model, q_rank, bias=False) if q_rank is not None else None
+        self.q_up = linear(q_in, n_heads * head_dim, bias=bias)
+        self.kv_down = linear(d_model, kv_rank if shared_kv else 2 * kv_rank, bias=False)
+        self.k_up = linear(kv_rank, n_heads * head_dim, bias=False)
+        self.v_up = linear(kv_rank, n_heads * head_dim, bias=False)
+        self.o_proj = linear(n_heads * head_dim, d_model, bias=bias)
+        self.q_rope = linear(q_in, n_heads * rope_dim, bias=False) if rope == "decoupled" else None
+        self.k_rope = linear(d_model, rope_dim, bias=False) if rope == "decoupled" else None
+        self.q_norm = nn.RMSNorm(q_rank) if latent_norm and q_rank is not None else None
+        self.kv_norm = nn.RMSNorm(kv_rank) if latent_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_normal_(module.weight, module.in_features)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+
+    def cache_spec(self) -> dict[str, tuple[int, int]]:
+        key_width = self.kv_rank + (self.rope_dim or 0)    # decoupled RoPE: [latent, rotated key] in one row
+        return {"kv": (1, key_width)} if self.shared_kv else {"k": (1, key_width), "v": (1, self.kv_rank)}
+
+    def absorbed_query_weight(self) -> torch.Tensor:
+        """W^UQ_i W^UK_i^T for every head: (q_in, H, kv_rank), q_in = q_rank or d_model.
+
+        Without decoupled RoPE, q~_i = c_q @ this[:, i] (+ the absorbed query bias), i.e. the
+        query side is one matrix per head.
+        """
+        w_uq = self.q_up.weight.view(self.n_heads, self.head_dim, -1)   # (H, head_dim, q_in)
+        w_uk = self.k_up.weight.view(self.n_heads, self.head_dim, -1)   # (H, head_dim, kv_rank)
+        return torch.einsum("hdq,hdc->qhc", w_uq, w_uk)
+
+    def _latents(self, x):
+        """x (B, T, d) -> c_q (B, T, q_in), key latent and value latent (B, 1, T, kv_rank)."""
+        c_q = x if self.q_down is None else self.q_down(x)
+        if self.q_norm is not None:
+            c_q = self.q_norm(c_q)
+        c_kv = self.kv_down(x).unsqueeze(1)
+        c_k, c_v = (c_kv, c_kv) if self.shared_kv else c_kv.split(self.kv_rank, dim=-1)
+        if self.kv_norm is not None:
+            c_k = self.kv_norm(c_k)
+            c_v = c_k if self.shared_kv else self.kv_norm(c_v)
+        return c_q, c_k, c_v
+
+    def _project(self, x, rope):
+        batch, steps, _ = x.shape
+        c_q, c_k, c_v = self._latents(x)
+        q = self.q_up(c_q).view(batch, steps, self.n_heads, self.head_dim)               # (B, T, H, hd)
+        w_uk = self.k_up.weight.view(self.n_heads, self.head_dim, self.kv_rank)
+        q = torch.einsum("bthd,hdc->bhtc", q, w_uk)                                        # (B, H, T, kv_rank)
+        if self.rope == "latent":
+            q, c_k = apply_rope(q, *rope), (c_k if self.shared_kv else apply_rope(c_k, *rope))
+        elif self.rope == "decoupled":
+            q_r = self.q_rope(c_q).view(batch, steps, self.n_heads, self.rope_dim).transpose(1, 2)
+            q = torch.cat([q, apply_rope(q_r, *rope)], dim=-1)                             # (B, H, T, kv_rank+dr)
+            c_k = torch.cat([c_k, apply_rope(self.k_rope(x).unsqueeze(1), *rope)], dim=-1)  # (B, 1, T, kv_rank+dr)
+        # With a shared latent and decoupled RoPE the values are read through the key row
+        # itself (its first kv_rank columns): equal q/k/v widths reach flash kernels, no value
+        # copy is made, and _output drops the extra columns.
+        return q, ({"kv": c_k} if self.shared_kv else {"k": c_k, "v": c_v})
+
+    def _output(self, o):
+        batch, _, steps, _ = o.shape
+        w_uv = self.v_up.weight.view(self.n_heads, self.head_dim, self.kv_rank)
+        heads = torch.einsum("bhtc,hdc->bthd", o[..., :self.kv_rank], w_uv)                 # (B, T, H, hd)
+        return self.o_proj(heads.reshape(batch, steps, self.n_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "
+                f"head_dim={self.head_dim}, rope={self.rope!r}, shared_kv={self.shared_kv}, causal={self.causal}")
