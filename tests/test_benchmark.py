@@ -1,0 +1,39 @@
+"""The layer benchmark runs end to end (tiny shapes) and counts FLOPs as documented."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "layers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_layers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_both_tables(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--json", str(out)])                    # contexts 64 and 256
+    printed = capsys.readouterr().out
+    assert "Training: forward+backward" in printed and "Decode: one token" in printed
+    results = json.loads(out.read_text())
+    assert [r["label"] for r in results["training"]][0] == "MHA" and len(results["training"]) == 6
+    assert len(results["decode"]) == 12 and all(r["time"]["median"] > 0 for r in results["decode"])
+
+
+def test_flop_count_matches_a_hand_count(bench):
+    """MHA forward at B=1, T=64, d=768: 4 projections of 2*T*d*d plus causal attention 2*H*T*T*(2*hd)/2."""
+    args = bench.parse_args(["--quick"])
+    layer = bench.build("mha", {}, args)
+    forward, _ = bench.training_fns(layer, args)
+    T, d = 64, 768
+    expected = 4 * 2 * T * d * d + 2 * 12 * T * T * (64 + 64) // 2
+    assert bench.count_flops(forward, causal=True) == expected
