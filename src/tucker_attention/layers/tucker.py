@@ -94,7 +94,7 @@ class TuckerAttention(Attention):
         self._U3_tilde = None if shared_kv else nn.Parameter(empty(d_model, vr3))
         self.q_bias = nn.Parameter(empty(n_heads, r3)) if bias else None
         self.out_bias = nn.Parameter(empty(d_model)) if bias else None
-        self._memo: tuple | None = None
+        self._memo: list[tuple | None] = [None, None]  # see _forward_core
         self.reset_parameters()
 
     @property
@@ -120,22 +120,22 @@ class TuckerAttention(Attention):
         """G = C x1 U1 (H, r2, r3) and G~ = C~ x1 U1~ (H, r2~, r3~)."""
         return _head_core(self.U1, self.core), _head_core(self.U1_tilde, self.core_tilde)
 
-    def _forward_cores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """G as (r2, H*r3) and G~ as (H*r3~, r2~): the layouts the forward multiplies by.
-
-        Without autograd (decoding, evaluation) both are memoized until a factor changes
-        (parameter storage or version counter), so a decode step does not rebuild them.
-        """
-        factors = (self.U1, self.core, self.U1_tilde, self.core_tilde)
-        key = tuple((f.data_ptr(), f._version, f.dtype, f.device) for f in factors)
-        if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
-        (_, r2, r3), vr3 = self.ranks, self.value_ranks[2]
-        G, G_tilde = self.head_cores()
-        cores = (G.transpose(0, 1).reshape(r2, self.n_heads * r3),                   # column i*r3 + b: G[i, :, b]
-                 G_tilde.transpose(1, 2).reshape(self.n_heads * vr3, -1))            # row i*r3~ + b: G~[i, :, b]
-        self._memo = None if torch.is_grad_enabled() else (key, cores)
-        return cores
+    def _forward_core(self, side: int) -> torch.Tensor:
+        """G as (r2, H*r3) for ``side=0``, G~ as (H*r3~, r2~) for ``side=1``: the layouts the
+        forward multiplies by. Without autograd (decoding, evaluation) each is memoized until
+        one of its factors changes (storage, dtype, device or version counter)."""
+        U1, core = (self.U1, self.core) if side == 0 else (self.U1_tilde, self.core_tilde)
+        key = tuple((f.data_ptr(), f._version, f.dtype, f.device) for f in (U1, core))
+        memo = self._memo[side]
+        if not torch.is_grad_enabled() and memo is not None and memo[0] == key:
+            return memo[1]
+        G = _head_core(U1, core)                                                    # (H, r2, r3)
+        if side == 0:
+            layout = G.transpose(0, 1).reshape(G.shape[1], -1)                      # column i*r3 + b: G[i, :, b]
+        else:
+            layout = G.transpose(1, 2).reshape(-1, G.shape[1])                      # row i*r3~ + b: G~[i, :, b]
+        self._memo[side] = None if torch.is_grad_enabled() else (key, layout)
+        return layout
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         r3, vr3 = self.ranks[2], self.value_ranks[2]
@@ -144,7 +144,7 @@ class TuckerAttention(Attention):
     def _project(self, x, rope):
         batch, steps, _ = x.shape
         r3 = self.ranks[2]
-        q = (x @ self.U2) @ self._forward_cores()[0]                              # (B, T, H*r3)
+        q = (x @ self.U2) @ self._forward_core(0)                                 # (B, T, H*r3)
         q = q.view(batch, steps, self.n_heads, r3).transpose(1, 2)                # (B, H, T, r3)
         if self.q_bias is not None:
             q = q + self.q_bias[:, None, :]
@@ -160,7 +160,7 @@ class TuckerAttention(Attention):
     def _output(self, o):
         batch, _, steps, vr3 = o.shape
         z = o.transpose(1, 2).reshape(batch, steps, self.n_heads * vr3)           # (B, T, H*r3~)
-        z = z @ self._forward_cores()[1]                                           # (B, T, r2~)
+        z = z @ self._forward_core(1)                                              # (B, T, r2~)
         y = z @ self.U2_tilde.T                                                    # (B, T, d)
         return y if self.out_bias is None else y + self.out_bias
 
