@@ -161,3 +161,16 @@ def test_tucker_memoized_cores_follow_parameter_updates():
     torch.testing.assert_close(doubled, fresh, atol=0, rtol=0)
     with torch.no_grad():                                   # a dtype change must not reuse the float32 cores
         torch.testing.assert_close(layer.double()(x.double()), reference_forward(layer, x), atol=1e-10, rtol=1e-10)
+
+
+def test_compiles_as_one_graph(config):
+    """torch.compile captures forward and backward without graph breaks (fullgraph=True)."""
+    torch._dynamo.reset()                     # each config compiles afresh (no recompile limit across tests)
+    layer = build(config, causal=True)
+    x = torch.randn(2, 6, D_MODEL)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, layer(x), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), atol=1e-6, rtol=1e-6)

@@ -125,16 +125,17 @@ class TuckerAttention(Attention):
         forward multiplies by. Without autograd (decoding, evaluation) each is memoized until
         one of its factors changes (storage, dtype, device or version counter)."""
         U1, core = (self.U1, self.core) if side == 0 else (self.U1_tilde, self.core_tilde)
-        key = tuple((f.data_ptr(), f._version, f.dtype, f.device) for f in (U1, core))
-        memo = self._memo[side]
-        if not torch.is_grad_enabled() and memo is not None and memo[0] == key:
-            return memo[1]
+        key = None
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            key = tuple((f.data_ptr(), f._version, f.dtype, f.device) for f in (U1, core))
+            if self._memo[side] is not None and self._memo[side][0] == key:
+                return self._memo[side][1]
         G = _head_core(U1, core)                                                    # (H, r2, r3)
         if side == 0:
             layout = G.transpose(0, 1).reshape(G.shape[1], -1)                      # column i*r3 + b: G[i, :, b]
         else:
             layout = G.transpose(1, 2).reshape(-1, G.shape[1])                      # row i*r3~ + b: G~[i, :, b]
-        self._memo[side] = None if torch.is_grad_enabled() else (key, layout)
+        self._memo[side] = None if key is None else (key, layout)
         return layout
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
