@@ -1,0 +1,22 @@
+"""The tensor view of attention (PAPER.md §1-§4): tensors, ranks, exact and truncated conversions."""
+
+from .algebra import (
+    TuckerTensor,
+    energy_rank,
+    hooi,
+    hosvd,
+    mode_product,
+    mode_spectra,
+    multilinear_ranks,
+    numerical_rank,
+    top_eigenvectors,
+    tucker_to_tensor,
+    unfold,
+)
+from .convert import compress, mha_to_gqa, mha_to_mla, relative_error, to_tucker
+from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, factored_hosvd
+
+__all__ = ["AttentionFactors", "HeadFactors", "TuckerTensor", "attention_factors", "attention_tensors", "compress",
+           "energy_rank", "factored_hosvd", "hooi", "hosvd", "mha_to_gqa", "mha_to_mla", "mode_product",
+           "mode_spectra", "multilinear_ranks", "numerical_rank", "relative_error", "to_tucker", "top_eigenvectors",
+           "tucker_to_tensor", "unfold"]
