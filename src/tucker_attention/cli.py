@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .accounting import PRESETS, attention_table, custom_preset, format_table
 
@@ -39,6 +40,23 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks_command(args: argparse.Namespace) -> int:
+    from .experiments.ranks import format_rank_table, plot_spectra, rank_report
+    from .io import load_attention_layers
+
+    layers = load_attention_layers(args.checkpoint)
+    if not layers:
+        raise ValueError(f"checkpoint {args.checkpoint!r} holds no attention layers")
+    records = rank_report(layers, rtol=args.rtol)
+    if any(r["rope"] for r in records):
+        print("note: RoPE layers are read at position offset 0 (their weights)")
+    print(f"ranks as (heads, row side, column side); numerical: singular values > {args.rtol:g} x largest")
+    print(format_rank_table(records))
+    path = plot_spectra(records, Path(args.out) / "spectra.png")
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tucker-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tucker", type=_ranks, action="append", help="custom shape: Tucker ranks r1,r2,r3 (repeatable)")
     p.add_argument("--bytes", type=int, default=2, help="bytes per scalar (default 2, bf16)")
     p.set_defaults(func=_params)
+
+    r = sub.add_parser("ranks", help="energy and numerical multilinear ranks of every attention layer in a checkpoint")
+    r.add_argument("checkpoint", help="a .safetensors checkpoint written by this package")
+    r.add_argument("--out", default=".", help="folder for spectra.png (default: current folder)")
+    r.add_argument("--rtol", type=float, default=1e-6, help="numerical rank threshold relative to the largest value")
+    r.set_defaults(func=_ranks_command)
     return parser
 
 
@@ -60,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"tucker-attn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,13 +9,8 @@ from .mla import MultiHeadLatentAttention
 from .rope import RotaryEmbedding, apply_rope
 from .tucker import TuckerAttention
 
-ATTENTION_METHODS = {
-    "mha": MultiHeadAttention,
-    "gqa": GroupedQueryAttention,
-    "mqa": MultiQueryAttention,
-    "mla": MultiHeadLatentAttention,
-    "tucker": TuckerAttention,
-}
+ATTENTION_METHODS = {cls.method: cls for cls in (MultiHeadAttention, GroupedQueryAttention, MultiQueryAttention,
+                                                  MultiHeadLatentAttention, TuckerAttention)}
 
 
 def make_attention(method: str, d_model: int, n_heads: int, **kwargs) -> Attention:

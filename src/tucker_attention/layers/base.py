@@ -100,9 +100,16 @@ class Attention(nn.Module, ABC):
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
         self.scale = float(scale) if scale is not None else default_scale
         self.rotary = RotaryEmbedding(rope_dim, rope_base) if rope_dim else None
+        self.rope_base = float(rope_base)
         self.rotate_cached_latent = False  # set by layers whose shared latent ``kv`` needs RoPE on read
 
+    method: str = ""  # the name make_attention builds this class by
+
     # -- what subclasses define -------------------------------------------------------------
+    @abstractmethod
+    def config(self) -> dict:
+        """Constructor arguments, with ``method``: ``make_attention(**layer.config())`` rebuilds it."""
+
     @abstractmethod
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         """{name: (heads, width)} of what one token leaves in the cache."""
@@ -130,6 +137,10 @@ class Attention(nn.Module, ABC):
         """o (B, H, T, Dv) -> y (B, T, d_model)."""
 
     # -- shared machinery -------------------------------------------------------------------
+    def _common_config(self) -> dict:
+        return {"method": self.method, "d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal,
+                "dropout": self.dropout, "scale": self.scale, "rope_base": self.rope_base}
+
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         return self.rotary(positions, dtype) if self.rotary is not None else None
 

@@ -60,6 +60,13 @@ class GroupedQueryAttention(Attention):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.reset_parameters()
 
+    method = "gqa"
+
+    def config(self) -> dict:
+        extra = {"n_kv_heads": self.n_kv_heads} if self.method == "gqa" else {}
+        return {**self._common_config(), **extra, "head_dim": self.head_dim, "rope": self.rotary is not None,
+                "bias": self.q_proj.bias is not None}
+
     def reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             init_normal_(proj.weight, proj.in_features)
@@ -95,6 +102,8 @@ class MultiHeadAttention(GroupedQueryAttention):
     Cache per token: ``k``, ``v`` each (n_heads, head_dim), i.e. 2 d_model floats.
     """
 
+    method = "mha"
+
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
                  rope: bool = False, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
                  rope_base: float = 10000.0):
@@ -105,6 +114,8 @@ class MultiHeadAttention(GroupedQueryAttention):
 
 class MultiQueryAttention(GroupedQueryAttention):
     """Multi-query attention (Shazeer 2019): GQA with one key/value head."""
+
+    method = "mqa"
 
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
                  rope: bool = False, dropout: float = 0.0, bias: bool = False, scale: float | None = None,

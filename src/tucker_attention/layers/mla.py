@@ -93,6 +93,13 @@ class MultiHeadLatentAttention(Attention):
         self.kv_norm = nn.RMSNorm(kv_rank) if latent_norm else None
         self.reset_parameters()
 
+    method = "mla"
+
+    def config(self) -> dict:
+        return {**self._common_config(), "kv_rank": self.kv_rank, "q_rank": self.q_rank, "head_dim": self.head_dim,
+                "rope": self.rope, "rope_dim": self.rope_dim, "shared_kv": self.shared_kv,
+                "latent_norm": self.kv_norm is not None, "bias": self.q_up.bias is not None}
+
     def reset_parameters(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):

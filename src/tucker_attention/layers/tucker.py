@@ -97,6 +97,12 @@ class TuckerAttention(Attention):
         self._memo: list[tuple | None] = [None, None]  # see _forward_core
         self.reset_parameters()
 
+    method = "tucker"
+
+    def config(self) -> dict:
+        return {**self._common_config(), "ranks": self.ranks, "value_ranks": self.value_ranks,
+                "shared_kv": self.shared_kv, "rope": self.rotary is not None, "bias": self.q_bias is not None}
+
     @property
     def U3_tilde(self) -> torch.Tensor:
         """Value-side factor U3~ (d, r3~); U3 itself with ``shared_kv``."""

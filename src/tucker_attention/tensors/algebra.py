@@ -93,21 +93,22 @@ def energy_rank(singular_values: torch.Tensor, energy: float = 0.99) -> int:
     return min(int((cumulative < energy - 1e-12).sum()) + 1, singular_values.numel())
 
 
+FLOAT32_EIGH_ABOVE = 2048
+
+
 def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The ``rank`` leading eigenvectors (columns, descending) of a symmetric PSD matrix."""
+    """The ``rank`` leading eigenvectors (columns, descending) of a symmetric PSD matrix.
+
+    Above ``FLOAT32_EIGH_ABOVE`` rows a float64 matrix is diagonalized in float32 (about
+    twice as fast) and the vectors re-orthonormalized in float64: the leading subspace is
+    accurate to ~1e-6 of the largest eigenvalue, ample for truncation.
+    """
     n = gram.shape[0]
     check_int("rank", rank, high=n)
-    if rank >= n // 2 or n <= 512:
-        return torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]
-    # Subspace iteration with oversampling and Rayleigh-Ritz (Halko et al. 2011): the same
-    # leading subspace as eigh for a fraction of its cost when rank << n.
-    width = min(n, rank + max(16, rank // 2))
-    generator = torch.Generator(device=gram.device).manual_seed(0)
-    basis = torch.randn(n, width, dtype=gram.dtype, device=gram.device, generator=generator)
-    for _ in range(8):
-        basis = torch.linalg.qr(gram @ basis).Q
-    small = basis.T @ gram @ basis
-    return basis @ torch.linalg.eigh(small).eigenvectors.flip(-1)[:, :rank]
+    if n > FLOAT32_EIGH_ABOVE and gram.dtype == torch.float64:
+        vectors = torch.linalg.eigh(gram.float()).eigenvectors.flip(-1)[:, :rank].double()
+        return torch.linalg.qr(vectors).Q
+    return torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]
 
 
 def _check_ranks(shape, ranks) -> tuple[int, ...]:

@@ -21,21 +21,18 @@ from .algebra import top_eigenvectors
 from .view import HeadFactors, _check_finite, attention_factors, factored_hosvd
 
 
-def _block_core(h: int, rows: int, cols: int, row_block, col_block, dtype) -> torch.Tensor:
-    """(h, h*rows?...) cores routing head i from row block row_block(i) to column block col_block(i)."""
-    width = rows
-    n_rows, n_cols = max(row_block(i) for i in range(h)) + 1, max(col_block(i) for i in range(h)) + 1
-    core = torch.zeros(h, n_rows * width, n_cols * cols, dtype=dtype)
+def _routing_core(h: int, width: int, per_group: int) -> torch.Tensor:
+    """(h, h*width, (h/per_group)*width): core[i] is the identity from head i's block to its group's block."""
+    core = torch.zeros(h, h * width, h // per_group * width, dtype=torch.float64)
     for i in range(h):
-        r, c = row_block(i), col_block(i)
-        core[i, r * width:(r + 1) * width, c * cols:(c + 1) * cols] = torch.eye(width, cols, dtype=dtype)
+        g = i // per_group
+        core[i, i * width:(i + 1) * width, g * width:(g + 1) * width] = torch.eye(width, dtype=torch.float64)
     return core
 
 
 def _tucker_layer(source: Attention, pre, post, *, key_bias=None, out_bias=None, shared_kv: bool = False,
                   rope: bool = False) -> TuckerAttention:
     """A TuckerAttention holding the given (core, (U1, U2, U3)) pairs (float64), cast to the source's dtype."""
-    ref = next(source.parameters())
     (core, (U1, U2, U3)), (core_t, (U1_t, U2_t, U3_t)) = pre, post
     bias = key_bias is not None or out_bias is not None
     layer = TuckerAttention(source.d_model, source.n_heads, tuple(core.shape), value_ranks=tuple(core_t.shape),
@@ -101,7 +98,7 @@ def to_tucker(layer: Attention) -> TuckerAttention:
     eye_h = torch.eye(h, dtype=torch.float64)
     if isinstance(layer, GroupedQueryAttention):
         hd, per_group = layer.head_dim, h // layer.n_kv_heads
-        route = _block_core(h, hd, hd, lambda i: i, lambda i: i // per_group, torch.float64)
+        route = _routing_core(h, hd, per_group)
         pre = _exact_pair(eye_h, p["q_proj.weight"].T, p["k_proj.weight"].T, route)
         post = _exact_pair(eye_h, p["o_proj.weight"], p["v_proj.weight"].T, route.clone())
         return _tucker_layer(layer, pre, post, key_bias=factors.key_bias, out_bias=factors.out_bias)

@@ -23,9 +23,15 @@ from ..layers import Attention, GroupedQueryAttention, MultiHeadLatentAttention,
 from .algebra import TuckerTensor, _check_ranks, mode_product, top_eigenvectors, unfold
 
 
-def _sum_over_heads(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """sum_i X_i Y_i^T for X (h, p, k), Y (h, q, k), as one (p, h*k) @ (h*k, q) product."""
-    return X.permute(1, 0, 2).flatten(1) @ Y.permute(1, 0, 2).flatten(1).T
+def _sum_over_heads(X: torch.Tensor, Y: torch.Tensor, middle: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i X_i M_i Y_i^T for X (h, p, k), Y (h, q, k), M (h, k, k) or identity.
+
+    Accumulated head by head: no (p, h*k) copy, so peak memory stays at one (p, q) Gram.
+    """
+    out = torch.zeros(X.shape[1], Y.shape[1], dtype=X.dtype, device=X.device)
+    for i in range(X.shape[0]):
+        out.addmm_(X[i] if middle is None else X[i] @ middle[i], Y[i].T)
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,9 @@ class HeadFactors:
             b = B.permute(1, 0, 2).reshape(B.shape[1], h * k)
             return ((a.T @ a) * (b.T @ b)).view(h, k, h, k).sum((1, 3))
         if mode == 2:
-            return _sum_over_heads(A @ (B.mT @ B), A)
+            return _sum_over_heads(A, A, B.mT @ B)
         if mode == 3:
-            return _sum_over_heads(B @ (A.mT @ A), B)
+            return _sum_over_heads(B, B, A.mT @ A)
         raise ValueError(f"mode must be 1, 2 or 3, got {mode!r}")
 
     def spectra(self) -> list[torch.Tensor]:
@@ -103,8 +109,9 @@ def attention_factors(layer: Attention, *, ignore_rope: bool = False, dtype=torc
     h = layer.n_heads
     if isinstance(layer, GroupedQueryAttention):
         group = torch.arange(h, device=p["q_proj.weight"].device) // (h // layer.n_kv_heads)
-        A, B = _blocks(p["q_proj.weight"], h), _blocks(p["k_proj.weight"], layer.n_kv_heads)[group]
-        C, D = _blocks(p["o_proj.weight"].T, h), _blocks(p["v_proj.weight"], layer.n_kv_heads)[group]
+        per_head = (lambda t: t) if layer.n_kv_heads == h else (lambda t: t[group])   # no copy for MHA
+        A, B = _blocks(p["q_proj.weight"], h), per_head(_blocks(p["k_proj.weight"], layer.n_kv_heads))
+        C, D = _blocks(p["o_proj.weight"].T, h), per_head(_blocks(p["v_proj.weight"], layer.n_kv_heads))
         key_bias = out_bias = None
         if "q_proj.bias" in p:
             key_bias = torch.einsum("idk,ik->id", B, p["q_proj.bias"].view(h, -1))

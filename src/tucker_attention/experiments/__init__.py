@@ -1,0 +1,1 @@
+"""Experiments built on the layers and the tensor view: rank studies, comparisons, plots."""
