@@ -35,7 +35,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = small_model()
     path = save_checkpoint(tmp_path / "run" / "model.safetensors", model, extra={"step": 7})
     assert path.exists() and not list(path.parent.glob("*.tmp"))
-    assert read_metadata(path)["step"] == 7
+    assert read_metadata(path)["extra"] == {"step": 7}
     layers = load_attention_layers(path)
     assert set(layers) == {"block0", "block1", "block2"}
     x = torch.randn(1, 6, 32)

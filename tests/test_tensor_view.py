@@ -283,3 +283,19 @@ def test_compression_error_matches_reference_decompositions(method, kwargs, rank
         classic_error = float((torch.einsum("abc,ia,pb,qc->ipq", classic, *Us) - W).norm() / W.norm())
         assert ours["hooi"] == pytest.approx(tensorly_error, rel=0.01)
         assert ours["hosvd"] == pytest.approx(classic_error, rel=0.03)
+
+
+@pytest.mark.parametrize("method,kwargs", [("gqa", {"n_kv_heads": 2}), ("mla", {"kv_rank": 12, "q_rank": 10}),
+                                           ("tucker", {"ranks": (2, 16, 8)})])
+def test_factor_grams_spectra_and_norm_equal_the_dense_tensors(method, kwargs):
+    from tucker_attention.tensors import mode_spectra, unfold
+
+    factors = attention_factors(build(method, **kwargs))
+    for head_factors in (factors.pre, factors.post):
+        T = head_factors.dense()
+        for mode in (1, 2, 3):
+            torch.testing.assert_close(head_factors.gram(mode), unfold(T, mode) @ unfold(T, mode).T)
+        for light, dense in zip(head_factors.spectra(), mode_spectra(T)):
+            n = dense.numel()
+            torch.testing.assert_close(light[:n], dense, atol=1e-7 * float(dense[0]), rtol=0)
+        torch.testing.assert_close(head_factors.norm_squared(), T.square().sum())

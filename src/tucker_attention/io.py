@@ -24,11 +24,11 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module, *, extra: 
     """Write ``module``'s state dict to ``path`` (safetensors), atomically (temporary file + rename).
 
     The header records ``{"attention": {name: layer.config()}}`` for every attention layer
-    inside ``module`` (name "" for the module itself), plus ``extra`` (JSON-serializable).
+    inside ``module`` (name "" for the module itself), and ``{"extra": extra}`` (JSON-serializable).
     """
     path = Path(path)
     layers = {name: layer.config() for name, layer in module.named_modules() if isinstance(layer, Attention)}
-    metadata = {METADATA_KEY: json.dumps({"format": 1, "attention": layers, **(extra or {})})}
+    metadata = {METADATA_KEY: json.dumps({"format": 1, "attention": layers, "extra": extra or {}})}
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
