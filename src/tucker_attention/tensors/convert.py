@@ -89,10 +89,12 @@ def to_tucker(layer: Attention) -> TuckerAttention:
     """
     if isinstance(layer, TuckerAttention):
         return copy.deepcopy(layer)
-    if isinstance(layer, MultiHeadLatentAttention) and layer.rope == "latent":
-        factors = attention_factors(layer, ignore_rope=True)
-    else:
-        factors = attention_factors(layer)
+    is_mla = isinstance(layer, MultiHeadLatentAttention)
+    if is_mla and layer.rope == "decoupled":
+        raise ValueError("MLA with rope='decoupled' has no exact Tucker form (its RoPE key is a separate "
+                         "branch); use rope='latent' (coupled RoPE, Cor. 3.2.1) or rope=None")
+    # Coupled RoPE rotates the latent itself, so the offset-0 factors carry over exactly.
+    factors = attention_factors(layer, ignore_rope=is_mla and layer.rope == "latent")
     p = {name: t.detach().to(torch.float64) for name, t in layer.named_parameters()}
     h, d = layer.n_heads, layer.d_model
     eye_h = torch.eye(h, dtype=torch.float64)
@@ -102,10 +104,8 @@ def to_tucker(layer: Attention) -> TuckerAttention:
         pre = _exact_pair(eye_h, p["q_proj.weight"].T, p["k_proj.weight"].T, route)
         post = _exact_pair(eye_h, p["o_proj.weight"], p["v_proj.weight"].T, route.clone())
         return _tucker_layer(layer, pre, post, key_bias=factors.key_bias, out_bias=factors.out_bias)
-    # MultiHeadLatentAttention (latent_norm and decoupled RoPE were refused above or here)
-    if layer.rope == "decoupled":
-        raise ValueError("MLA with rope='decoupled' has no exact Tucker form (its RoPE key is a separate "
-                         "branch); use rope='latent' (coupled RoPE, Cor. 3.2.1) or rope=None")
+    # MultiHeadLatentAttention (latent_norm and decoupled RoPE were refused above); kv_rank <= d_model,
+    # so U3 = W^DKV is kept as it is and latent RoPE rotates the same coordinates.
     w_dq = p["q_down.weight"].T if layer.q_down is not None else torch.eye(d, dtype=torch.float64)
     w_dk, w_dv = ((p["kv_down.weight"].T,) * 2 if layer.shared_kv
                   else p["kv_down.weight"].T.split(layer.kv_rank, dim=1))
@@ -116,8 +116,6 @@ def to_tucker(layer: Attention) -> TuckerAttention:
         core_t[i, i * hd:(i + 1) * hd] = p["v_up.weight"][i * hd:(i + 1) * hd]
     pre = _exact_pair(eye_h, w_dq, w_dk, core)
     post = _exact_pair(eye_h, p["o_proj.weight"], w_dv, core_t)
-    if layer.rope == "latent" and pre[1][2] is not w_dk:
-        raise ValueError("latent RoPE needs kv_rank <= d_model")  # pragma: no cover - kv_rank is checked at build
     return _tucker_layer(layer, pre, post, key_bias=factors.key_bias, out_bias=factors.out_bias,
                          shared_kv=layer.shared_kv, rope=layer.rope == "latent")
 

@@ -73,12 +73,11 @@ class HeadFactors:
 
 @dataclass(frozen=True)
 class AttentionFactors:
-    """A layer in tensor form: ``pre`` gives W, ``post`` gives W_tilde, plus biases and scale."""
+    """A layer in tensor form: ``pre`` gives W, ``post`` gives W_tilde, plus its biases."""
     pre: HeadFactors
     post: HeadFactors
     key_bias: torch.Tensor | None
     out_bias: torch.Tensor | None
-    scale: float
 
 
 def _blocks(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -117,7 +116,7 @@ def attention_factors(layer: Attention, *, ignore_rope: bool = False, dtype=torc
             key_bias = torch.einsum("idk,ik->id", B, p["q_proj.bias"].view(h, -1))
             v_bias = p["v_proj.bias"].view(layer.n_kv_heads, -1)[group]
             out_bias = p["o_proj.bias"] + torch.einsum("idk,ik->d", C, v_bias)
-        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias, layer.scale)
+        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias)
     if isinstance(layer, MultiHeadLatentAttention):
         if layer.kv_norm is not None or layer.q_norm is not None:
             raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x, so it has no "
@@ -137,7 +136,7 @@ def attention_factors(layer: Attention, *, ignore_rope: bool = False, dtype=torc
             bq = p["q_up.bias"].view(h, -1)
             key_bias = torch.einsum("idk,ik->id", B[..., :bq.shape[1]], bq)
             out_bias = p["o_proj.bias"]
-        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias, layer.scale)
+        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias)
     if isinstance(layer, TuckerAttention):
         G, G_tilde = (torch.einsum("hc,cab->hab", p[u], p[c]) for u, c in (("U1", "core"), ("U1_tilde", "core_tilde")))
         U3 = p["U3"]
@@ -145,7 +144,7 @@ def attention_factors(layer: Attention, *, ignore_rope: bool = False, dtype=torc
         A, B = p["U2"] @ G, U3.expand(h, -1, -1)
         C, D = p["U2_tilde"] @ G_tilde, U3_tilde.expand(h, -1, -1)
         key_bias = p["q_bias"] @ U3.T if "q_bias" in p else None
-        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, p.get("out_bias"), layer.scale)
+        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, p.get("out_bias"))
     raise TypeError(f"no tensor view for {type(layer).__name__}")
 
 
