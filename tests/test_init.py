@@ -78,5 +78,20 @@ def test_mla_per_head_queries_keys_values_have_unit_variance(kv_rank, q_rank):
 
 def test_default_scale_is_the_papers():
     layer = TuckerAttention(768, 12, (8, 128, 64))
-    assert layer.scale == pytest.approx(1 / 8.0)
+    assert layer.scale == pytest.approx(1 / 8.0)  # 1/sqrt(d_h) = 1/sqrt(r3) at r3 = head_dim
     assert TuckerAttention(768, 12, (8, 128, 64), scale=0.5).scale == 0.5
+    assert TuckerAttention(768, 12, (8, 128, 16)).scale == pytest.approx(1 / 4.0)  # 1/sqrt(r3): unit logits
+
+
+def test_default_scale_gives_unit_variance_logits_at_any_r3():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 128)
+    for r3 in (8, 16, 64):
+        variances = []
+        for _ in range(6):  # average over inits: at small r3 one draw's scale is noisy
+            layer = TuckerAttention(128, 4, (4, 32, r3))
+            with torch.no_grad():
+                q = torch.einsum("btr,hrs->bhts", x @ layer.U2, layer.head_cores()[0])
+                logits = layer.scale * q @ (x @ layer.U3).transpose(-1, -2)[:, None]
+            variances.append(logits.var().item())
+        assert 0.8 < sum(variances) / len(variances) < 1.25, f"logit variance at r3={r3}: {variances}"

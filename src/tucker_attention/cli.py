@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,82 @@ def _ranks_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    """The run config of ``train``: a run's stored config on --resume, else defaults < --config < --set."""
+    import json
+
+    from .training import RunConfig, apply_overrides, load_config_file
+    from .training.tasks import TASK_TYPES
+
+    if args.resume:
+        stored = Path(args.run_dir) / "config.json"
+        if not stored.is_file():
+            raise FileNotFoundError(f"--resume needs a run folder with config.json, {str(stored)!r} does not exist")
+        if args.config:
+            raise ValueError("--resume continues a run with its stored config; --config is not allowed")
+        base = json.loads(stored.read_text())
+    else:
+        base = load_config_file(args.config) if args.config else {}
+        base.setdefault("task", args.task)
+        if base["task"] != args.task:
+            raise ValueError(f"--task {args.task} but the config file says task {base['task']!r}")
+    task = base.get("task", args.task)
+    if task not in TASK_TYPES:
+        raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {task!r}")
+    return RunConfig.from_dict(apply_overrides(base, args.set or [], TASK_TYPES[task].model_keys()))
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = _run_config(args)
+    summary = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per torchrun job
+        return 0
+    metric = next(k for k in ("val_loss", "val_accuracy") if k in summary)
+    print(f"{args.run_dir}: {metric} {summary[metric]:.4f} after {summary['steps']} steps "
+          f"(summary.json, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from .experiments.compare import LM_PRESETS, claim_check, format_compare_table, run_compare
+
+    print(f"compare preset {args.preset!r}: {LM_PRESETS[args.preset].description}")
+    records = run_compare(args.preset, args.out, steps=args.steps, overrides=args.set or [], task=args.task,
+                          progress=not args.no_progress)
+    print(format_compare_table(records))
+    print("claim (a Tucker setting <= 1/4 of MHA's attention parameters within 3% of MHA's val loss; "
+          "GQA/MLA no better):")
+    for line in claim_check(records):
+        print("  " + line)
+    baseline = records[0].get("unigram_val_loss")
+    if baseline is not None:
+        print(f"unigram baseline (context-free model) val loss: {baseline:.4f} nats/token")
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'compare.png'}")
+    return 0
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.text import tokenizer_from_state
+    from .training.checkpoint import load_trained_model
+
+    model, extra = load_trained_model(args.run)
+    tokenizer = tokenizer_from_state(extra["tokenizer"])
+    prompt = tokenizer.encode(args.prompt)[None]
+    if prompt.shape[1] == 0:
+        raise ValueError("--prompt must hold at least one character")
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    print(tokenizer.decode(out[0]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments.compare import LM_PRESETS
+
     parser = argparse.ArgumentParser(prog="tucker-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="attention parameters and KV cache per method (the paper's Tables 2-3)")
@@ -77,6 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=".", help="folder for spectra.png (default: current folder)")
     r.add_argument("--rtol", type=float, default=1e-6, help="numerical rank threshold relative to the largest value")
     r.set_defaults(func=_ranks_command)
+
+    t = sub.add_parser("train", help="train a model (GPT language model) with any attention method")
+    t.add_argument("--task", default="lm", help="what to train (default lm)")
+    t.add_argument("--config", help="a .json or .toml run config ({task, model, data, train})")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. model.attention.method=tucker, "
+                        "model.attention.ranks=4,32,16, train.steps=2000, data.path=my.txt (repeatable)")
+    t.add_argument("--run-dir", default="runs/lm", help="folder for metrics, summary and checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start afresh in a --run-dir that holds an earlier run")
+    t.set_defaults(func=_train_command)
+
+    g = sub.add_parser("generate", help="sample text from a trained language model (KV-cache decoding)")
+    g.add_argument("run", help="a run folder, a checkpoint folder or its model.safetensors")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--tokens", type=int, default=300, help="tokens to generate (default 300)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.set_defaults(func=_generate_command)
+
+    c = sub.add_parser("compare", help="train MHA, GQA, MLA and Tucker with one budget; table + plot (main job)")
+    c.add_argument("--task", default="lm", help="what to train (default lm)")
+    c.add_argument("--preset", default="default", choices=sorted(LM_PRESETS),
+                   help="shared shapes, budget and attention settings (default: ~12 min on 2 CPU cores)")
+    c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
+    c.add_argument("--steps", type=int, help="override the shared number of training steps")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a shared config key (train.*, data.*, model.* except attention)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=_compare_command)
     return parser
 
 

@@ -72,8 +72,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
 
 
 def init_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """N(0, 1/fan_in): a unit-variance input gives unit-variance outputs."""
-    return nn.init.normal_(weight, std=fan_in ** -0.5)
+    """N(0, 1/fan_in): a unit-variance input gives unit-variance outputs. The std is kept as
+    ``weight.init_std`` for :meth:`Attention.lr_scales`."""
+    weight.init_std = fan_in ** -0.5
+    return nn.init.normal_(weight, std=weight.init_std)
 
 
 class Attention(nn.Module, ABC):
@@ -143,6 +145,17 @@ class Attention(nn.Module, ABC):
 
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         return self.rotary(positions, dtype) if self.rotary is not None else None
+
+    def lr_scales(self) -> dict[str, float]:
+        """{parameter name: learning-rate multiplier} of the *relative* rule: init std × sqrt(d_model).
+
+        Under Adam every weight then moves by the same fraction of its initial scale per step
+        as an MHA projection (std 1/sqrt(d_model), multiplier 1). For MHA/GQA/MQA all
+        multipliers are 1; the small cores and head factors of Tucker (and MLA's up-projections)
+        get larger ones. Biases and norm gains: 1.
+        """
+        unit = self.d_model ** 0.5
+        return {name: round(getattr(p, "init_std", 1 / unit) * unit, 12) for name, p in self.named_parameters()}
 
     def make_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:

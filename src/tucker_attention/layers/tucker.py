@@ -50,9 +50,11 @@ class TuckerAttention(Attention):
                          -> Var y = r2~ (1/r2~) * H r1~ (1/r1~) * r3~ / (H r3~) * Var O = Var O,
 
     the same output variance as MHA with N(0, 1/fan_in) projections. Per-factor "fan-in of
-    the first dimension" init would instead grow the query scale with the ranks. With the
-    default scale 1/sqrt(d/H) the logit variance is r3 / (d/H) (1 at r3 = head_dim); pass
-    ``scale=1/sqrt(r3)`` for unit logits at any r3.
+    the first dimension" init would instead grow the query scale with the ranks. The default
+    scale 1/sqrt(r3) (the width of Q_i and K) gives unit-variance logits at any r3; it is the
+    paper's 1/sqrt(d/H) when r3 = head_dim. With r3 < head_dim, 1/sqrt(d/H) would start
+    attention flatter (logit variance r3 / (d/H)) and, measured, trains worse
+    (docs/lm-study.md). Conversions (``to_tucker``, ``compress``) keep the source's scale.
 
     Args:
         d_model: width d. n_heads: query heads H.
@@ -61,7 +63,7 @@ class TuckerAttention(Attention):
             Equal key and value widths (r3 == r3~) are what reach the flash kernels.
         shared_kv: tie the value latent to the key latent (U3~ = U3); needs r3~ == r3.
         rope: latent RoPE on the r3-dim latent (r3 must be even).
-        causal, dropout, scale (default 1/sqrt(d_model / n_heads)), rope_base: as on every layer.
+        causal, dropout, rope_base: as on every layer. scale: default 1/sqrt(r3).
         bias: a per-head query bias in the latent (H, r3) and an output bias (d); key and
             value biases are redundant (a key bias cancels in softmax without RoPE, a value
             bias passes through softmax into the output bias).
@@ -82,7 +84,7 @@ class TuckerAttention(Attention):
         if rope:
             check_even("ranks[2] (r3, the latent RoPE width)", r3)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(d_model / n_heads), rope_dim=r3 if rope else None,
+                         default_scale=1.0 / math.sqrt(ranks[2]), rope_dim=r3 if rope else None,
                          rope_base=rope_base)
         self.ranks, self.value_ranks, self.shared_kv = (r1, r2, r3), (vr1, vr2, vr3), bool(shared_kv)
         self.rotate_cached_latent = self.shared_kv and bool(rope)

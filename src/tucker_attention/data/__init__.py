@@ -1,0 +1,1 @@
+"""Datasets: text corpora (and tokenizers) for the language-model task."""
