@@ -24,7 +24,7 @@ def corpus(tmp_path):
 
 def test_train_then_resume_with_more_steps(corpus, tmp_path, capsys):
     run = str(tmp_path / "run")
-    args = ["train", "--run-dir", run, "--set", f"data.path={corpus}", "--set", "train.steps=4",
+    args = ["train", "--run-dir", run, "--data", corpus, "--set", "train.steps=4",
             "--set", "model.attention.method=tucker", "--set", "model.attention.ranks=2,16,8", *TINY]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -91,6 +91,17 @@ def test_compare_tiny_writes_table_plot_and_results(tmp_path, capsys):
     # a second call reuses every finished run
     assert main(["compare", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("finished earlier") == 6
+
+
+def test_compare_on_user_data_retrains_when_the_budget_changes(corpus, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--preset", "tiny", "--out", out, "--steps", "2", "--data", corpus, "--no-progress"]) == 0
+    assert main(["compare", "--preset", "tiny", "--out", out, "--steps", "3", "--data", corpus, "--no-progress"]) == 0
+    assert "finished earlier" not in capsys.readouterr().out
+    records = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert {r["steps"] for r in records} == {3}
+    config = json.loads((tmp_path / "cmp" / "runs" / "mha" / "config.json").read_text())
+    assert config["data"]["path"] == corpus
 
 
 def test_compare_refuses_attention_overrides_and_unknown_presets():

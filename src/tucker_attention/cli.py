@@ -80,7 +80,13 @@ def _run_config(args: argparse.Namespace):
     task = base.get("task", args.task)
     if task not in TASK_TYPES:
         raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {task!r}")
-    return RunConfig.from_dict(apply_overrides(base, args.set or [], TASK_TYPES[task].model_keys()))
+    return RunConfig.from_dict(apply_overrides(base, _data_override(args) + (args.set or []),
+                                               TASK_TYPES[task].model_keys()))
+
+
+def _data_override(args: argparse.Namespace) -> list[str]:
+    """``--data PATH`` is ``--set data.path=PATH``."""
+    return [f"data.path={args.data}"] if args.data else []
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -100,7 +106,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     from .experiments.compare import LM_PRESETS, claim_check, format_compare_table, run_compare
 
     print(f"compare preset {args.preset!r}: {LM_PRESETS[args.preset].description}")
-    records = run_compare(args.preset, args.out, steps=args.steps, overrides=args.set or [], task=args.task,
+    records = run_compare(args.preset, args.out, steps=args.steps, overrides=_data_override(args) + (args.set or []),
+                          task=args.task,
                           progress=not args.no_progress)
     print(format_compare_table(records))
     print("claim (a Tucker setting <= 1/4 of MHA's attention parameters within 3% of MHA's val loss; "
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (GPT language model) with any attention method")
     t.add_argument("--task", default="lm", help="what to train (default lm)")
     t.add_argument("--config", help="a .json or .toml run config ({task, model, data, train})")
+    t.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. model.attention.method=tucker, "
                         "model.attention.ranks=4,32,16, train.steps=2000, data.path=my.txt (repeatable)")
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared shapes, budget and attention settings (default: ~12 min on 2 CPU cores)")
     c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
     c.add_argument("--steps", type=int, help="override the shared number of training steps")
+    c.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a shared config key (train.*, data.*, model.* except attention)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

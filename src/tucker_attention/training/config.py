@@ -118,13 +118,12 @@ def parse_value(text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    if "," in text:
-        try:
-            return [json.loads(v) for v in text.split(",")]
-        except json.JSONDecodeError:
-            pass
-    return text
+        if "," not in text:
+            return text
+    try:
+        return [json.loads(v) for v in text.split(",")]
+    except json.JSONDecodeError:
+        return text
 
 
 def apply_overrides(config: dict, assignments: list[str], model_keys: list[str]) -> dict:
