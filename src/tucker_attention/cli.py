@@ -103,21 +103,41 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from .experiments.compare import LM_PRESETS, claim_check, format_compare_table, run_compare
+    from .experiments.compare import PRESETS, claim_check, format_compare_table, make_task_type, run_compare
 
-    print(f"compare preset {args.preset!r}: {LM_PRESETS[args.preset].description}")
+    task_type = make_task_type(args.task)
+    if args.preset not in PRESETS[args.task]:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS[args.task])} for --task {args.task}, "
+                         f"got {args.preset!r}")
+    print(f"compare --task {args.task} --preset {args.preset}: {PRESETS[args.task][args.preset].description}")
     records = run_compare(args.preset, args.out, steps=args.steps, overrides=_data_override(args) + (args.set or []),
-                          task=args.task,
-                          progress=not args.no_progress)
-    print(format_compare_table(records))
-    print("claim (a Tucker setting <= 1/4 of MHA's attention parameters within 3% of MHA's val loss; "
-          "GQA/MLA no better):")
-    for line in claim_check(records):
-        print("  " + line)
-    baseline = records[0].get("unigram_val_loss")
-    if baseline is not None:
-        print(f"unigram baseline (context-free model) val loss: {baseline:.4f} nats/token")
+                          task=args.task, progress=not args.no_progress)
+    print(format_compare_table(records, task_type.metric, task_type.unit))
+    if args.task == "lm":
+        print("claim (a Tucker setting <= 1/4 of MHA's attention parameters within 3% of MHA's val loss; "
+              "GQA/MLA no better):")
+        for line in claim_check(records):
+            print("  " + line)
+    for key, text in (("unigram_val_loss", "unigram baseline (context-free model) val loss: {:.4f} nats/token"),
+                      ("majority_val_accuracy", "majority-class baseline val accuracy: {:.4f}")):
+        if records[0].get(key) is not None:
+            print(text.format(records[0][key]))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'compare.png'}")
+    return 0
+
+
+def _finetune_command(args: argparse.Namespace) -> int:
+    from .experiments.finetune import FINETUNE_PRESETS, format_finetune_table, run_finetune_compare
+
+    if args.task != "vit":
+        raise ValueError(f"finetune-compare supports --task vit, got {args.task!r}")
+    if args.preset not in FINETUNE_PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(FINETUNE_PRESETS)}, got {args.preset!r}")
+    print(f"finetune-compare --preset {args.preset}: {FINETUNE_PRESETS[args.preset].description}")
+    records = run_finetune_compare(args.preset, args.out, source=getattr(args, "from"), seeds=args.seeds,
+                                   steps=args.steps, progress=not args.no_progress)
+    print(format_finetune_table(records))
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'finetune.png'}")
     return 0
 
 
@@ -127,7 +147,7 @@ def _generate_command(args: argparse.Namespace) -> int:
     from .data.text import tokenizer_from_state
     from .training.checkpoint import load_trained_model
 
-    model, extra = load_trained_model(args.run)
+    model, extra = load_trained_model(args.run, task="lm")
     tokenizer = tokenizer_from_state(extra["tokenizer"])
     prompt = tokenizer.encode(args.prompt)[None]
     if prompt.shape[1] == 0:
@@ -139,7 +159,7 @@ def _generate_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.compare import LM_PRESETS
+    from .experiments.compare import PRESETS
 
     parser = argparse.ArgumentParser(prog="tucker-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate_command)
 
     c = sub.add_parser("compare", help="train MHA, GQA, MLA and Tucker with one budget; table + plot (main job)")
-    c.add_argument("--task", default="lm", help="what to train (default lm)")
-    c.add_argument("--preset", default="default", choices=sorted(LM_PRESETS),
-                   help="shared shapes, budget and attention settings (default: ~12 min on 2 CPU cores)")
+    c.add_argument("--task", default="lm", choices=sorted(PRESETS), help="lm (default) or vit")
+    c.add_argument("--preset", default="default",
+                   help="shared shapes, budget and attention settings: default (lm: ~12 min, vit: ~10 min on 2 CPU "
+                        "cores), tiny, gpt2-small (lm, for a GPU)")
     c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
     c.add_argument("--steps", type=int, help="override the shared number of training steps")
     c.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
@@ -193,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a shared config key (train.*, data.*, model.* except attention)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_compare_command)
+
+    f = sub.add_parser("finetune-compare", help="convert a trained MHA ViT to GQA/MLA (SVD) and Tucker (HOSVD), "
+                                                "fine-tune, compare accuracy vs attention parameters")
+    f.add_argument("--task", default="vit", help="vit (the paper's protocol)")
+    f.add_argument("--from", help="a trained MHA ViT (run folder or model.safetensors); default: train one first")
+    f.add_argument("--preset", default="default", help="default (~30 min on 2 CPU cores) or tiny")
+    f.add_argument("--out", default="finetune-out", help="folder for results.json, finetune.png and runs/")
+    f.add_argument("--seeds", type=int, help="fine-tune seeds per setting (default 3)")
+    f.add_argument("--steps", type=int, help="fine-tune steps (default 150)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=_finetune_command)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class ComparePreset:
     model: dict
     train: dict
     attention: dict[str, dict] = field(default_factory=dict)  # label -> attention spec
+    data: dict = field(default_factory=dict)
 
 
 LM_PRESETS = {
@@ -71,18 +73,53 @@ LM_PRESETS = {
 }
 
 
+_VIT_TRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "eval_interval": 400,
+              "checkpoint_interval": 400, "log_interval": 10, "weight_decay": 0.05}
+
+VIT_PRESETS = {
+    "default": ComparePreset(
+        "Fashion-MNIST, ViT d_model 64, 4 layers, 4 heads, patch 4 (49 patches + class token), 800 steps of 128 "
+        "images; ~10 min on 2 CPU cores",
+        model={"d_model": 64, "n_heads": 4, "n_layers": 4, "patch_size": 4},
+        train=_VIT_TRAIN,
+        attention={"MHA": {"method": "mha"},
+                   "GQA kv=2": {"method": "gqa", "n_kv_heads": 2},
+                   "MLA dc=16": {"method": "mla", "kv_rank": 16},
+                   "Tucker [4,16,16]": {"method": "tucker", "ranks": [4, 16, 16]},
+                   "Tucker [4,16,8]": {"method": "tucker", "ranks": [4, 16, 8]},
+                   "Tucker [4,8,8]": {"method": "tucker", "ranks": [4, 8, 8]}},
+        data={"source": "fashion-mnist"}),
+    "tiny": ComparePreset(
+        "a smoke test on scikit-learn's 8x8 digits: d_model 32, 1 layer, patch 2",
+        model={"d_model": 32, "n_heads": 4, "n_layers": 1, "patch_size": 2},
+        train={**_VIT_TRAIN, "steps": 20, "batch_size": 32, "warmup_steps": 2, "eval_interval": 20,
+               "checkpoint_interval": 10},
+        attention={"MHA": {"method": "mha"},
+                   "GQA kv=2": {"method": "gqa", "n_kv_heads": 2},
+                   "MLA dc=8": {"method": "mla", "kv_rank": 8},
+                   "Tucker [4,16,8]": {"method": "tucker", "ranks": [4, 16, 8]},
+                   "Tucker [2,8,8]": {"method": "tucker", "ranks": [2, 8, 8]},
+                   "Tucker [2,8,4]": {"method": "tucker", "ranks": [2, 8, 4]}},
+        data={"source": "digits", "augment": False}),
+}
+
+PRESETS = {"lm": LM_PRESETS, "vit": VIT_PRESETS}
+
+
 def compare_configs(preset: str = "default", *, steps: int | None = None, overrides: list[str] = (),
                     task: str = "lm") -> dict[str, RunConfig]:
     """{label: RunConfig} of every model of ``preset``, with ``--set`` overrides and ``steps`` applied."""
-    if preset not in LM_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(LM_PRESETS)}, got {preset!r}")
-    p = LM_PRESETS[preset]
-    base = {"task": task, "model": copy.deepcopy(p.model), "train": dict(p.train)}
+    task_type = make_task_type(task)
+    presets = PRESETS[task]
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)} for task {task!r}, got {preset!r}")
+    p = presets[preset]
+    base = {"task": task, "model": copy.deepcopy(p.model), "train": dict(p.train), "data": dict(p.data)}
     if steps is not None:
         base["train"]["steps"] = steps
     if any(o.partition("=")[0].startswith("model.attention") for o in overrides):
         raise ValueError("compare sets the attention of every model itself; --set model.attention.* is not allowed")
-    base = apply_overrides(base, list(overrides), list(make_task_type(task).model_keys()))
+    base = apply_overrides(base, list(overrides), list(task_type.model_keys()))
     configs = {}
     for label, spec in p.attention.items():
         cfg = copy.deepcopy(base)
@@ -100,7 +137,8 @@ def make_task_type(task: str):
 
 
 def _slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+    """A folder name for a model label: "Tucker [4,16,8]" -> "tucker-4-16-8"."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def run_compare(preset: str = "default", out: str | Path = "compare-out", *, steps: int | None = None,
@@ -116,23 +154,38 @@ def run_compare(preset: str = "default", out: str | Path = "compare-out", *, ste
         run_dir = out / "runs" / _slug(label)
         summary = _finished(run_dir, config)
         if summary is None:
-            shared = make_task(config, corpus=shared.corpus) if shared is not None else make_task(config)
+            shared = make_task(config, reuse=shared)
             resume = (run_dir / "checkpoints" / POINTER).is_file() and _same_config(run_dir, config)
             print(f"[{i + 1}/{len(configs)}] {label}" + (" (resuming)" if resume else ""), flush=True)
             summary = train(config, run_dir, resume=resume, overwrite=True, task=shared)
         else:
             print(f"[{i + 1}/{len(configs)}] {label}: finished earlier, reusing {run_dir / 'summary.json'}")
-        records.append(_record(label, config, summary))
+        records.append(_record(label, config, summary, make_task_type(task)))
+    task_type = make_task_type(task)
+    add_ratios(records, task_type.metric, task_type.higher_is_better)
+    write_json_atomic(out / "results.json", records)
+    plot_compare(records, out / "compare.png", metric=task_type.metric,
+                 lower_is_better=not task_type.higher_is_better)
+    return records
+
+
+def add_ratios(records: list[dict], metric: str, higher_is_better: bool) -> None:
+    """Add ``attention_param_ratio`` and ``<metric>_vs_mha`` (relative change of a loss; difference
+    of an accuracy) to every record, against the MHA record."""
     mha = next((r for r in records if r["method"] == "mha"), None)
     for r in records:
         r["attention_param_ratio"] = r["attention_params"] / mha["attention_params"] if mha else None
-        r["val_loss_vs_mha"] = r["val_loss"] / mha["val_loss"] - 1 if mha else None
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, out / "results.json")
-    plot_compare(records, out / "compare.png", metric="val_loss")
-    return records
+        if mha is None:
+            r[f"{metric}_vs_mha"] = None
+        else:
+            r[f"{metric}_vs_mha"] = r[metric] - mha[metric] if higher_is_better else r[metric] / mha[metric] - 1
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def _same_config(run_dir: Path, config: RunConfig) -> bool:
@@ -152,25 +205,32 @@ def _finished(run_dir: Path, config: RunConfig) -> dict | None:
     return summary if summary.get("steps") == config.train.steps else None
 
 
-def _record(label: str, config: RunConfig, summary: dict) -> dict:
-    spec = dict(config.model["attention"])
+def spec_record(label: str, spec: dict) -> dict:
+    """``label``, ``method`` and the method's own size arguments of an attention spec."""
+    spec = dict(spec)
     method = spec.pop("method")
-    return {"label": label, "method": method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
-            "attention_params": summary["attention_params"], "params": summary["params"],
-            "kv_bytes_per_token": summary["kv_bytes_per_token"], "val_loss": summary["val_loss"],
-            "best_val_loss": summary["best_val_loss"], "tokens_per_s": summary["tokens_per_s"],
-            "steps": summary["steps"], "unigram_val_loss": summary.get("unigram_val_loss")}
+    return {"label": label, "method": method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
 
 
-def format_compare_table(records: list[dict], metric: str = "val_loss") -> str:
+def _record(label: str, config: RunConfig, summary: dict, task_type) -> dict:
+    metric, speed = task_type.metric, f"{task_type.unit}_per_s"
+    baselines = {k: v for k, v in summary.items() if k.startswith(("unigram", "majority"))}
+    return {**spec_record(label, config.model["attention"]), "attention_params": summary["attention_params"],
+            "params": summary["params"], "kv_bytes_per_token": summary["kv_bytes_per_token"],
+            metric: summary[metric], "val_loss": summary["val_loss"], f"best_{metric}": summary[f"best_{metric}"],
+            speed: summary[speed], "steps": summary["steps"], **baselines}
+
+
+def format_compare_table(records: list[dict], metric: str = "val_loss", unit: str = "tokens") -> str:
     """A plain-text table of the records (sorted by attention parameters, largest first)."""
-    head = ["model", "method", "attn params", "vs MHA", "KV B/token (bf16)", metric, "Δ vs MHA", "tokens/s"]
+    head = ["model", "method", "attn params", "vs MHA", "KV B/token (bf16)", metric, "Δ vs MHA", f"{unit}/s"]
     rows = []
     for r in sorted(records, key=lambda r: -r["attention_params"]):
         ratio = f"{r['attention_param_ratio']:.3f}" if r.get("attention_param_ratio") is not None else "-"
-        delta = f"{100 * r['val_loss_vs_mha']:+.1f}%" if r.get("val_loss_vs_mha") is not None else "-"
+        delta = r.get(f"{metric}_vs_mha")
+        delta = "-" if delta is None else f"{100 * delta:+.1f}" + ("%" if metric == "val_loss" else " pts")
         rows.append([r["label"], r["method"], f"{r['attention_params']:,}", ratio, str(r["kv_bytes_per_token"]),
-                     f"{r[metric]:.4f}", delta, f"{r['tokens_per_s']:,.0f}"])
+                     f"{r[metric]:.4f}", delta, f"{r[f'{unit}_per_s']:,.0f}"])
     return text_table(head, rows)
 
 

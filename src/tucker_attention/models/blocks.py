@@ -18,7 +18,7 @@ from ..layers import ATTENTION_METHODS, Attention, KVCache, make_attention
 
 NORMS = ("rmsnorm", "layernorm")
 # arguments the model decides for every layer; a spec may not set them
-_MODEL_OWNED = ("d_model", "n_heads", "causal")
+MODEL_OWNED = ("d_model", "n_heads", "causal")
 
 
 def attention_spec(spec) -> dict:
@@ -31,7 +31,7 @@ def attention_spec(spec) -> dict:
     if not isinstance(spec, dict) or "method" not in spec:
         raise ValueError(f"attention must be a method name or a dict with a 'method' key, got {spec!r}")
     method = check_choice("attention method", spec["method"], sorted(ATTENTION_METHODS))
-    allowed = [p for p in inspect.signature(ATTENTION_METHODS[method]).parameters if p not in _MODEL_OWNED]
+    allowed = [p for p in inspect.signature(ATTENTION_METHODS[method]).parameters if p not in MODEL_OWNED]
     unknown = sorted(set(spec) - {"method", *allowed})
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for attention method {method!r}; allowed: {allowed}")

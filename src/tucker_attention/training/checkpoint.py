@@ -79,10 +79,11 @@ def load_run_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     return state
 
 
-def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+def load_trained_model(path: str | Path, task: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, checkpoint extra) from a run folder, a checkpoint folder or its
-    ``model.safetensors``; the extra holds the task, the run config and the tokenizer."""
-    from ..models import GPT, GPTConfig
+    ``model.safetensors``; the extra holds the task, the run config and what the task needs
+    (tokenizer, normalization). ``task``: refuse checkpoints of another task."""
+    from ..models import GPT, GPTConfig, ViT, ViTConfig
 
     path = Path(path)
     if (path / "checkpoints").is_dir():
@@ -90,9 +91,13 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     if path.is_dir():
         path = path / "model.safetensors"
     extra = read_metadata(path)["extra"]
-    if extra.get("task") != "lm" or "model_config" not in extra:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of a language-model run (task {extra.get('task')!r})")
-    model = GPT(GPTConfig(**extra["model_config"]))
+    models = {"lm": (GPT, GPTConfig), "vit": (ViT, ViTConfig)}
+    if extra.get("task") not in models or "model_config" not in extra:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of a training run (task {extra.get('task')!r})")
+    if task is not None and extra["task"] != task:
+        raise ValueError(f"{str(path)!r} is a checkpoint of task {extra['task']!r}, not {task!r}")
+    cls, config_cls = models[extra["task"]]
+    model = cls(config_cls(**extra["model_config"]))
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as err:

@@ -10,18 +10,26 @@ from pathlib import Path
 
 from .._checks import check_choice, check_int
 
-TASKS = ("lm",)
+TASKS = ("lm", "vit")
 
 
 @dataclass
 class DataConfig:
-    """Where the data comes from. ``path=None`` and ``hf_dataset=None`` is the built-in corpus."""
+    """Where the data comes from. ``path=None`` and ``hf_dataset=None`` is the built-in corpus.
+
+    Text (``lm``): ``path`` (file or folder), ``hf_dataset``, ``hf_text_column``, ``tokenizer``.
+    Images (``vit``): ``source`` (``fashion-mnist`` | ``idx`` | ``npz`` | ``folder`` | ``digits``)
+    read from ``path``, ``augment`` (random crop with padding ``pad``; flips where they make sense).
+    """
 
     path: str | None = None
     hf_dataset: str | None = None
     hf_text_column: str = "text"
     tokenizer: str = "char"
     val_fraction: float = 0.1
+    source: str = "fashion-mnist"
+    augment: bool = True
+    pad: int = 2
 
 
 @dataclass

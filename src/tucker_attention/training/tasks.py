@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.images import ImageDataset, augment, load_images
 from ..data.text import TextCorpus, load_corpus
-from ..models import GPT, GPTConfig
+from ..models import GPT, GPTConfig, ViT, ViTConfig
 from .config import RunConfig
 
 
@@ -29,12 +30,13 @@ class LMTask:
 
     name = "lm"
     unit = "tokens"
-    metric = "val_loss"  # lower is better
+    metric = "val_loss"
+    higher_is_better = False
 
-    def __init__(self, config: RunConfig, corpus: TextCorpus | None = None):
-        d = config.data
-        self.corpus = corpus or load_corpus(d.path, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
-                                            hf_dataset=d.hf_dataset, hf_text_column=d.hf_text_column)
+    def __init__(self, config: RunConfig, data: TextCorpus | None = None):
+        d = self.data_config = config.data
+        self.corpus = self.data = data or load_corpus(d.path, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
+                                                      hf_dataset=d.hf_dataset, hf_text_column=d.hf_text_column)
         model = dict(config.model)
         vocab = self.corpus.tokenizer.vocab_size
         if model.setdefault("vocab_size", vocab) < vocab:
@@ -84,8 +86,85 @@ class LMTask:
         return {"unigram_val_loss": self.corpus.unigram_loss()}
 
 
-TASK_TYPES = {"lm": LMTask}
+class VisionTask:
+    """Image classification with a :class:`ViT`.
+
+    Training batches are random images (augmented: random crop with padding, flips where the
+    dataset allows them), normalized by the training split's mean/std; validation is the
+    accuracy and mean loss over the whole validation split.
+    """
+
+    name = "vit"
+    unit = "images"
+    metric = "val_accuracy"
+    higher_is_better = True
+
+    def __init__(self, config: RunConfig, data: ImageDataset | None = None):
+        d = self.data_config = config.data
+        self.data = data or load_images(d.source, d.path, val_fraction=d.val_fraction)
+        self.augment, self.pad = d.augment, d.pad
+        channels, height, width = self.data.image_shape
+        if height != width:
+            raise ValueError(f"images must be square, got {height}x{width} from {self.data.source}")
+        model = dict(config.model)
+        for key, value in (("image_size", height), ("in_channels", channels), ("n_classes", self.data.n_classes)):
+            if model.setdefault(key, value) != value:
+                raise ValueError(f"model.{key}={model[key]} does not fit the data ({self.data.source}: "
+                                 f"{key} {value})")
+        self.model_config = ViTConfig(**model)
+
+    @staticmethod
+    def model_keys() -> list[str]:
+        return list(ViTConfig.__dataclass_fields__)
+
+    def build_model(self) -> ViT:
+        return ViT(self.model_config)
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int, rank: int, world: int):
+        """This process's share of a global batch: (images (B/world, C, H, W) float, labels)."""
+        idx = torch.randint(len(self.data.train_y), (batch_size,), generator=generator)
+        x = self.data.train_x[idx]
+        if self.augment:
+            x = augment(x, generator, pad=self.pad, flip=self.data.flip)
+        return self.data.normalize(x[rank::world]), self.data.train_y[idx][rank::world]
+
+    def batch_units(self, batch) -> int:
+        return batch[0].shape[0]
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        return model(x, y)[1]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device, rank: int, world: int, batch_size: int, autocast) -> dict:
+        idx = torch.arange(len(self.data.val_y))[rank::world]
+        loss_sum, correct = 0.0, 0.0
+        for chunk in idx.split(max(batch_size, 256)):
+            x, y = self.data.normalize(self.data.val_x[chunk]).to(device), self.data.val_y[chunk].to(device)
+            with autocast():
+                logits, loss = model(x, y)
+            loss_sum += float(loss) * len(chunk)
+            correct += float((logits.argmax(-1) == y).sum())
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, float(len(idx))], device)
+        return {"val_accuracy": correct / count, "val_loss": loss_sum / count}
+
+    def extra_state(self) -> dict:
+        return {"model_config": self.model_config.to_dict(), "mean": self.data.mean.tolist(),
+                "std": self.data.std.tolist(), "source": self.data.source}
+
+    def baselines(self) -> dict:
+        counts = torch.bincount(self.data.train_y, minlength=self.data.n_classes)
+        majority = int(counts.argmax())
+        return {"majority_val_accuracy": float((self.data.val_y == majority).double().mean())}
 
 
-def make_task(config: RunConfig, **kwargs):
-    return TASK_TYPES[config.task](config, **kwargs)
+TASK_TYPES = {"lm": LMTask, "vit": VisionTask}
+
+
+def make_task(config: RunConfig, reuse=None):
+    """The task of ``config``; ``reuse``: an earlier task whose loaded data is reused when its
+    task and data config are the same (``compare`` trains many models on one dataset)."""
+    cls = TASK_TYPES[config.task]
+    if isinstance(reuse, cls) and reuse.data_config == config.data:
+        return cls(config, reuse.data)
+    return cls(config)

@@ -88,13 +88,15 @@ class _Metrics:
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          task=None) -> dict:
+          task=None, init_state: dict | None = None) -> dict:
     """Train ``config`` in ``run_dir``; returns the summary (also written to ``summary.json``).
 
     resume: continue from the latest checkpoint in ``run_dir`` (same config; ``train.steps`` may grow).
     overwrite: start afresh in a ``run_dir`` that holds an earlier run (its checkpoints and
         metrics are deleted); without it such a folder is refused.
     task: a prebuilt task (tests and ``compare`` pass one to share a loaded corpus).
+    init_state: weights to start from (a state dict of the config's model), e.g. a converted
+        model to fine-tune; a resumed run reads its checkpoint instead.
     """
     rank, world, local_rank, started_group = _distributed()
     tc = config.train
@@ -119,7 +121,10 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         run_dir.mkdir(parents=True, exist_ok=True)
     task = task or make_task(config)
     torch.manual_seed(tc.seed)
-    model = task.build_model().to(device)
+    model = task.build_model()
+    if init_state is not None and not resume:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                                attention_lr_scale=tc.attention_lr_scale,
                                                attention_lr=tc.attention_lr),
@@ -130,7 +135,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(tc.seed + 1)
-    step, best, train_time, units_done = 0, math.inf, 0.0, 0
+    better = max if task.higher_is_better else min
+    step, best, train_time, units_done = 0, -math.inf if task.higher_is_better else math.inf, 0.0, 0
     if resume:
         ckpt = latest_checkpoint(run_dir)
         state = load_run_checkpoint(ckpt, model)
@@ -203,7 +209,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
             bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"{task.unit}/s": f"{speed:.0f}"})
         if step % tc.eval_interval == 0 or step == tc.steps:
             result = evaluate()
-            best = min(best, result[task.metric])
+            best = better(best, result[task.metric])
             metrics.log({"step": step, **result})
             if rank == 0:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -214,7 +220,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     bar.close()
     final = final or evaluate()
     summary = {"task": config.task, "attention": model.config.attention, "steps": step, **final,
-               f"best_{task.metric}": min(best, final[task.metric]), "params": model.n_params,
+               f"best_{task.metric}": better(best, final[task.metric]), "params": model.n_params,
                "attention_params": model.attention_params,
                "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16),
                f"{task.unit}_per_s": units_done / max(train_time, 1e-9), "train_time_s": train_time,

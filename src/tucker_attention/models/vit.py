@@ -1,0 +1,99 @@
+"""A Vision Transformer whose attention is any of MHA, GQA, MQA, MLA or Tucker Attention."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._checks import check_choice, check_int, check_probability
+from .blocks import Block, ModelStats, attention_spec, init_non_attention_, make_norm
+
+POOLS = ("cls", "mean")
+
+
+@dataclass
+class ViTConfig:
+    """Shapes and choices of :class:`ViT` (non-causal attention, learned positions).
+
+    attention: the attention spec, as for :class:`~tucker_attention.models.GPTConfig`.
+    pool: ``"cls"`` (a class token) or ``"mean"`` (mean of the patch tokens).
+    """
+
+    image_size: int = 28
+    patch_size: int = 4
+    in_channels: int = 1
+    n_classes: int = 10
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    attention: dict | str = field(default_factory=lambda: {"method": "mha"})
+    pool: str = "cls"
+    norm: str = "layernorm"
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_channels", "n_classes", "n_layers", "d_model", "n_heads"):
+            check_int(name, getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size must be divisible by patch_size, got image_size={self.image_size}, "
+                             f"patch_size={self.patch_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
+                             f"n_heads={self.n_heads}")
+        check_choice("pool", self.pool, POOLS)
+        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        check_probability("dropout", self.dropout)
+        self.attention = attention_spec(self.attention)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ViT(ModelStats, nn.Module):
+    """images (B, C, H, W) float -> logits (B, n_classes)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = c = config
+        self.patch_embed = nn.Conv2d(c.in_channels, c.d_model, c.patch_size, stride=c.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.n_patches + (c.pool == "cls"), c.d_model))
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_heads, c.attention, causal=False, rope=False, mlp_ratio=c.mlp_ratio, norm=c.norm,
+                  dropout=c.dropout, bias=c.bias) for _ in range(c.n_layers))
+        self.norm_f = make_norm(c.norm, c.d_model)
+        self.head = nn.Linear(c.d_model, c.n_classes)
+        init_non_attention_(self, c.n_layers)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        fan_in = c.in_channels * c.patch_size ** 2
+        nn.init.normal_(self.patch_embed.weight, std=fan_in ** -0.5)
+        nn.init.zeros_(self.patch_embed.bias)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        """images (B, C, H, W) -> (logits (B, n_classes), mean cross-entropy with ``labels`` or None)."""
+        c = self.config
+        expected = (c.in_channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+                             f"model (image_size={c.image_size}, in_channels={c.in_channels}), got "
+                             f"{tuple(images.shape)}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, d)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, d)
+        x = self.drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm_f(x)
+        logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return logits, loss
