@@ -103,13 +103,14 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from .experiments.compare import PRESETS, claim_check, format_compare_table, make_task_type, run_compare
+    from .experiments.compare import PRESETS as COMPARE_PRESETS
+    from .experiments.compare import claim_check, format_compare_table, make_task_type, run_compare
 
     task_type = make_task_type(args.task)
-    if args.preset not in PRESETS[args.task]:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS[args.task])} for --task {args.task}, "
+    if args.preset not in COMPARE_PRESETS[args.task]:
+        raise ValueError(f"--preset must be one of {sorted(COMPARE_PRESETS[args.task])} for --task {args.task}, "
                          f"got {args.preset!r}")
-    print(f"compare --task {args.task} --preset {args.preset}: {PRESETS[args.task][args.preset].description}")
+    print(f"compare --task {args.task} --preset {args.preset}: {COMPARE_PRESETS[args.task][args.preset].description}")
     records = run_compare(args.preset, args.out, steps=args.steps, overrides=_data_override(args) + (args.set or []),
                           task=args.task, progress=not args.no_progress)
     print(format_compare_table(records, task_type.metric, task_type.unit))
@@ -159,7 +160,7 @@ def _generate_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.compare import PRESETS
+    from .experiments.compare import PRESETS as COMPARE_PRESETS
 
     parser = argparse.ArgumentParser(prog="tucker-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate_command)
 
     c = sub.add_parser("compare", help="train MHA, GQA, MLA and Tucker with one budget; table + plot (main job)")
-    c.add_argument("--task", default="lm", choices=sorted(PRESETS), help="lm (default) or vit")
+    c.add_argument("--task", default="lm", choices=sorted(COMPARE_PRESETS), help="lm (default) or vit")
     c.add_argument("--preset", default="default",
                    help="shared shapes, budget and attention settings: default (lm: ~12 min, vit: ~10 min on 2 CPU "
                         "cores), tiny, gpt2-small (lm, for a GPU)")
