@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .._table import text_table
 from ..layers import Attention
 from ..models.blocks import MODEL_OWNED
 from ..tensors.convert import compress, mha_to_gqa, mha_to_mla
 from ..training import RunConfig, make_task, train
 from ..training.checkpoint import load_trained_model
-from .compare import VIT_PRESETS, _finished, _slug, add_ratios, spec_record, text_table, write_json_atomic
+from .compare import VIT_PRESETS, _finished, _slug, add_ratios, spec_record, write_json_atomic
 
 
 @dataclass
