@@ -12,7 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_probability
 from ..accounting import attention_param_count, kv_cache_bytes_per_token
 from ..layers import ATTENTION_METHODS, Attention, KVCache, make_attention
 
@@ -36,6 +36,17 @@ def attention_spec(spec) -> dict:
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for attention method {method!r}; allowed: {allowed}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+
+
+def check_block_config(config) -> dict:
+    """Checks shared by the model configs (``d_model``, ``n_heads``, ``norm``, ``dropout``); returns
+    the normalized attention spec of ``config.attention``."""
+    if config.d_model % config.n_heads:
+        raise ValueError(f"d_model must be divisible by n_heads, got d_model={config.d_model}, "
+                         f"n_heads={config.n_heads}")
+    check_choice("norm", config.norm, NORMS)
+    check_probability("dropout", config.dropout)
+    return attention_spec(config.attention)
 
 
 def build_attention(spec, d_model: int, n_heads: int, *, causal: bool, rope: bool, dropout: float = 0.0,

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_int, check_probability
+from .._checks import check_choice, check_int
 from ..layers import KVCache
-from .blocks import Block, ModelStats, attention_spec, init_non_attention_, make_norm
+from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POSITIONS = ("rope", "learned")
 
@@ -41,12 +41,7 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layers", "d_model", "n_heads"):
             check_int(name, getattr(self, name))
         check_choice("positions", self.positions, POSITIONS)
-        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
-        check_probability("dropout", self.dropout)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
-                             f"n_heads={self.n_heads}")
-        self.attention = attention_spec(self.attention)
+        self.attention = check_block_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

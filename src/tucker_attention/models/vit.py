@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_int, check_probability
-from .blocks import Block, ModelStats, attention_spec, init_non_attention_, make_norm
+from .._checks import check_choice, check_int
+from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POOLS = ("cls", "mean")
 
@@ -42,13 +42,8 @@ class ViTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size must be divisible by patch_size, got image_size={self.image_size}, "
                              f"patch_size={self.patch_size}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
-                             f"n_heads={self.n_heads}")
         check_choice("pool", self.pool, POOLS)
-        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
-        check_probability("dropout", self.dropout)
-        self.attention = attention_spec(self.attention)
+        self.attention = check_block_config(self)
 
     @property
     def n_patches(self) -> int:

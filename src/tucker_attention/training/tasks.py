@@ -21,7 +21,26 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-class LMTask:
+class Task:
+    """What the tasks share: the model class built from ``self.model_config`` and the loss of a
+    ``(inputs, targets)`` batch (the model returns ``(outputs, loss)``)."""
+
+    model_cls: type
+    config_cls: type
+
+    @classmethod
+    def model_keys(cls) -> list[str]:
+        return list(cls.config_cls.__dataclass_fields__)
+
+    def build_model(self) -> nn.Module:
+        return self.model_cls(self.model_config)
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        return model(x, y)[1]
+
+
+class LMTask(Task):
     """Next-token prediction on a text corpus with a :class:`GPT`.
 
     Training batches are random windows of ``block_size + 1`` tokens; validation is the mean
@@ -29,6 +48,7 @@ class LMTask:
     """
 
     name = "lm"
+    model_cls, config_cls = GPT, GPTConfig
     unit = "tokens"
     metric = "val_loss"
     higher_is_better = False
@@ -46,13 +66,6 @@ class LMTask:
         self.corpus.check_block_size(self.block_size)
         self.eval_windows = config.train.eval_windows
 
-    @staticmethod
-    def model_keys() -> list[str]:
-        return list(GPTConfig.__dataclass_fields__)
-
-    def build_model(self) -> GPT:
-        return GPT(self.model_config)
-
     def sample_batch(self, generator: torch.Generator, batch_size: int, rank: int, world: int):
         """This process's share of a global batch of random windows: (x, y), each (B/world, T)."""
         starts = self.corpus.random_windows(batch_size, self.block_size, generator)
@@ -60,10 +73,6 @@ class LMTask:
 
     def batch_units(self, batch) -> int:
         return batch[0].numel()
-
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        return model(x, y)[1]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, rank: int, world: int, batch_size: int, autocast) -> dict:
@@ -86,7 +95,7 @@ class LMTask:
         return {"unigram_val_loss": self.corpus.unigram_loss()}
 
 
-class VisionTask:
+class VisionTask(Task):
     """Image classification with a :class:`ViT`.
 
     Training batches are random images (augmented: random crop with padding, flips where the
@@ -95,6 +104,7 @@ class VisionTask:
     """
 
     name = "vit"
+    model_cls, config_cls = ViT, ViTConfig
     unit = "images"
     metric = "val_accuracy"
     higher_is_better = True
@@ -113,13 +123,6 @@ class VisionTask:
                                  f"{key} {value})")
         self.model_config = ViTConfig(**model)
 
-    @staticmethod
-    def model_keys() -> list[str]:
-        return list(ViTConfig.__dataclass_fields__)
-
-    def build_model(self) -> ViT:
-        return ViT(self.model_config)
-
     def sample_batch(self, generator: torch.Generator, batch_size: int, rank: int, world: int):
         """This process's share of a global batch: (images (B/world, C, H, W) float, labels)."""
         idx = torch.randint(len(self.data.train_y), (batch_size,), generator=generator)
@@ -130,10 +133,6 @@ class VisionTask:
 
     def batch_units(self, batch) -> int:
         return batch[0].shape[0]
-
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        return model(x, y)[1]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, rank: int, world: int, batch_size: int, autocast) -> dict:
