@@ -41,3 +41,12 @@ def randomize_(layer):
 @pytest.fixture(params=LAYER_CONFIGS, ids=CONFIG_IDS)
 def config(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (on a busy 2-core machine OpenMP spinning makes them ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -174,3 +174,19 @@ def test_compiles_as_one_graph(config):
     torch.testing.assert_close(out, layer(x), atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), atol=1e-6, rtol=1e-6)
+
+
+def test_rope_tables_for_per_sequence_positions():
+    """(B, T) positions give (B, 1, T, D) tables whose rows are the (T,) tables of each sequence."""
+    from tucker_attention.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(8)
+    positions = torch.tensor([[0, 1, 2], [5, 6, 9]])
+    cos, sin = rotary(positions, torch.float64)
+    assert cos.shape == sin.shape == (2, 1, 3, 8)
+    for b in range(2):
+        want_cos, want_sin = rotary(positions[b], torch.float64)
+        torch.testing.assert_close(cos[b, 0], want_cos)
+        torch.testing.assert_close(sin[b, 0], want_sin)
+    with pytest.raises(ValueError, match=r"positions must have shape \(seq,\) or \(batch, seq\)"):
+        rotary(torch.zeros(1, 2, 3, dtype=torch.long), torch.float32)

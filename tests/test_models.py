@@ -26,13 +26,7 @@ SPEC_IDS = ["mha", "gqa", "mqa", "mla", "mla-decoupled", "tucker", "tucker-share
 POSITIONS = ["rope", "learned"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other work for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(spec, positions="rope", seed=0, **overrides) -> GPT:

@@ -45,9 +45,17 @@ def _ranks_command(args: argparse.Namespace) -> int:
     from .experiments.ranks import format_rank_table, plot_spectra, rank_report
     from .io import load_attention_layers
 
-    layers = load_attention_layers(args.checkpoint)
-    if not layers:
-        raise ValueError(f"checkpoint {args.checkpoint!r} holds no attention layers")
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("give either a checkpoint or --hf MODEL (minilm or a local transformers model folder)")
+    if args.hf is not None:
+        from .hf import attention_layers, load_model
+
+        layers = attention_layers(load_model(args.hf, with_tokenizer=False)[0])
+        print(f"{args.hf}: {len(layers)} attention blocks")
+    else:
+        layers = load_attention_layers(args.checkpoint)
+        if not layers:
+            raise ValueError(f"checkpoint {args.checkpoint!r} holds no attention layers")
     records = rank_report(layers, rtol=args.rtol)
     if any(r["rope"] for r in records):
         print("note: RoPE layers are read at position offset 0 (their weights)")
@@ -142,6 +150,56 @@ def _finetune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_command(args: argparse.Namespace) -> int:
+    from .experiments.compress import compress_one, format_compress_table, run_compress_sweep, setting_label
+
+    options = {"n_eval": args.n_eval, "finetune_steps": args.finetune_steps, "n_train": args.n_train, "lr": args.lr,
+               "data": args.data, "progress": not args.no_progress}
+    budget = {k: v for k, v in (("params", args.budget_params), ("kv", args.budget_kv)) if v is not None}
+    if args.sweep:
+        if args.method or args.ranks is not None or args.save or budget:
+            raise ValueError("--sweep runs the default settings of every method; "
+                             "drop --method/--ranks/--budget-*/--save")
+        records = run_compress_sweep(args.hf, out=args.out, **options)
+        print(format_compress_table(records))
+        print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'compress.png'}")
+        return 0
+    if not args.method:
+        raise ValueError("give --method tucker|gqa|mla (with --ranks or, for tucker, --budget-params/--budget-kv), "
+                         "or --sweep")
+    model, value_ranks, ranks = args.hf, None, args.ranks
+    if budget:
+        from .hf import load_model, plan_ranks
+
+        if args.method != "tucker" or ranks is not None or len(budget) > 1:
+            raise ValueError("--budget-params / --budget-kv choose Tucker ranks per layer: use one of them with "
+                             "--method tucker and without --ranks")
+        model = load_model(args.hf)
+        plan = plan_ranks(model[0], **budget)
+        print(plan.table())
+        ranks, value_ranks = plan.ranks, plan.value_ranks
+    elif ranks is not None:
+        if args.method == "tucker" and len(ranks) != 3:
+            raise ValueError(f"--ranks for tucker is r1,r2,r3, got {','.join(map(str, ranks))}")
+        if args.method != "tucker" and len(ranks) != 1:
+            what = "n_kv_heads" if args.method == "gqa" else "kv_rank"
+            raise ValueError(f"--ranks for {args.method} is one integer ({what}), got {','.join(map(str, ranks))}")
+        ranks = tuple(ranks) if args.method == "tucker" else ranks[0]
+    r = compress_one(model, args.method, ranks, value_ranks=value_ranks, save=args.save, **options)
+    print(f"{args.hf}: {args.method} {setting_label(args.method, ranks)}" + (" (exact)" if ranks is None else ""))
+    print(f"attention params ({r['n_layers']} layers): {r['attention_params_original']:,} -> "
+          f"{r['attention_params']:,} ({r['attention_param_ratio']:.3f}x); KV cache floats per token: "
+          f"{r['kv_floats_per_token_original']:,} -> {r['kv_floats_per_token']:,}")
+    print(f"vs the original on {args.n_eval} held-out sentences: cosine {r['cosine']:.5f}, "
+          f"spearman {r['spearman']:.5f}")
+    if args.finetune_steps:
+        print(f"after {args.finetune_steps} distillation steps ({args.n_train} training sentences): "
+              f"cosine {r['cosine_ft']:.5f}, spearman {r['spearman_ft']:.5f}")
+    if args.save:
+        print(f"saved the converted model to {r['saved']} (load with tucker_attention.hf.load_converted)")
+    return 0
+
+
 def _generate_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -176,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, default=2, help="bytes per scalar (default 2, bf16)")
     p.set_defaults(func=_params)
 
-    r = sub.add_parser("ranks", help="energy and numerical multilinear ranks of every attention layer in a checkpoint")
-    r.add_argument("checkpoint", help="a .safetensors checkpoint written by this package")
+    r = sub.add_parser("ranks", help="energy and numerical multilinear ranks of every attention layer of a checkpoint "
+                                     "or a Hugging Face model")
+    r.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint written by this package")
+    r.add_argument("--hf", metavar="MODEL", help="a transformers model instead: minilm (bundled all-MiniLM-L6-v2) "
+                                                  "or a local model folder")
     r.add_argument("--out", default=".", help="folder for spectra.png (default: current folder)")
     r.add_argument("--rtol", type=float, default=1e-6, help="numerical rank threshold relative to the largest value")
     r.set_defaults(func=_ranks_command)
@@ -226,6 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, help="fine-tune steps (default 150)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_finetune_command)
+
+    k = sub.add_parser("compress", help="compress a pretrained sentence encoder's attention (Tucker/GQA/MLA), "
+                                        "measure its embeddings against the original, optionally distill")
+    k.add_argument("--hf", default="minilm", help="'minilm' (bundled all-MiniLM-L6-v2, default) or a local "
+                                                  "transformers model folder")
+    k.add_argument("--method", choices=["tucker", "gqa", "mla"], help="compression method (one setting)")
+    k.add_argument("--ranks", type=_int_list, help="tucker: r1,r2,r3; gqa: n_kv_heads; mla: kv_rank "
+                                                   "(default: full rank, exact)")
+    k.add_argument("--budget-params", type=float, metavar="B",
+                   help="tucker: ranks per layer for this many attention parameters (a count, or a fraction < 1)")
+    k.add_argument("--budget-kv", type=float, metavar="B",
+                   help="tucker: ranks per layer for this many KV-cache floats per token (a count, or a fraction < 1)")
+    k.add_argument("--sweep", action="store_true", help="every method over its default settings: table, "
+                                                        "results.json and compress.png in --out")
+    k.add_argument("--out", default="compress-out", help="folder for --sweep's results.json and compress.png")
+    k.add_argument("--finetune-steps", type=int, default=0, help="distillation steps after converting "
+                                                                 "(default 0: none)")
+    k.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
+    k.add_argument("--n-train", type=int, default=1024, help="training sentences for the distillation (default 1024)")
+    k.add_argument("--n-eval", type=int, default=256, help="held-out evaluation sentences (default 256)")
+    k.add_argument("--data", help="sentences from your own text file or folder of .txt files "
+                                  "(default: Shakespeare)")
+    k.add_argument("--save", help="write the converted (and distilled) model and tokenizer to this folder")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
+    k.set_defaults(func=_compress_command)
     return parser
 
 
@@ -233,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"tucker-attn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .._table import text_table
 from ..layers import Attention
 from ..tensors import attention_factors, energy_rank, numerical_rank
 
@@ -41,14 +42,11 @@ def rank_report(layers: dict[str, Attention], *, rtol: float = 1e-6, energies=EN
 def format_rank_table(records: list[dict]) -> str:
     """Plain-text table: one row per (layer, tensor); ranks as (head, row side, column side)."""
     energies = list(records[0]["energy_ranks"]) if records else list(ENERGIES)
-    head = f"{'layer':<24}{'method':<8}{'tensor':<9}{'dims':<18}" + "".join(
-        f"{f'{e:.0%} energy':<18}" for e in energies) + "numerical"
-    lines = [head, "-" * len(head)]
     fmt = lambda ranks: "(" + ", ".join(map(str, ranks)) + ")"  # noqa: E731
-    for r in records:
-        lines.append(f"{r['name']:<24}{r['method']:<8}{r['tensor']:<9}{fmt(r['dims']):<18}"
-                     + "".join(f"{fmt(r['energy_ranks'][e]):<18}" for e in energies) + fmt(r["numerical_ranks"]))
-    return "\n".join(lines)
+    head = ["layer", "method", "tensor", "dims", *(f"{e:.0%} energy" for e in energies), "numerical"]
+    rows = [[r["name"], r["method"], r["tensor"], fmt(r["dims"]), *(fmt(r["energy_ranks"][e]) for e in energies),
+             fmt(r["numerical_ranks"])] for r in records]
+    return text_table(head, rows)
 
 
 def plot_spectra(records: list[dict], path: str | Path) -> Path:

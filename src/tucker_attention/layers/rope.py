@@ -21,7 +21,8 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE of width ``dim``.
 
     ``forward(positions, dtype)`` with ``positions`` a (T,) integer tensor returns
-    ``(cos, sin)``, each of shape (T, dim), ready for :func:`apply_rope`. Angles are computed
+    ``(cos, sin)``, each of shape (T, dim), ready for :func:`apply_rope`; per-sequence
+    positions (B, T) give (B, 1, T, dim) tables that broadcast over heads. Angles are computed
     from the positions on the fly (float32, float64 for float64 tables): no table to grow and
     no host-device synchronisation.
     """
@@ -36,11 +37,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)           # (dim/2,), float64
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.dim() != 1:
-            raise ValueError(f"positions must be a 1-D tensor of shape (seq,), got shape {tuple(positions.shape)}")
+        if positions.dim() not in (1, 2):
+            raise ValueError(f"positions must have shape (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        angles = positions.to(work)[:, None] * self.inv_freq.to(work)[None, :]  # (T, dim/2)
+        angles = positions.to(work)[..., None] * self.inv_freq.to(work)          # (..., T, dim/2)
         angles = torch.cat([angles, angles], dim=-1)                             # pair j: columns j, j + dim/2
+        if positions.dim() == 2:
+            angles = angles.unsqueeze(1)                                         # (B, 1, T, dim)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

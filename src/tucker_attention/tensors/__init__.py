@@ -13,10 +13,12 @@ from .algebra import (
     tucker_to_tensor,
     unfold,
 )
+from .budget import RankPlan, plan_ranks, tucker_param_count
 from .convert import compress, mha_to_gqa, mha_to_mla, relative_error, to_tucker
 from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, factored_hosvd
 
-__all__ = ["AttentionFactors", "HeadFactors", "TuckerTensor", "attention_factors", "attention_tensors", "compress",
+__all__ = ["AttentionFactors", "HeadFactors", "RankPlan", "plan_ranks", "tucker_param_count", "TuckerTensor",
+           "attention_factors", "attention_tensors", "compress",
            "energy_rank", "factored_hosvd", "hooi", "hosvd", "mha_to_gqa", "mha_to_mla", "mode_product",
            "mode_spectra", "multilinear_ranks", "numerical_rank", "relative_error", "to_tucker", "top_eigenvectors",
            "tucker_to_tensor", "unfold"]

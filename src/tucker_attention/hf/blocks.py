@@ -1,0 +1,273 @@
+"""Reading Hugging Face attention blocks into our layers, and the drop-in block that runs them.
+
+A supported block is one self-attention sub-module of a ``transformers`` model:
+
+==================  ==========================================  =================================
+block class         weights                                     where the output projection lives
+==================  ==========================================  =================================
+BertSelfAttention   ``query``/``key``/``value`` (+ bias)          the parent's ``output.dense``
+(Roberta..., ViT    (BERT-family encoders, transformers-4 ViT)
+SelfAttention)
+GPT2Attention       fused ``c_attn`` (Conv1D, d -> 3d) + bias     ``c_proj`` (inside the block)
+LlamaAttention      ``q_proj``/``k_proj``/``v_proj`` (GQA, RoPE)  ``o_proj`` (inside the block)
+ViTAttention        ``q_proj``/``k_proj``/``v_proj`` (+ bias)     ``o_proj`` (inside the block)
+==================  ==========================================  =================================
+
+:func:`read_block` turns one into a :class:`GroupedQueryAttention` (MHA when it has as many
+key heads as query heads) whose output is the block's output before the residual, bit for
+bit up to float rounding. :class:`HFAttention` is the module that replaces the block inside
+the model: same call signature, the model's own masks, positions and ``Cache`` object.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layers import Attention, GroupedQueryAttention, MultiHeadAttention, attend
+
+BERT_STYLE = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention", "ViTSelfAttention")
+PROJ_STYLE = ("LlamaAttention", "ViTAttention")
+SUPPORTED_BLOCKS = BERT_STYLE + ("GPT2Attention",) + PROJ_STYLE
+
+
+@dataclass
+class Block:
+    """One supported attention block of a model.
+
+    path: its module path (e.g. ``encoder.layer.0.attention.self``). kind: 'bert' | 'gpt2' | 'proj'.
+    layer: our layer holding a copy of its weights. layer_idx: its index in the model's cache.
+    model_rope: the block takes RoPE tables (``position_embeddings``) from the model.
+    resid_dropout: dropout the block applies after its output projection (GPT-2).
+    rope_exact: our layer's own RoPE reproduces the model's (False for dynamic / YaRN-type
+    scaling; converted blocks use the model's tables and stay exact for head-dimension RoPE).
+    """
+    path: str
+    kind: str
+    layer: Attention
+    layer_idx: int | None
+    model_rope: bool
+    resid_dropout: float
+    rope_exact: bool = True
+
+
+def _kind(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    if name in BERT_STYLE and all(hasattr(module, a) for a in ("query", "key", "value")):
+        return "bert"
+    if name == "GPT2Attention" and not getattr(module, "is_cross_attention", False):
+        return "gpt2"
+    if name in PROJ_STYLE and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "proj"
+    return None
+
+
+def _dropout_p(value) -> float:
+    return float(value.p if isinstance(value, nn.Dropout) else value or 0.0)
+
+
+def _rope_base(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _rope_frequencies(config, head_dim: int) -> torch.Tensor | None:
+    """The model's RoPE inverse frequencies (head_dim/2,) when they are static and unscaled in
+    amplitude; None for the default type (our tables from ``rope_theta`` match) and for types
+    a fixed table cannot reproduce (dynamic NTK, YaRN / LongRoPE attention factors, partial RoPE)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default" and getattr(config, "partial_rotary_factor", 1.0) == 1.0:
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise NotImplementedError(rope_type)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    if attention_factor != 1.0 or inv_freq.numel() != head_dim // 2:
+        raise NotImplementedError(rope_type)
+    return inv_freq
+
+
+def _bias(linear_bias: torch.Tensor | None, width: int, like: torch.Tensor) -> torch.Tensor:
+    return linear_bias.detach() if linear_bias is not None else torch.zeros(width, dtype=like.dtype, device=like.device)
+
+
+def read_block(module: nn.Module, parent: nn.Module | None = None) -> tuple[GroupedQueryAttention, dict]:
+    """One supported block -> (our layer with its weights, facts the drop-in needs).
+
+    ``parent`` is the BERT-style block's parent (holding ``output.dense``).
+    """
+    kind = _kind(module)
+    if kind is None:
+        raise TypeError(f"unsupported attention block {type(module).__name__}; "
+                        f"supported: {', '.join(SUPPORTED_BLOCKS)}")
+    config = module.config
+    d = config.hidden_size
+    causal = bool(getattr(module, "is_causal", False))
+    rope = kind == "proj" and type(module).__name__ == "LlamaAttention"
+    resid_dropout = 0.0
+    if kind == "bert":
+        out = getattr(getattr(parent, "output", None), "dense", None)
+        if not isinstance(out, nn.Linear):
+            raise TypeError(f"{type(module).__name__} needs its parent's output.dense (nn.Linear) as output "
+                            f"projection; the parent {type(parent).__name__} has none")
+        q, k, v = module.query, module.key, module.value
+        weights = [(m.weight.detach(), m.bias) for m in (q, k, v, out)]
+        n_heads, head_dim = module.num_attention_heads, module.attention_head_size
+        dropout = _dropout_p(module.dropout)
+    elif kind == "gpt2":
+        w, b = module.c_attn.weight.detach().T, module.c_attn.bias        # Conv1D: y = x W + b, W (d, 3d)
+        (wq, wk, wv), (bq, bk, bv) = w.split(d, dim=0), b.detach().split(d)
+        weights = [(wq, bq), (wk, bk), (wv, bv), (module.c_proj.weight.detach().T, module.c_proj.bias)]
+        n_heads, head_dim = module.num_heads, module.head_dim
+        dropout, resid_dropout = _dropout_p(module.attn_dropout), _dropout_p(module.resid_dropout)
+    else:
+        weights = [(m.weight.detach(), m.bias) for m in (module.q_proj, module.k_proj, module.v_proj, module.o_proj)]
+        head_dim = module.head_dim
+        n_heads = module.q_proj.out_features // head_dim
+        dropout = _dropout_p(getattr(module, "attention_dropout", 0.0))
+    n_kv_heads = weights[1][0].shape[0] // head_dim
+    has_bias = any(b is not None for _, b in weights)
+    scale = float(getattr(module, "scaling", head_dim ** -0.5))
+    ref = weights[0][0]
+    options = {"head_dim": head_dim, "causal": causal, "rope": rope, "dropout": dropout, "bias": has_bias,
+               "scale": scale, "rope_base": _rope_base(config) if rope else 10000.0}
+    layer = (MultiHeadAttention(d, n_heads, **options) if n_kv_heads == n_heads
+             else GroupedQueryAttention(d, n_heads, n_kv_heads, **options))
+    layer = layer.to(device=ref.device, dtype=ref.dtype).train(module.training)
+    with torch.no_grad():
+        for proj, (weight, bias) in zip((layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj), weights):
+            proj.weight.copy_(weight)
+            if has_bias:
+                proj.bias.copy_(_bias(bias, proj.out_features, ref))
+    rope_exact = True
+    if rope:
+        try:
+            inv_freq = _rope_frequencies(config, head_dim)
+        except NotImplementedError:
+            rope_exact = False
+        else:
+            if inv_freq is not None:
+                layer.rotary.inv_freq = inv_freq.to(device=ref.device, dtype=torch.float64)
+    info = {"kind": kind, "layer_idx": getattr(module, "layer_idx", None), "model_rope": rope,
+            "resid_dropout": resid_dropout, "rope_exact": rope_exact}
+    return layer, info
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """Every supported self-attention block of ``model``, in module order (nothing is changed)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a loaded transformers model (torch.nn.Module), got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    blocks = []
+    for path, module in modules.items():
+        if _kind(module) is None:
+            continue
+        parent = modules[path.rsplit(".", 1)[0]] if "." in path else model
+        layer, info = read_block(module, parent)
+        blocks.append(Block(path=path, layer=layer, **info))
+    if not blocks:
+        found = sorted({type(m).__name__ for m in modules.values() if "Attention" in type(m).__name__})
+        raise ValueError(f"{type(model).__name__} has no supported attention blocks (found: {found or 'none'}); "
+                         f"supported: {', '.join(SUPPORTED_BLOCKS)}")
+    return blocks
+
+
+def attention_layers(model: nn.Module) -> dict[str, GroupedQueryAttention]:
+    """{module path: our layer} for every self-attention block of a transformers model.
+
+    Weights are copied (the model is not changed). Each layer maps the block's input
+    hidden states (B, T, d) to its output before the residual (after the output projection);
+    a Llama block's layer applies RoPE at positions ``arange(T)`` with the model's frequencies
+    (default, linear and llama3 RoPE types; others are warned about).
+    """
+    blocks = find_blocks(model)
+    inexact = sorted({b.path for b in blocks if not b.rope_exact})
+    if inexact:
+        kind = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type")
+        warnings.warn(f"rope_type {kind!r} cannot be reproduced by a fixed RoPE table: the layers read from "
+                      f"{len(inexact)} blocks use plain RoPE with the model's base (converted models use the "
+                      f"model's own tables)", stacklevel=2)
+    return {block.path: block.layer for block in blocks}
+
+
+def _bool_mask(mask) -> torch.Tensor | None:
+    """The model's attention mask as bool (True = attend): HF passes bool (sdpa) or additive float (eager)."""
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+        return mask
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        raise ValueError(f"unsupported attention mask {type(mask).__name__}; load the model with "
+                         f"attn_implementation='sdpa' or 'eager'")
+    keep = mask == 0
+    if not bool((keep | (mask <= -1e4)).all()):
+        raise ValueError("additive attention masks other than 0 / -inf (e.g. ALiBi biases) are not supported")
+    return keep
+
+
+def _check_growing(cache, layer_idx: int) -> None:
+    """Our latents have their own widths: only caches that grow by concatenation can hold them."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", [])
+    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DynamicLayer):
+        raise ValueError(f"converted attention caches its own latents, which a {type(layers[layer_idx]).__name__} "
+                         f"cannot hold; use the default DynamicCache (generate(..., cache_implementation='dynamic'))")
+
+
+class HFAttention(nn.Module):
+    """Drop-in for a transformers attention block: one of our layers behind the block's call.
+
+    ``forward(hidden_states, attention_mask=None, **kwargs) -> (output (B, T, d), None)``.
+    Uses the model's mask (bool or additive, (B, 1, T, S)), its RoPE tables
+    (``position_embeddings``) when the layer keeps head-dimension RoPE, else ``position_ids``
+    for latent RoPE, and stores what our layer caches (e.g. Tucker's r3-wide latents) in the
+    model's ``Cache`` (``DynamicCache``, the default of ``generate``).
+    """
+
+    def __init__(self, layer: Attention, *, kind: str, layer_idx: int | None = None, model_rope: bool = False,
+                 resid_dropout: float = 0.0):
+        super().__init__()
+        self.layer, self.kind, self.layer_idx = layer, kind, layer_idx
+        self.model_rope = bool(model_rope) and layer.rotary is not None
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def spec(self) -> dict:
+        """What rebuilds this block: the layer's config and the block facts."""
+        return {"layer": self.layer.config(), "kind": self.kind, "layer_idx": self.layer_idx,
+                "model_rope": self.model_rope, "resid_dropout": self.resid_dropout.p}
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ValueError("cross-attention is not converted; this block is self-attention only")
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
+        cache = getattr(cache, "self_attention_cache", cache)              # EncoderDecoderCache
+        layer, x = self.layer, hidden_states
+        steps = x.shape[1]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            positions = torch.arange(past, past + steps, device=x.device)[None]
+        rope = None
+        if self.model_rope:
+            if kwargs.get("position_embeddings") is None:
+                raise ValueError("this block needs the model's RoPE tables (position_embeddings)")
+            rope = tuple(t.unsqueeze(1).to(x.dtype) for t in kwargs["position_embeddings"])   # (B, 1, T, D)
+        elif layer.rotary is not None:
+            rope = layer.rotary(positions, x.dtype)
+        q, entries = layer._project(x, rope)
+        k, v = layer._keys_values(entries, positions)
+        if cache is not None:
+            _check_growing(cache, self.layer_idx)
+            if v is k:                                     # one shared latent: cache it once
+                k, _ = cache.update(k, k[..., :0], self.layer_idx)
+                v = k
+            else:
+                k, v = cache.update(k, v, self.layer_idx)
+        o = attend(q, k, v, scale=layer.scale, causal=layer.causal, attn_mask=_bool_mask(attention_mask),
+                   dropout_p=layer.dropout if self.training else 0.0)
+        return self.resid_dropout(layer._output(o)), None

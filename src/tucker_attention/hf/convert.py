@@ -1,0 +1,204 @@
+"""Converting a transformers model's attention to Tucker / GQA / MLA, and saving the result.
+
+``convert(model, 'tucker', ranks=(r1, r2, r3))`` replaces every supported block (see
+:mod:`.blocks`) by an :class:`~.blocks.HFAttention` running our layer, initialized from the
+block's weights: truncated HOSVD (``compress``) for Tucker, the SVD baselines for GQA/MLA.
+Without ``ranks`` (full rank) the model's outputs are unchanged, biases included.
+
+Sources with head-dimension RoPE (Llama) have no exact Tucker or MLA form: the converted
+layer uses latent RoPE (PAPER.md §3), so outputs change and the model needs fine-tuning.
+Only GQA with the source's own key heads stays exact for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._checks import check_choice
+from ..layers import Attention, GroupedQueryAttention, make_attention
+from ..tensors import RankPlan, compress, mha_to_gqa, mha_to_mla
+from ..tensors import plan_ranks as tensor_plan_ranks
+from .blocks import Block, HFAttention, attention_layers, find_blocks
+
+METHODS = ("tucker", "gqa", "mla")
+SPEC_FILE = "tucker_attention.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _with_rope(layer: Attention, rope) -> Attention:
+    """The same weights in a layer built with another ``rope`` setting."""
+    new = make_attention(**{**layer.config(), "rope": rope}).to(next(layer.parameters())).train(layer.training)
+    new.load_state_dict(layer.state_dict())
+    return new
+
+
+def _per_block(name: str, value, blocks: list[Block]) -> list:
+    """A list has one setting per block, a dict one per block path; anything else (a tuple, an
+    int, None) is one setting for every block."""
+    paths = [b.path for b in blocks]
+    if isinstance(value, dict):
+        unknown, missing = sorted(set(value) - set(paths)), [p for p in paths if p not in value]
+        if unknown or missing:
+            raise ValueError(f"{name} as a dict needs exactly the block paths {paths}; "
+                             f"unknown: {unknown}, missing: {missing}")
+        return [value[p] for p in paths]
+    if isinstance(value, list):
+        if len(value) != len(blocks):
+            raise ValueError(f"{name} as a list needs one entry per attention block ({len(blocks)}), got "
+                             f"{len(value)}; pass a tuple for one setting for every block")
+        return value
+    return [value] * len(blocks)
+
+
+def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, *, hosvd: str = "hosvd",
+                  n_iter: int = 10) -> Attention:
+    """Our layer for ``method`` from a block's layer (from :func:`~.blocks.read_block`).
+
+    tucker: ``ranks`` (r1, r2, r3), ``value_ranks`` (default ``ranks``); None = (H, d, d).
+    gqa: ``ranks`` = n_kv_heads (None: the source's). mla: ``ranks`` = kv_rank or
+    (kv_rank, q_rank) (None: d_model, full-rank queries).
+    """
+    check_choice("method", method, METHODS)
+    return _convert_block(source, method, ranks, value_ranks, hosvd, n_iter).train(source.training)
+
+
+def _convert_block(source: Attention, method: str, ranks, value_ranks, hosvd: str, n_iter: int) -> Attention:
+    rope = source.rotary is not None
+    plain = _with_rope(source, False) if rope else source
+    h, d = source.n_heads, source.d_model
+    if method == "tucker":
+        ranks = (h, d, d) if ranks is None else ranks
+        layer = compress(plain, ranks, value_ranks, method=hosvd, n_iter=n_iter)
+        return _with_rope(layer, True) if rope else layer
+    if method == "gqa":
+        n_kv = source.n_kv_heads if ranks is None else ranks
+        if n_kv == source.n_kv_heads:
+            return copy.deepcopy(source)
+        layer = mha_to_gqa(plain, n_kv)
+        return _with_rope(layer, True) if rope else layer
+    kv_rank, q_rank = (ranks, None) if not isinstance(ranks, (tuple, list)) else tuple(ranks)
+    layer = mha_to_mla(plain, d if kv_rank is None else kv_rank, q_rank)
+    return _with_rope(layer, "latent") if rope else layer
+
+
+def _install(model: nn.Module, block: Block, layer: Attention) -> None:
+    parent_path, _, name = block.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    training = parent.get_submodule(name).training
+    head_rope = block.model_rope and isinstance(layer, GroupedQueryAttention)   # takes the model's RoPE tables
+    setattr(parent, name, HFAttention(layer, kind=block.kind, layer_idx=block.layer_idx, model_rope=head_rope,
+                                      resid_dropout=block.resid_dropout).train(training))
+    if block.kind == "bert":                          # the output projection is now inside our layer
+        parent.output.dense = nn.Identity()
+
+
+def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, hosvd: str = "hosvd",
+            n_iter: int = 10, inplace: bool = True) -> nn.Module:
+    """Replace every supported attention block of a transformers model by ``method``.
+
+    ranks: one setting for every block (a tuple or int), a list (one per block, in module
+        order) or a {block path: setting} dict; see :func:`convert_block` (None = full rank, exact
+        without RoPE). value_ranks: Tucker's W_tilde ranks, same forms.
+    hosvd: 'hosvd' | 'hooi' for Tucker. inplace: convert ``model`` itself (default) or a copy.
+
+    All new layers are built before the model is touched: on any error the model is
+    unchanged. The model's config gains ``tucker_attention`` = {method, blocks}.
+    """
+    check_choice("method", method, METHODS)
+    if getattr(getattr(model, "config", None), "tucker_attention", None):
+        raise ValueError("this model's attention was already converted; convert the original model")
+    target = model if inplace else copy.deepcopy(model)
+    blocks = find_blocks(target)
+    rank_list = _per_block("ranks", ranks, blocks)
+    value_list = _per_block("value_ranks", value_ranks, blocks)
+    if method != "tucker" and value_ranks is not None:
+        raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
+    layers = []
+    for block, r, vr in zip(blocks, rank_list, value_list):
+        try:
+            layers.append(convert_block(block.layer, method, r, vr, hosvd=hosvd, n_iter=n_iter))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"block {block.path}: {err}") from None
+    if any(b.model_rope for b in blocks) and method != "gqa":
+        warnings.warn(f"{type(model).__name__} uses head-dimension RoPE: the {method} layers use latent RoPE "
+                      f"instead (PAPER.md §3), so the converted model's outputs differ and it needs fine-tuning",
+                      stacklevel=2)
+    for block, layer in zip(blocks, layers):
+        _install(target, block, layer)
+    if hasattr(target, "config"):
+        target.config.tucker_attention = {"method": method, "model_class": type(target).__name__,
+                                          "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
+    return target
+
+
+def converted_blocks(model: nn.Module) -> dict[str, HFAttention]:
+    """{path: HFAttention} of a converted model."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, HFAttention)}
+
+
+def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write a converted model to a folder: ``config.json`` (transformers), ``tucker_attention.json``
+    (method and every block's layer config), ``model.safetensors``; optionally the tokenizer.
+
+    :func:`load_converted` rebuilds it without the conversion step.
+    """
+    from safetensors.torch import save_model
+
+    spec = getattr(getattr(model, "config", None), "tucker_attention", None)
+    if not spec:
+        raise ValueError("model is not a converted model (no config.tucker_attention); use tucker_attention.hf.convert")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path / WEIGHTS_FILE)
+    (path / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_converted(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_converted` (no download, no conversion, eval mode)."""
+    import transformers
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    for name in (SPEC_FILE, WEIGHTS_FILE, "config.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a converted model folder: {name} is missing "
+                                    f"(write one with tucker_attention.hf.save_converted)")
+    spec = json.loads((path / SPEC_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = getattr(transformers, spec["model_class"], None)
+    if cls is None:
+        raise ValueError(f"transformers has no model class {spec['model_class']!r}")
+    model = cls._from_config(config)
+    for block_path, block in spec["blocks"].items():
+        parent_path, _, name = block_path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        layer = make_attention(**block["layer"])
+        setattr(parent, name, HFAttention(layer, kind=block["kind"], layer_idx=block["layer_idx"],
+                                          model_rope=block["model_rope"], resid_dropout=block["resid_dropout"]))
+        if block["kind"] == "bert":
+            parent.output.dense = nn.Identity()
+    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    return model.to(device).eval()   # from_pretrained's convention
+
+
+def plan_ranks(model: nn.Module, *, params=None, kv=None) -> RankPlan:
+    """Tucker ranks per block of a transformers model for a budget of attention parameters or
+    KV floats per token (count, or fraction of the model's); see :func:`tucker_attention.tensors.plan_ranks`.
+
+    >>> plan = plan_ranks(model, params=0.25)                                 # doctest: +SKIP
+    >>> convert(model, "tucker", ranks=plan.ranks, value_ranks=plan.value_ranks)  # doctest: +SKIP
+    """
+    return tensor_plan_ranks(attention_layers(model), params=params, kv=kv)

@@ -1,0 +1,195 @@
+"""Sentence embeddings of a (converted) transformers encoder, how close two sets of them are,
+and the short distillation that recovers a compressed model.
+
+The embedding is the sentence-transformers recipe of all-MiniLM-L6-v2: the last hidden
+states mean-pooled over the attention mask, then L2-normalized. Sentences come from the
+Shakespeare corpus (or the user's text) with evaluation sentences drawn from held-out plays,
+so a fine-tune on the training sentences never sees them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_choice, check_int
+
+SPLITS = ("train", "val")
+PARAMS = ("attention", "all")
+
+
+def _documents(path) -> dict[str, str]:
+    from ..data.text import read_documents, shakespeare_plays
+
+    return shakespeare_plays() if path is None else read_documents(path)
+
+
+def _lines(texts, min_words: int, max_words: int) -> set[str]:
+    lines = (line.strip() for text in texts for line in text.splitlines())
+    return {line for line in lines if min_words <= len(line.split()) <= max_words}
+
+
+def corpus_sentences(path: str | os.PathLike | None = None, *, split: str = "val", n: int = 256, min_words: int = 6,
+                     max_words: int = 40, seed: int = 0) -> list[str]:
+    """``n`` distinct lines of ``min_words``..``max_words`` words from a corpus split.
+
+    path: a text file or folder of ``.txt`` files (None: the built-in Shakespeare plays).
+    split: 'val' (the documents :func:`~tucker_attention.data.text.split_documents` holds out,
+    ``val_fraction`` 0.1) or 'train' (the others). A line found in both splits belongs to
+    neither, so train and val sentences are always disjoint. The sample is deterministic
+    (``seed``) and sorted-set based, so it does not depend on hash order.
+    """
+    from ..data.text import split_documents
+
+    check_choice("split", split, SPLITS)
+    check_int("n", n)
+    check_int("min_words", min_words)
+    check_int("max_words", max_words, low=min_words)
+    docs = _documents(path)
+    train_text, val_text, held = split_documents(docs, 0.1)
+    if held:   # per document, so that a file not ending in a newline does not merge two lines
+        train_texts, val_texts = [t for k, t in docs.items() if k not in held], [docs[k] for k in held]
+    else:
+        train_texts, val_texts = [train_text], [val_text]
+    train, val = _lines(train_texts, min_words, max_words), _lines(val_texts, min_words, max_words)
+    pool = sorted((val - train) if split == "val" else (train - val))
+    if len(pool) < n:
+        where = "the built-in Shakespeare corpus" if path is None else repr(str(path))
+        raise ValueError(f"asked for n={n} {split} sentences but {where} has only {len(pool)} distinct {split} lines "
+                         f"of {min_words}-{max_words} words; lower n or give a larger corpus")
+    return random.Random(seed).sample(pool, n)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def embed(model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 64, max_length: int = 128,
+          grad: bool = False) -> torch.Tensor:
+    """Sentence embeddings (N, d): last hidden state (N, T, d) mean-pooled over the attention
+    mask, L2-normalized. ``grad=True`` keeps the graph (for :func:`distill`); the model's
+    train/eval mode is left as it is (call ``model.eval()`` for deterministic embeddings)."""
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    check_int("batch_size", batch_size)
+    device, out = _device(model), []
+    with torch.set_grad_enabled(grad):
+        for i in range(0, len(sentences), batch_size):
+            enc = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+            hidden = model(**enc).last_hidden_state                              # (B, T, d)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)          # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)        # (B, d)
+            out.append(F.normalize(pooled, p=2, dim=1))
+    return torch.cat(out)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of a 1-D tensor, ties sharing their average rank."""
+    values, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)                                    # last rank of each value
+    return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (Pearson of their average ranks)."""
+    x, y = torch.as_tensor(x).flatten(), torch.as_tensor(y).flatten()
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ValueError(f"spearman needs two tensors of the same length >= 2, got {x.numel()} and {y.numel()}")
+    rx, ry = _average_ranks(x.double()), _average_ranks(y.double())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = rx.norm() * ry.norm()
+    return float(rx @ ry / denom) if denom > 0 else float("nan")
+
+
+def similarity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """How close embeddings ``candidate`` (N, d) are to ``reference`` (N, d), row i = sentence i.
+
+    cosine: mean cosine similarity of matching rows. spearman: rank correlation between the
+    upper triangles (N (N - 1) / 2 pairs) of the two pairwise cosine-similarity matrices
+    (needs N >= 3).
+    """
+    if reference.ndim != 2 or reference.shape != candidate.shape:
+        raise ValueError(f"reference and candidate must both be (N, d) with the same shape, got "
+                         f"{tuple(reference.shape)} and {tuple(candidate.shape)}")
+    if reference.shape[0] < 3:
+        raise ValueError(f"similarity needs at least 3 sentences (for the pairwise Spearman), got {reference.shape[0]}")
+    ref, cand = reference.detach().double().cpu(), candidate.detach().double().cpu()
+    cosine = F.cosine_similarity(ref, cand, dim=1).mean()
+    iu = torch.triu_indices(len(ref), len(ref), offset=1)
+    pairs = [(F.normalize(e, dim=1) @ F.normalize(e, dim=1).T)[iu[0], iu[1]] for e in (ref, cand)]
+    return {"cosine": float(cosine), "spearman": spearman(*pairs)}
+
+
+def _trainable(student: nn.Module, params: str) -> list[nn.Parameter]:
+    check_choice("params", params, PARAMS)
+    if params == "all":
+        return [p for p in student.parameters()]
+    from .convert import converted_blocks
+
+    blocks = converted_blocks(student)
+    if not blocks:
+        raise ValueError("params='attention' trains the converted attention blocks, but the student has none; "
+                         "convert it first (tucker_attention.hf.convert) or pass params='all'")
+    return list(dict.fromkeys(p for block in blocks.values() for p in block.parameters()))
+
+
+def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 1e-4,
+            batch_size: int = 32, seed: int = 0, params: str = "attention", max_length: int = 128,
+            progress: bool = True) -> list[float]:
+    """Recovery fine-tune: minimize 1 - cosine(student embedding, teacher embedding) on ``sentences``.
+
+    teacher: the original model, or its embeddings (N, d) of ``sentences`` (row i = sentence i).
+    params: 'attention' (only the converted blocks' parameters, the default) or 'all'.
+    AdamW, no weight decay; dropout off (the model runs in eval mode, to match the teacher's
+    deterministic embeddings); batches walk seeded permutations of the sentences.
+    Returns the loss of every step; the student is left in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    check_int("steps", steps, low=0)
+    check_int("batch_size", batch_size)
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+        targets = embed(teacher, tokenizer, sentences, max_length=max_length)
+    else:
+        targets = torch.as_tensor(teacher).detach()
+        if targets.ndim != 2 or targets.shape[0] != len(sentences):
+            raise ValueError(f"teacher embeddings must be (N, d) with N = len(sentences) = {len(sentences)}, "
+                             f"got {tuple(targets.shape)}")
+    trainable = _trainable(student, params)
+    targets = targets.to(_device(student))
+    chosen = {id(p) for p in trainable}
+    saved = {p: p.requires_grad for p in student.parameters()}
+    losses: list[float] = []
+    try:
+        for p in student.parameters():
+            p.requires_grad_(id(p) in chosen)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        student.eval()
+        bar = tqdm(range(steps), desc="distill", disable=not progress, leave=False)
+        for _ in bar:
+            while len(order) < batch_size:
+                order += torch.randperm(len(sentences), generator=generator).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            out = embed(student, tokenizer, [sentences[i] for i in idx], batch_size=batch_size, max_length=max_length,
+                        grad=True)
+            loss = 1 - F.cosine_similarity(out, targets[idx], dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.2e}")
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        student.eval()
+    return losses
