@@ -620,3 +620,79 @@ def test_inplace_false_leaves_the_original_untouched(arch):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(outputs(model, inputs), want)
     assert isinstance(next(iter(converted_blocks(converted).values())), HFAttention)
+
+
+@pytest.mark.parametrize("family", ["RobertaModel", "XLMRobertaModel"])
+def test_bert_family_encoders_convert_exactly(family):
+    torch.manual_seed(0)
+    config_cls = getattr(T, family.replace("Model", "Config"))
+    config = config_cls(vocab_size=VOCAB, hidden_size=D, num_attention_heads=HEADS, intermediate_size=2 * D,
+                        num_hidden_layers=LAYERS, max_position_embeddings=64, pad_token_id=1)
+    model = _randomize_biases(getattr(T, family)(config)).eval()
+    assert len(attention_layers(model)) == LAYERS
+    ids = torch.randint(2, VOCAB, (2, SEQ))
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, -3:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = convert(model, "tucker", inplace=False)(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    assert (got - want)[keep].abs().max() < 1e-4
+
+
+# -- activation-aware conversion (calibration) ----------------------------------------------------
+
+def test_input_statistics_equal_a_direct_computation():
+    from tucker_attention.hf import input_statistics
+
+    model = build("bert")
+    batches = [make_inputs("bert", seed=s) for s in (1, 2)]
+    stats = input_statistics(model, batches)
+    assert list(stats) == list(attention_layers(model))
+    with torch.no_grad():                                   # block 0 sees the embeddings of the real tokens
+        rows = torch.cat([model.embeddings(input_ids=b["input_ids"])[b["attention_mask"].bool()] for b in batches])
+    rows = rows.double()
+    torch.testing.assert_close(stats["encoder.layer.0.attention.self"], rows.T @ rows / len(rows))
+    vit = build("vit")
+    assert len(input_statistics(vit, [make_inputs("vit")["pixel_values"]])) == LAYERS   # tensors as batches
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibrated_conversion_is_exact_at_full_rank(arch):
+    from tucker_attention.hf import input_statistics
+
+    model = build(arch)
+    inputs = make_inputs(arch)
+    stats = input_statistics(model, [make_inputs(arch, seed=s) for s in (3, 4, 5)])
+    want = outputs(model, inputs)
+    methods = ["gqa"] if arch == "llama" else METHODS        # Llama's mla/tucker change RoPE: not exact
+    for method in methods:
+        converted = convert(model, method, calibration=stats, inplace=False)
+        assert max_err(outputs(converted, inputs), want, inputs) < 1e-4, method
+    assert not any(isinstance(m, HFAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize("calibration, match", [
+    ({"nope": torch.eye(D)}, "calibration as a dict needs exactly the block paths"),
+    ([torch.eye(D)], "calibration as a list needs one entry per attention block"),
+    ("eye", "finite square"),
+    ({f"encoder.layer.{i}.attention.self": torch.eye(D - 1) for i in range(LAYERS)},
+     r"matrix must be \(d_model, d_model\)"),
+])
+def test_bad_calibration_leaves_model_unchanged(calibration, match):
+    model = build("bert")
+    before = outputs(model, make_inputs("bert"))
+    with pytest.raises(ValueError, match=match):
+        convert(model, "tucker", (2, 16, 8), calibration=calibration)
+    assert not any(isinstance(m, HFAttention) for m in model.modules())
+    assert torch.equal(outputs(model, make_inputs("bert")), before)
+
+
+def test_input_statistics_bad_batches():
+    from tucker_attention.hf import input_statistics
+
+    model = build("bert")
+    with pytest.raises(TypeError, match="batches must hold dicts of model inputs or tensors, got list"):
+        input_statistics(model, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="batches is empty"):
+        input_statistics(model, [])

@@ -124,6 +124,21 @@ def test_stronger_truncation_is_worse(minilm, eval_set):
     assert gqa["label"] == "n_kv 4" and gqa["kv_floats_per_token"] == 6 * 2 * 4 * 32
 
 
+@pytest.mark.parametrize("method, ranks", [("tucker", (12, 64, 48)), ("mla", 128)])
+def test_activation_aware_conversion_keeps_more_of_the_model(minilm, eval_set, method, ranks):
+    """Calibrating on training sentences (never the eval ones) gives closer held-out embeddings."""
+    from tucker_attention.hf.sentences import sentence_statistics
+
+    model, tokenizer = minilm
+    sentences, reference = eval_set
+    stats = sentence_statistics(model, tokenizer, corpus_sentences(split="train", n=96))
+    plain = evaluate_setting(model, tokenizer, method, ranks, sentences, reference)
+    aware = evaluate_setting(model, tokenizer, method, ranks, sentences, reference, calibration=stats)
+    assert aware["calibrated"] and not plain["calibrated"]
+    assert aware["cosine"] > plain["cosine"] + 0.03 and aware["spearman"] > plain["spearman"]
+    assert aware["attention_params"] == plain["attention_params"]
+
+
 def test_distill_recovers_held_out_similarity(minilm, eval_set):
     model, tokenizer = minilm
     sentences, reference = eval_set
@@ -228,7 +243,8 @@ def test_cli_compress_one_setting_saves_a_model_that_reloads(tmp_path, capsys):
 def test_cli_compress_budget_plans_ranks(capsys):
     from tucker_attention.cli import main
 
-    assert main(["compress", "--method", "tucker", "--budget-params", "0.1", "--n-eval", "8", "--no-progress"]) == 0
+    assert main(["compress", "--method", "tucker", "--budget-params", "0.1", "--n-eval", "8", "--no-progress",
+                 "--no-calibration"]) == 0
     out = capsys.readouterr().out
     assert "energy level" in out and "per-layer ranks" in out
     params = int(out.split("3,548,160 -> ")[1].split(" ")[0].replace(",", ""))
@@ -250,3 +266,21 @@ def test_cli_compress_errors(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_distill_keeps_the_best_validated_state(minilm):
+    """From an exact conversion any step can only lose: keep-best returns the starting weights."""
+    from tucker_attention.hf import convert
+
+    model, tokenizer = minilm
+    train, val = corpus_sentences(split="train", n=48), corpus_sentences(split="train", n=56)[48:]
+    student = convert(model, "gqa", inplace=False)          # full rank: exact
+    before = [p.detach().clone() for p in student.parameters()]
+    run = distill(student, model, tokenizer, train, steps=4, lr=1e-2, batch_size=8, val_sentences=val,
+                  eval_every=2, progress=False)
+    assert run["best_step"] == 0 and sorted(run["val_cosine"]) == [0, 2, 4]
+    assert run["val_cosine"][0] > 0.99999 > min(run["val_cosine"][2], run["val_cosine"][4])
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    with pytest.raises(ValueError, match="needs val_teacher"):
+        distill(student, embed(model, tokenizer, train), tokenizer, train, steps=1, val_sentences=val,
+                progress=False)

@@ -154,7 +154,7 @@ def _compress_command(args: argparse.Namespace) -> int:
     from .experiments.compress import compress_one, format_compress_table, run_compress_sweep, setting_label
 
     options = {"n_eval": args.n_eval, "finetune_steps": args.finetune_steps, "n_train": args.n_train, "lr": args.lr,
-               "data": args.data, "progress": not args.no_progress}
+               "data": args.data, "progress": not args.no_progress, "calibrate": not args.no_calibration}
     budget = {k: v for k, v in (("params", args.budget_params), ("kv", args.budget_kv)) if v is not None}
     if args.sweep:
         if args.method or args.ranks is not None or args.save or budget:
@@ -175,7 +175,14 @@ def _compress_command(args: argparse.Namespace) -> int:
             raise ValueError("--budget-params / --budget-kv choose Tucker ranks per layer: use one of them with "
                              "--method tucker and without --ranks")
         model = load_model(args.hf)
-        plan = plan_ranks(model[0], **budget)
+        stats = None
+        if not args.no_calibration:
+            from .experiments.compress import CALIBRATION_SENTENCES
+            from .hf.sentences import corpus_sentences, sentence_statistics
+
+            train = corpus_sentences(args.data, split="train", n=args.n_train)[:CALIBRATION_SENTENCES]
+            stats = sentence_statistics(*model, train)
+        plan = plan_ranks(model[0], calibration=stats, **budget)
         print(plan.table())
         ranks, value_ranks = plan.ranks, plan.value_ranks
     elif ranks is not None:
@@ -186,7 +193,9 @@ def _compress_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--ranks for {args.method} is one integer ({what}), got {','.join(map(str, ranks))}")
         ranks = tuple(ranks) if args.method == "tucker" else ranks[0]
     r = compress_one(model, args.method, ranks, value_ranks=value_ranks, save=args.save, **options)
-    print(f"{args.hf}: {args.method} {setting_label(args.method, ranks)}" + (" (exact)" if ranks is None else ""))
+    how = "weights only" if args.no_calibration else "activation-aware"
+    print(f"{args.hf}: {args.method} {setting_label(args.method, ranks)}"
+          + (" (exact)" if ranks is None else f" ({how})"))
     print(f"attention params ({r['n_layers']} layers): {r['attention_params_original']:,} -> "
           f"{r['attention_params']:,} ({r['attention_param_ratio']:.3f}x); KV cache floats per token: "
           f"{r['kv_floats_per_token_original']:,} -> {r['kv_floats_per_token']:,}")
@@ -304,11 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="compress-out", help="folder for --sweep's results.json and compress.png")
     k.add_argument("--finetune-steps", type=int, default=0, help="distillation steps after converting "
                                                                  "(default 0: none)")
-    k.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
+    k.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)")
     k.add_argument("--n-train", type=int, default=1024, help="training sentences for the distillation (default 1024)")
     k.add_argument("--n-eval", type=int, default=256, help="held-out evaluation sentences (default 256)")
     k.add_argument("--data", help="sentences from your own text file or folder of .txt files "
                                   "(default: Shakespeare)")
+    k.add_argument("--no-calibration", action="store_true",
+                   help="truncate from the weights alone (default: activation-aware, from the block inputs on "
+                        "512 training sentences)")
     k.add_argument("--save", help="write the converted (and distilled) model and tokenizer to this folder")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     k.set_defaults(func=_compress_command)

@@ -1,6 +1,8 @@
 """``tucker-attn compress``: compress a pretrained sentence encoder's attention (Tucker / GQA /
 MLA, no training) and measure how far its sentence embeddings move, optionally after a short
-distillation that recovers them (PAPER.md §7, post-training compression).
+distillation that recovers them (PAPER.md §7, post-training compression). By default the
+conversions are activation-aware: they use the statistics of the attention blocks' inputs on
+training sentences (``convert(..., calibration=...)``), which keeps far more of the model.
 
 Quality is measured on held-out sentences against the original model's embeddings: mean
 cosine of each sentence's two embeddings, and Spearman correlation of the pairwise
@@ -21,18 +23,24 @@ from ..accounting import attention_param_count, kv_cache_floats_per_token
 
 METHODS = ("tucker", "gqa", "mla")
 
-# MiniLM-L6 (12 heads, d_model 384): Tucker from ~1/2 to ~1/20 of MHA's attention parameters
+# MiniLM-L6 (12 heads, d_model 384): Tucker from ~0.8 (to compare with GQA/MLA at equal size) to ~1/20 of
+# MHA's attention parameters
 # (value ranks = ranks; at equal size, keeping all 12 head components beat r1 = 4-8 here);
 # GQA and MLA over their whole range (neither goes below ~1/2: their queries and output stay full).
 DEFAULT_SWEEP = {
-    "tucker": [(12, 96, 64), (12, 64, 48), (12, 48, 32), (12, 32, 24), (12, 16, 12)],
+    "tucker": [(12, 128, 96), (12, 96, 64), (12, 64, 48), (12, 48, 32), (12, 32, 24), (12, 16, 12)],
     "gqa": [6, 4, 3, 2, 1],
     "mla": [256, 192, 128, 96, 64],
 }
 TINY_SWEEP = {"tucker": [(12, 128, 96), (4, 32, 16)], "gqa": [4], "mla": [64]}
-# the recovery fine-tune's learning rate: best of {1e-4, 3e-4, 1e-3} for 100 steps of 32 sentences on
-# Tucker (12, 64, 48) and GQA n_kv 2 (held-out cosine 0.80 / 0.83 / 0.84 and 0.85 / 0.88 / 0.89)
-FINETUNE_LR = 1e-3
+# the recovery fine-tune's learning rate (100 steps of 32 sentences, activation-aware starts): 1e-3 pulled the
+# close MLA starts down (kv_rank 256: cosine 0.997 -> 0.960); 3e-4 improved every setting tried, held-out
+# cosine after / at 1e-4: MLA 128 0.975 / 0.977, Tucker (12, 64, 48) 0.855 / 0.841, GQA n_kv 2 0.910 / 0.900
+FINETUNE_LR = 3e-4
+# training sentences held out of the fine-tune to validate it (the best state is kept)
+DISTILL_VAL = 128
+# training sentences whose tokens give the calibration statistics (activation-aware conversion)
+CALIBRATION_SENTENCES = 512
 
 
 def setting_label(method: str, ranks) -> str:
@@ -73,13 +81,15 @@ def _check_ranks(method: str, ranks):
 
 
 def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sentences: list[str],
-                     reference_embeddings, *, value_ranks=None, finetune_steps: int = 0,
+                     reference_embeddings, *, value_ranks=None, calibration=None, finetune_steps: int = 0,
                      train_sentences: list[str] | None = None, train_embeddings=None, lr: float = FINETUNE_LR,
                      batch_size: int = 32, seed: int = 0, original_stats: dict | None = None, progress: bool = False,
                      return_model: bool = False):
     """Convert a copy of ``model`` with ``method`` / ``ranks`` and measure it -> record (dict).
 
     reference_embeddings: the original model's embeddings (N, d) of ``eval_sentences``.
+    calibration: block input statistics (:func:`~tucker_attention.hf.sentences.sentence_statistics`
+    of training sentences) for an activation-aware conversion; None: weights only.
     With ``finetune_steps`` > 0 the copy is then distilled (:func:`~tucker_attention.hf.sentences.distill`)
     on ``train_sentences`` (targets: ``train_embeddings``, else the original model) and
     measured again (``cosine_ft``, ``spearman_ft``). ``model`` itself is never changed.
@@ -100,10 +110,11 @@ def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sente
                              f"{next(iter(overlap))!r}); the eval sentences must never be trained on")
     start = time.perf_counter()
     original = original_stats or attention_stats(model)
-    converted = convert(model, method, ranks, value_ranks=value_ranks, inplace=False).eval()
+    converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=calibration, inplace=False).eval()
     stats = attention_stats(converted)
     record = {"method": method, "label": setting_label(method, ranks),
               "ranks": list(ranks) if isinstance(ranks, tuple) else ranks, "value_ranks": value_ranks,
+              "calibrated": calibration is not None,
               "attention_params": stats["attention_params"],
               "attention_params_original": original["attention_params"],
               "attention_param_ratio": stats["attention_params"] / original["attention_params"],
@@ -111,12 +122,18 @@ def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sente
               "kv_floats_per_token_original": original["kv_floats_per_token"], "n_layers": stats["n_layers"],
               **similarity(reference_embeddings, embed(converted, tokenizer, eval_sentences))}
     if finetune_steps:
-        teacher = train_embeddings if train_embeddings is not None else model
-        losses = distill(converted, teacher, tokenizer, train_sentences, steps=finetune_steps, lr=lr,
-                         batch_size=batch_size, seed=seed, progress=progress)
+        # the last DISTILL_VAL training sentences validate the fine-tune (best state kept), if there are enough
+        n_val = DISTILL_VAL if len(train_sentences) >= 4 * DISTILL_VAL else 0
+        fit, val = train_sentences[:len(train_sentences) - n_val], train_sentences[len(train_sentences) - n_val:]
+        teacher, val_teacher = model, model
+        if train_embeddings is not None:
+            teacher, val_teacher = train_embeddings[:len(fit)], train_embeddings[len(fit):]
+        run = distill(converted, teacher, tokenizer, fit, steps=finetune_steps, lr=lr, batch_size=batch_size,
+                      seed=seed, val_sentences=val or None, val_teacher=val_teacher, progress=progress)
         after = similarity(reference_embeddings, embed(converted, tokenizer, eval_sentences))
         record.update(cosine_ft=after["cosine"], spearman_ft=after["spearman"], finetune_steps=finetune_steps,
-                      finetune_loss_first=losses[0], finetune_loss_last=losses[-1])
+                      finetune_loss_first=run["losses"][0], finetune_loss_last=run["losses"][-1],
+                      finetune_best_step=run["best_step"], finetune_val_cosine=run["val_cosine"])
     record["seconds"] = time.perf_counter() - start
     return (record, converted) if return_model else record
 
@@ -145,27 +162,31 @@ def _load(model):
     raise TypeError(f"model must be 'minilm', a model folder, or a (model, tokenizer) pair, got {type(model).__name__}")
 
 
-def _sentences(data, n_eval: int, n_train: int, finetune_steps: int):
-    from ..hf.sentences import corpus_sentences
+def _sentences(model, tokenizer, data, n_eval: int, n_train: int, finetune_steps: int, calibrate: bool):
+    """Eval sentences (held-out documents), training sentences (for the fine-tune and the
+    calibration; never eval ones) and the calibration statistics (None without ``calibrate``)."""
+    from ..hf.sentences import corpus_sentences, sentence_statistics
 
     eval_sentences = corpus_sentences(data, split="val", n=n_eval)
-    train_sentences = corpus_sentences(data, split="train", n=n_train) if finetune_steps else None
-    return eval_sentences, train_sentences
+    train_sentences = corpus_sentences(data, split="train", n=n_train) if finetune_steps or calibrate else None
+    stats = sentence_statistics(model, tokenizer, train_sentences[:CALIBRATION_SENTENCES]) if calibrate else None
+    return eval_sentences, train_sentences, stats
 
 
-def compress_one(model="minilm", method: str = "tucker", ranks=None, *, value_ranks=None, n_eval: int = 256,
-                 finetune_steps: int = 0, n_train: int = 1024, lr: float = FINETUNE_LR, batch_size: int = 32,
-                 data=None, save=None, progress: bool = True) -> dict:
+def compress_one(model="minilm", method: str = "tucker", ranks=None, *, value_ranks=None, calibrate: bool = True,
+                 n_eval: int = 256, finetune_steps: int = 0, n_train: int = 1024, lr: float = FINETUNE_LR,
+                 batch_size: int = 32, data=None, save=None, progress: bool = True) -> dict:
     """One setting of :func:`evaluate_setting` on a model name/folder; ``save``: write the
     converted (and fine-tuned) model and its tokenizer there with ``save_converted``."""
     from ..hf import save_converted
     from ..hf.sentences import embed
 
     model, tokenizer = _load(model)
-    eval_sentences, train_sentences = _sentences(data, n_eval, n_train, finetune_steps)
+    eval_sentences, train_sentences, stats = _sentences(model, tokenizer, data, n_eval, n_train, finetune_steps,
+                                                        calibrate)
     reference = embed(model, tokenizer, eval_sentences)
     record, converted = evaluate_setting(model, tokenizer, method, ranks, eval_sentences, reference,
-                                         value_ranks=value_ranks, finetune_steps=finetune_steps,
+                                         value_ranks=value_ranks, calibration=stats, finetune_steps=finetune_steps,
                                          train_sentences=train_sentences, lr=lr, batch_size=batch_size,
                                          progress=progress, return_model=True)
     if save is not None:
@@ -173,12 +194,13 @@ def compress_one(model="minilm", method: str = "tucker", ranks=None, *, value_ra
     return record
 
 
-def run_compress_sweep(model="minilm", *, sweep: dict | None = None, n_eval: int = 256, finetune_steps: int = 0,
-                       n_train: int = 1024, lr: float = FINETUNE_LR, batch_size: int = 32, data=None,
-                       out: str | os.PathLike = "compress-out", progress: bool = True) -> list[dict]:
+def run_compress_sweep(model="minilm", *, sweep: dict | None = None, calibrate: bool = True, n_eval: int = 256,
+                       finetune_steps: int = 0, n_train: int = 1024, lr: float = FINETUNE_LR, batch_size: int = 32,
+                       data=None, out: str | os.PathLike = "compress-out", progress: bool = True) -> list[dict]:
     """The original model's row, then one :func:`evaluate_setting` record per (method, setting)
     of ``sweep`` ({method: [ranks, ...]}, default :data:`DEFAULT_SWEEP`); writes
-    ``OUT/results.json`` (atomic) and ``OUT/compress.png``, returns the records."""
+    ``OUT/results.json`` (atomic) and ``OUT/compress.png``, returns the records. ``calibrate``:
+    activation-aware conversions from the first :data:`CALIBRATION_SENTENCES` training sentences."""
     from tqdm.auto import tqdm
 
     from ..hf.sentences import embed
@@ -188,7 +210,8 @@ def run_compress_sweep(model="minilm", *, sweep: dict | None = None, n_eval: int
     for method in sweep:
         check_choice("sweep method", method, METHODS)
     model, tokenizer = _load(model)
-    eval_sentences, train_sentences = _sentences(data, n_eval, n_train, finetune_steps)
+    eval_sentences, train_sentences, stats = _sentences(model, tokenizer, data, n_eval, n_train, finetune_steps,
+                                                        calibrate)
     reference = embed(model, tokenizer, eval_sentences)
     train_embeddings = embed(model, tokenizer, train_sentences) if finetune_steps else None
     records = [reference_record(model, tokenizer, eval_sentences, reference)]
@@ -197,9 +220,9 @@ def run_compress_sweep(model="minilm", *, sweep: dict | None = None, n_eval: int
     for method, ranks in bar:
         bar.set_postfix_str(f"{method} {setting_label(method, ranks)}")
         records.append(evaluate_setting(model, tokenizer, method, ranks, eval_sentences, reference,
-                                        finetune_steps=finetune_steps, train_sentences=train_sentences,
-                                        train_embeddings=train_embeddings, lr=lr, batch_size=batch_size,
-                                        original_stats=records[0], progress=progress))
+                                        calibration=stats, finetune_steps=finetune_steps,
+                                        train_sentences=train_sentences, train_embeddings=train_embeddings, lr=lr,
+                                        batch_size=batch_size, original_stats=records[0], progress=progress))
     out = Path(out)
     write_json_atomic(out / "results.json", records)
     plot_compress(records, out / "compress.png")

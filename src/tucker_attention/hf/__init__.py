@@ -4,9 +4,10 @@ Needs the extra ``pip install 'tucker-attention[hf]'`` (transformers, safetensor
 """
 
 from .blocks import SUPPORTED_BLOCKS, HFAttention, attention_layers, find_blocks, read_block
+from .calibration import input_statistics
 from .convert import METHODS, convert, convert_block, converted_blocks, load_converted, plan_ranks, save_converted
 from .models import load_model, model_path
 
 __all__ = ["METHODS", "SUPPORTED_BLOCKS", "HFAttention", "attention_layers", "convert", "convert_block",
-           "converted_blocks", "find_blocks", "load_converted", "load_model", "model_path", "plan_ranks",
-           "read_block", "save_converted"]
+           "converted_blocks", "find_blocks", "input_statistics", "load_converted", "load_model", "model_path",
+           "plan_ranks", "read_block", "save_converted"]

@@ -1,17 +1,13 @@
 """Reading Hugging Face attention blocks into our layers, and the drop-in block that runs them.
 
-A supported block is one self-attention sub-module of a ``transformers`` model:
+A supported block is one self-attention sub-module of a ``transformers`` (>= 5) model:
 
-==================  ==========================================  =================================
-block class         weights                                     where the output projection lives
-==================  ==========================================  =================================
-BertSelfAttention   ``query``/``key``/``value`` (+ bias)          the parent's ``output.dense``
-(Roberta..., ViT    (BERT-family encoders, transformers-4 ViT)
-SelfAttention)
-GPT2Attention       fused ``c_attn`` (Conv1D, d -> 3d) + bias     ``c_proj`` (inside the block)
-LlamaAttention      ``q_proj``/``k_proj``/``v_proj`` (GQA, RoPE)  ``o_proj`` (inside the block)
-ViTAttention        ``q_proj``/``k_proj``/``v_proj`` (+ bias)     ``o_proj`` (inside the block)
-==================  ==========================================  =================================
+- ``BertSelfAttention`` (also RoBERTa, XLM-R): ``query``/``key``/``value`` with biases; the
+  output projection is the parent's ``output.dense``.
+- ``GPT2Attention``: fused ``c_attn`` (Conv1D, d -> 3d) with bias; ``c_proj`` inside the block.
+- ``LlamaAttention``: ``q_proj``/``k_proj``/``v_proj``/``o_proj``, GQA, head-dimension RoPE.
+- ``ViTAttention``: ``q_proj``/``k_proj``/``v_proj``/``o_proj`` with biases (transformers 5
+  merged ViTSelfAttention and ViTSelfOutput into it).
 
 :func:`read_block` turns one into a :class:`GroupedQueryAttention` (MHA when it has as many
 key heads as query heads) whose output is the block's output before the residual, bit for
@@ -29,7 +25,7 @@ from torch import nn
 
 from ..layers import Attention, GroupedQueryAttention, MultiHeadAttention, attend
 
-BERT_STYLE = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention", "ViTSelfAttention")
+BERT_STYLE = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention")
 PROJ_STYLE = ("LlamaAttention", "ViTAttention")
 SUPPORTED_BLOCKS = BERT_STYLE + ("GPT2Attention",) + PROJ_STYLE
 

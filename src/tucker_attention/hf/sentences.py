@@ -138,36 +138,66 @@ def _trainable(student: nn.Module, params: str) -> list[nn.Parameter]:
     return list(dict.fromkeys(p for block in blocks.values() for p in block.parameters()))
 
 
-def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 1e-4,
+def _targets(teacher, tokenizer, sentences: list[str], max_length: int, name: str) -> torch.Tensor:
+    """The teacher's embeddings (N, d) of ``sentences``: computed from a model, or checked."""
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+        return embed(teacher, tokenizer, sentences, max_length=max_length)
+    targets = torch.as_tensor(teacher).detach()
+    if targets.ndim != 2 or targets.shape[0] != len(sentences):
+        raise ValueError(f"{name} embeddings must be (N, d) with N = len(sentences) = {len(sentences)}, "
+                         f"got {tuple(targets.shape)}")
+    return targets
+
+
+def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 3e-4,
             batch_size: int = 32, seed: int = 0, params: str = "attention", max_length: int = 128,
-            progress: bool = True) -> list[float]:
+            val_sentences: list[str] | None = None, val_teacher=None, eval_every: int = 25,
+            progress: bool = True) -> dict:
     """Recovery fine-tune: minimize 1 - cosine(student embedding, teacher embedding) on ``sentences``.
 
     teacher: the original model, or its embeddings (N, d) of ``sentences`` (row i = sentence i).
     params: 'attention' (only the converted blocks' parameters, the default) or 'all'.
+    val_sentences: held-out training sentences (never evaluation ones); their mean cosine to
+    the teacher (``val_teacher``: model or embeddings, default ``teacher`` if it is a model)
+    is measured before training and every ``eval_every`` steps, and the best state is kept,
+    so the fine-tune never ends worse than it started on them.
     AdamW, no weight decay; dropout off (the model runs in eval mode, to match the teacher's
     deterministic embeddings); batches walk seeded permutations of the sentences.
-    Returns the loss of every step; the student is left in eval mode.
+    Returns {'losses': per step, 'val_cosine': {step: cosine}, 'best_step': step kept}; the
+    student is left in eval mode.
     """
     from tqdm.auto import tqdm
 
     check_int("steps", steps, low=0)
     check_int("batch_size", batch_size)
+    check_int("eval_every", eval_every)
     if isinstance(sentences, str) or not sentences:
         raise ValueError("sentences must be a non-empty list of strings")
-    if isinstance(teacher, nn.Module):
-        teacher.eval()
-        targets = embed(teacher, tokenizer, sentences, max_length=max_length)
-    else:
-        targets = torch.as_tensor(teacher).detach()
-        if targets.ndim != 2 or targets.shape[0] != len(sentences):
-            raise ValueError(f"teacher embeddings must be (N, d) with N = len(sentences) = {len(sentences)}, "
-                             f"got {tuple(targets.shape)}")
+    targets = _targets(teacher, tokenizer, sentences, max_length, "teacher")
+    val_targets = None
+    if val_sentences is not None:
+        val_teacher = teacher if val_teacher is None else val_teacher
+        if not isinstance(val_teacher, nn.Module) and val_teacher is teacher:
+            raise ValueError("val_sentences with teacher embeddings needs val_teacher (the model or their embeddings)")
+        val_targets = _targets(val_teacher, tokenizer, val_sentences, max_length, "val_teacher")
     trainable = _trainable(student, params)
     targets = targets.to(_device(student))
     chosen = {id(p) for p in trainable}
     saved = {p: p.requires_grad for p in student.parameters()}
-    losses: list[float] = []
+    result = {"losses": [], "val_cosine": {}, "best_step": steps}
+    best = None
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if val_targets is None:
+            return
+        got = embed(student, tokenizer, val_sentences, max_length=max_length)
+        cosine = float(F.cosine_similarity(got, val_targets.to(got.device), dim=1).mean())
+        result["val_cosine"][step] = cosine
+        if best is None or cosine > best[0]:
+            best = (cosine, step, [p.detach().clone() for p in trainable])
+
     try:
         for p in student.parameters():
             p.requires_grad_(id(p) in chosen)
@@ -175,8 +205,9 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         student.eval()
-        bar = tqdm(range(steps), desc="distill", disable=not progress, leave=False)
-        for _ in bar:
+        validate(0)
+        bar = tqdm(range(1, steps + 1), desc="distill", disable=not progress, leave=False)
+        for step in bar:
             while len(order) < batch_size:
                 order += torch.randperm(len(sentences), generator=generator).tolist()
             idx, order = order[:batch_size], order[batch_size:]
@@ -186,10 +217,31 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.2e}")
+            result["losses"].append(loss.item())
+            bar.set_postfix(loss=f"{result['losses'][-1]:.2e}")
+            if step % eval_every == 0 or step == steps:
+                validate(step)
+        if best is not None:
+            with torch.no_grad():
+                for p, value in zip(trainable, best[2]):
+                    p.copy_(value)
+            result["best_step"] = best[1]
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         student.eval()
-    return losses
+    return result
+
+
+def sentence_statistics(model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 64,
+                        max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Input statistics of every attention block (:func:`~.calibration.input_statistics`) over
+    the tokens of ``sentences``: what ``convert(..., calibration=...)`` needs."""
+    from .calibration import input_statistics
+
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    device = _device(model)
+    batches = (tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt").to(device) for i in range(0, len(sentences), batch_size))
+    return input_statistics(model, batches)

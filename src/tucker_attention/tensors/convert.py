@@ -241,3 +241,53 @@ def relative_error(reference: torch.nn.Module, approximation: torch.nn.Module, x
     """||f(x) - g(x)|| / ||f(x)|| on inputs x (B, T, d): how far a converted layer's outputs move."""
     want = reference(x)
     return float((approximation(x) - want).norm() / want.norm())
+
+
+def _input_side(layer: Attention) -> dict[str, str]:
+    """{parameter name: 'linear' | 'factor'} of the weights that act on the layer's input x."""
+    if isinstance(layer, GroupedQueryAttention):
+        return dict.fromkeys(("q_proj.weight", "k_proj.weight", "v_proj.weight"), "linear")
+    if isinstance(layer, MultiHeadLatentAttention):
+        names = ["q_down.weight" if layer.q_down is not None else "q_up.weight", "kv_down.weight"]
+        return dict.fromkeys(names + (["k_rope.weight"] if layer.k_rope is not None else []), "linear")
+    if isinstance(layer, TuckerAttention):
+        return dict.fromkeys(["U2", "U3"] + ([] if layer.shared_kv else ["_U3_tilde"]), "factor")
+    raise TypeError(f"no input side known for {type(layer).__name__}")
+
+
+def input_transform(layer: Attention, matrix: torch.Tensor) -> Attention:
+    """The layer computing ``layer(x @ matrix)`` (matrix (d, d)): every weight acting on x absorbs it.
+
+    With ``matrix = S = Sigma^{1/2}`` (Sigma = E[x^T x] of real inputs) a conversion done on the
+    transformed layer minimizes the error on those inputs (activation-aware truncation:
+    ||S (W - W_hat) S||_F for W, ||(W_tilde - W_tilde_hat) S||_F for W_tilde); ``S^{-1}`` maps back.
+    """
+    d = layer.d_model
+    if tuple(matrix.shape) != (d, d):
+        raise ValueError(f"matrix must be (d_model, d_model) = ({d}, {d}), got {tuple(matrix.shape)}")
+    ref = next(layer.parameters())
+    M = matrix.detach().to(device=ref.device, dtype=torch.float64)
+    new = copy.deepcopy(layer).to(torch.float64)
+    with torch.no_grad():
+        for name, kind in _input_side(layer).items():
+            p = new.get_parameter(name)
+            p.copy_(p @ M.T if kind == "linear" else M @ p)       # Linear (out, d): (xM) W^T; factor (d, r): (xM) U
+    return new.to(dtype=ref.dtype)
+
+
+def whitening(second_moment: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^{-1}) with S = (Sigma + eps * mean eigenvalue * I)^{1/2}, float64; Sigma (d, d) symmetric PSD.
+
+    ``eps`` keeps S invertible (and its inverse tame) when the inputs span fewer than d directions.
+    """
+    if not isinstance(second_moment, torch.Tensor):
+        raise ValueError(f"second_moment must be a finite square (d, d) tensor, got {type(second_moment).__name__}")
+    sigma = second_moment.detach().to(torch.float64)
+    if sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1] or not torch.isfinite(sigma).all():
+        raise ValueError(f"second_moment must be a finite square (d, d) matrix, got shape {tuple(sigma.shape)}")
+    sigma = (sigma + sigma.T) / 2
+    values, vectors = torch.linalg.eigh(sigma)
+    values = values.clamp(min=0) + eps * values.clamp(min=0).mean()
+    if not values.min() > 0:
+        raise ValueError("second_moment is zero: no inputs were recorded")
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
