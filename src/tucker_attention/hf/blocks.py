@@ -70,22 +70,25 @@ def _rope_base(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _rope_frequencies(config, head_dim: int) -> torch.Tensor | None:
-    """The model's RoPE inverse frequencies (head_dim/2,) when they are static and unscaled in
-    amplitude; None for the default type (our tables from ``rope_theta`` match) and for types
-    a fixed table cannot reproduce (dynamic NTK, YaRN / LongRoPE attention factors, partial RoPE)."""
+def _rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor | None, bool]:
+    """(the model's RoPE inverse frequencies (head_dim/2,) or None, whether a fixed table reproduces them).
+
+    None with True: the default type, our tables from ``rope_theta`` match. Static types
+    (linear, llama3) give their frequencies. Dynamic NTK, YaRN / LongRoPE attention factors
+    and partial RoPE give (None, False).
+    """
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default" and getattr(config, "partial_rotary_factor", 1.0) == 1.0:
-        return None
+        return None, True
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
-        raise NotImplementedError(rope_type)
+        return None, False
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     if attention_factor != 1.0 or inv_freq.numel() != head_dim // 2:
-        raise NotImplementedError(rope_type)
-    return inv_freq
+        return None, False
+    return inv_freq, True
 
 
 def _bias(linear_bias: torch.Tensor | None, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -140,15 +143,9 @@ def read_block(module: nn.Module, parent: nn.Module | None = None) -> tuple[Grou
             proj.weight.copy_(weight)
             if has_bias:
                 proj.bias.copy_(_bias(bias, proj.out_features, ref))
-    rope_exact = True
-    if rope:
-        try:
-            inv_freq = _rope_frequencies(config, head_dim)
-        except NotImplementedError:
-            rope_exact = False
-        else:
-            if inv_freq is not None:
-                layer.rotary.inv_freq = inv_freq.to(device=ref.device, dtype=torch.float64)
+    inv_freq, rope_exact = _rope_frequencies(config, head_dim) if rope else (None, True)
+    if inv_freq is not None:
+        layer.rotary.inv_freq = inv_freq.to(device=ref.device, dtype=torch.float64)
     info = {"kind": kind, "layer_idx": getattr(module, "layer_idx", None), "model_rope": rope,
             "resid_dropout": resid_dropout, "rope_exact": rope_exact}
     return layer, info
