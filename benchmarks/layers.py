@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tucker_attention import make_attention
 from tucker_attention.accounting import attention_param_count, kv_cache_floats_per_token
-from tucker_attention.layers import Attention
+from tucker_attention.layers import Attention, frozen_weights
 
 LAYERS: tuple[tuple[str, str, dict], ...] = (
     ("MHA", "mha", {}),
@@ -188,10 +188,15 @@ def decode_step(layer: Attention, context: int, args: argparse.Namespace) -> Cal
 
 
 def run_decode(layers: list[tuple[str, Attention]], args: argparse.Namespace, backend: Backend) -> list[DecodeResult]:
+    """Decode steps as generation runs them: inside ``frozen_weights`` (derived weights formed once),
+    unless ``--stateless``."""
     results = []
     for context in args.contexts:
         fns = [decode_step(layer, context, args) for _, layer in layers]
-        with backend():
+        with backend(), contextlib.ExitStack() as frozen:
+            if not args.stateless:
+                for _, layer in layers:
+                    frozen.enter_context(frozen_weights(layer))
             timings = interleaved_timings(fns, args.device, warmup=args.warmup, repeats=args.repeats)
         for (label, layer), timing in zip(layers, timings, strict=True):
             per_token = kv_cache_floats_per_token(layer) * torch.finfo(args.dtype).bits // 8
@@ -247,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results as JSON")
+    p.add_argument("--stateless", action="store_true",
+                   help="decode without frozen_weights (derived weights recomputed every step)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 1, seq 64, contexts 64 256, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
 
     decode = run_decode(layers, args, backend)
     print("\nDecode: one token, batch 1, against the context's cached tokens "
-          "(GB/s = KV cache bytes read / time per token)")
+          f"({'stateless' if args.stateless else 'inside frozen_weights, as generate runs'}; "
+          "GB/s = KV cache bytes read / time per token)")
     print(decode_table(decode))
 
     if args.json:

@@ -52,11 +52,11 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
     positions = list(range(T)) if positions is None else [int(p) for p in positions]
     p = {k: v.detach().double() for k, v in layer.named_parameters()}
     if isinstance(layer, TuckerAttention):
-        U3t = p["U3"] if layer.shared_kv else p["_U3_tilde"]
+        U3t = p["U3"] if layer.shared_kv else p["U3_tilde"]
         # Dense tensors of PAPER.md §1: W[i] (d x d) and W_tilde[i] (d_out x d_in).
         W = torch.einsum("ic,cab,pa,qb->ipq", p["U1"], p["core"], p["U2"], p["U3"])
         Wt = torch.einsum("ic,cab,pa,qb->ipq", p["U1_tilde"], p["core_tilde"], p["U2_tilde"], U3t)
-        if layer.rotary is None:
+        if layer.rope is None:
             logits = torch.einsum("btp,ipq,bsq->bits", x, W, x)
             if "q_bias" in p:
                 logits = logits + torch.einsum("ir,bsr->bis", p["q_bias"], x @ p["U3"])[:, :, None, :]
@@ -76,7 +76,7 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
         q = _heads(lin("q_proj", x), H)
         k = _heads(lin("k_proj", x), layer.n_kv_heads).repeat_interleave(group, 1)
         v = _heads(lin("v_proj", x), layer.n_kv_heads).repeat_interleave(group, 1)
-        if layer.rotary is not None:
+        if layer.rope is not None:
             q, k = rotate(q, positions), rotate(k, positions)
         o = _softmax_attention(layer.scale * q @ k.transpose(-1, -2), v, layer.causal, mask)
         return lin("o_proj", o.transpose(1, 2).reshape(B, T, -1))
@@ -84,7 +84,7 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
         lin = lambda name, inp: inp @ p[f"{name}.weight"].T + p.get(f"{name}.bias", 0.0)  # noqa: E731
 
         def rms(t, name):
-            return t / t.pow(2).mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt() * p[f"{name}.weight"]
+            return t / t.pow(2).mean(-1, keepdim=True).add(layer.norm_eps).sqrt() * p[f"{name}.weight"]
 
         c_q = x if layer.q_rank is None else lin("q_down", x)
         if layer.q_norm is not None:

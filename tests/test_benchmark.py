@@ -37,3 +37,14 @@ def test_flop_count_matches_a_hand_count(bench):
     T, d = 64, 768
     expected = 4 * 2 * T * d * d + 2 * 12 * T * T * (64 + 64) // 2
     assert bench.count_flops(forward, causal=True) == expected
+
+
+def test_cache_bytes_benchmark_finds_every_cache_exactly_its_spec():
+    pytest.importorskip("transformers")
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cache_bytes.py"
+    spec = importlib.util.spec_from_file_location("bench_cache_bytes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [module.measure(arch, *case) for arch in ("gpt2", "llama") for case in module.CASES[:3]]
+    assert all(r["held"] == r["cache_spec"] for r in rows)
+    assert {r["rope"] for r in rows} == {"None", "latent", "head"}   # GPT-2 none; Llama latent (tucker), head (gqa)

@@ -31,7 +31,7 @@ from tucker_attention.hf import (  # noqa: E402
     load_model,
     save_converted,
 )
-from tucker_attention.layers import GroupedQueryAttention, MultiHeadAttention  # noqa: E402
+from tucker_attention.layers import GroupedQueryAttention, MultiHeadAttention, make_attention  # noqa: E402
 
 D, HEADS, LAYERS, VOCAB, SEQ = 32, 4, 2, 64, 7
 ARCHS = ("bert", "gpt2", "llama", "vit")
@@ -394,6 +394,62 @@ def test_latent_rope_llama_cached_decoding_equals_recomputation(method, ranks):
     assert torch.equal(cached.sequences, fresh.sequences)
     assert (torch.stack(cached.scores) - torch.stack(fresh.scores)).abs().max() < 1e-4
     assert _cache(cached).layers[0].keys.shape[-1] == (8 if method == "tucker" else 16)
+
+
+def _cache_bytes_per_token(cache) -> list[int]:
+    return [(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size())
+            // (layer.keys.shape[0] * layer.keys.shape[2]) for layer in cache.layers]
+
+
+def _share_latent(model):
+    """Swap every converted layer for a shared-latent Tucker layer of the same ranks (random weights)."""
+    for block in converted_blocks(model).values():
+        config = {**block.layer.config(), "shared_kv": True}
+        config["value_ranks"] = (*config["value_ranks"][:2], config["ranks"][2])
+        block.layer = make_attention(**config)
+    return model
+
+
+CACHE_CASES = [("gpt2", "tucker", TRUNCATED), ("gpt2", "gqa", 2), ("gpt2", "mla", 12), ("gpt2", "tucker-shared", TRUNCATED),
+               ("llama", "tucker", TRUNCATED), ("llama", "gqa", 1), ("llama", "mla", 12),
+               ("llama", "tucker-shared", TRUNCATED)]
+
+
+@pytest.mark.parametrize("arch,method,ranks", CACHE_CASES)
+def test_generate_caches_exactly_the_cache_spec(arch, method, ranks):
+    """Bytes per token each layer holds after generate() == what the layer's cache_spec() says,
+    with and without RoPE: a shared latent is stored once, rotated or not."""
+    model = quiet_convert(build(arch), method.removesuffix("-shared"), ranks)
+    if method.endswith("shared"):
+        _share_latent(model)
+    ids = make_inputs(arch, padded=False)["input_ids"][:1, :5]
+    cache = _cache(_generate(model, ids, return_dict_in_generate=True))
+    want = [4 * sum(h * w for h, w in block.layer.cache_spec().values()) for block in converted_blocks(model).values()]
+    assert _cache_bytes_per_token(cache) == want
+    if method == "mla" or method.endswith("shared"):
+        assert all(layer.values.shape[-1] == 0 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("arch,method", [("gpt2", "tucker"), ("llama", "tucker"), ("llama", "gqa"), ("bert", "mla")])
+def test_converted_blocks_run_the_layers_own_forward(arch, method):
+    """HFAttention calls Attention.forward (module hooks fire), never the layer's private steps."""
+    model = quiet_convert(build(arch), method, TRUNCATED if method == "tucker" else None)
+    calls = []
+    for block in converted_blocks(model).values():
+        block.layer.register_forward_hook(lambda *args: calls.append(1))
+    model(**make_inputs(arch))
+    assert len(calls) == LAYERS
+
+
+def test_converted_llama_computes_latent_rope_tables_once_per_forward(monkeypatch):
+    from tucker_attention.layers import RotaryEmbedding
+
+    model = _share_latent(quiet_convert(build("llama"), "tucker", TRUNCATED))
+    calls = []
+    original = RotaryEmbedding.forward
+    monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, *a: calls.append(1) or original(self, *a))
+    model(**make_inputs("llama"))
+    assert len(calls) == 2                                  # query and key tables, shared by both layers
 
 
 # -- 6. truncation -------------------------------------------------------------------------------

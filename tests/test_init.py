@@ -13,7 +13,7 @@ RANK_SWEEP = [(1, 16, 16), (2, 32, 16), (4, 64, 32), (8, 128, 64), (8, 256, 128)
 def tucker_qkv(layer, x):
     G, _ = layer.head_cores()
     q = torch.einsum("bta,hac->bhtc", x @ layer.U2, G)
-    return q, x @ layer.U3, x @ layer.U3_tilde
+    return q, x @ layer.U3, x @ layer.value_factor
 
 
 def output_variance(layer, x):

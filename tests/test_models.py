@@ -228,8 +228,8 @@ def test_rope_positions_switch_on_each_methods_rope():
     mla = make_model({"method": "mla", "kv_rank": 8}, positions="rope").blocks[0].attn
     assert isinstance(mla, MultiHeadLatentAttention) and mla.rope == "latent"
     tucker = make_model({"method": "tucker", "ranks": (2, 16, 8)}, positions="rope").blocks[0].attn
-    assert isinstance(tucker, TuckerAttention) and tucker.config()["rope"] is True and tucker.rotary is not None
-    assert make_model("mqa", positions="rope").blocks[0].attn.config()["rope"] is True
+    assert isinstance(tucker, TuckerAttention) and tucker.config()["rope"] == "latent" and tucker.rotary is not None
+    assert make_model("mqa", positions="rope").blocks[0].attn.config()["rope"] == "head"
     # learned positions: no RoPE anywhere
     assert make_model({"method": "mla", "kv_rank": 8}, positions="learned").blocks[0].attn.rope is None
     assert make_model({"method": "tucker", "ranks": (2, 16, 8)}, positions="learned").blocks[0].attn.rotary is None
@@ -248,7 +248,7 @@ def test_build_attention_uses_the_model_owned_arguments():
     assert isinstance(layer, GroupedQueryAttention) and layer.method == "gqa"
     config = layer.config()
     assert (config["d_model"], config["n_heads"], config["n_kv_heads"]) == (32, 4, 2)
-    assert config["causal"] is True and config["rope"] is True and config["bias"] is True
+    assert config["causal"] is True and config["rope"] == "head" and config["bias"] is True
     plain = build_attention("mha", 32, 4, causal=False, rope=False)
     assert plain.config()["causal"] is False and plain.rotary is None and plain.q_proj.bias is None
 

@@ -46,7 +46,7 @@ def tensor_forward(W, W_tilde, scale, x, causal):
     return (torch.softmax(logits, -1) @ values).sum(1)
 
 
-@pytest.mark.parametrize("method,kwargs", [(m, {k: v for k, v in kw.items() if k != "bias"})
+@pytest.mark.parametrize("method,kwargs", [(m, {k: v for k, v in kw.items() if not k.endswith("bias")})
                                            for m, kw in LINEAR_CONFIGS])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_tensors_reproduce_the_forward(method, kwargs, causal):
@@ -100,6 +100,7 @@ THEOREM_CASES = [
     ("mla", {"kv_rank": 12, "q_rank": 10}, (H, 10, 12), (H, D, 12)),
     ("mla", {"kv_rank": 12}, (H, D, 12), (H, D, 12)),
     ("mla", {"kv_rank": 12, "q_rank": 10, "shared_kv": False}, (H, 10, 12), (H, D, 12)),
+    ("mla", {"kv_rank": 12, "q_rank": 10, "down_bias": True}, (H, 10, 12), (H, D, 12)),   # DeepSeek's biases
 ]
 
 
@@ -130,7 +131,9 @@ def test_mla_with_coupled_rope_becomes_tucker_with_latent_rope():
 
 @pytest.mark.parametrize("layer,message", [(lambda: build("mha", rope=True), "uses RoPE"),
                                            (lambda: build("mla", kv_rank=8, rope="decoupled"),
-                                            "rope='decoupled' has no exact Tucker form")])
+                                            "rope='decoupled' has no exact Tucker form"),
+                                           (lambda: build("mla", kv_rank=8, rope="latent", down_bias=True),
+                                            "Tucker keys carry no bias")])
 def test_rope_forms_without_a_tucker_form_are_refused(layer, message):
     with pytest.raises(ValueError, match=message):
         to_tucker(layer())
@@ -256,9 +259,9 @@ def test_baseline_conversion_errors():
         mha_to_gqa(layer, 3)
     with pytest.raises(ValueError, match=r"kv_rank must be an integer in \[1, 32\], got 40"):
         mha_to_mla(layer, 40)
-    with pytest.raises(TypeError, match="converts MultiHeadAttention / GroupedQueryAttention layers"):
-        mha_to_gqa(build("tucker", ranks=(2, 8, 8)), 2)
-    with pytest.raises(ValueError, match="head-dimension RoPE"):
+    with pytest.raises(TypeError, match="converts tucker_attention attention layers"):
+        mha_to_gqa(torch.nn.Linear(32, 32), 2)
+    with pytest.raises(ValueError, match=r"the source uses RoPE \(rope='head'\)"):
         mha_to_mla(build("mha", rope=True), 8)
 
 

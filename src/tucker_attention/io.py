@@ -62,8 +62,9 @@ def load_attention_layers(path: str | os.PathLike) -> dict[str, Attention]:
         for name, config in configs.items():
             layer = make_attention(**config)
             prefix = f"{name}." if name else ""
+            wanted = set(layer.state_dict()) | set(layer.legacy_state_keys)
             state = {key[len(prefix):]: f.get_tensor(key) for key in keys
-                     if key.startswith(prefix) and key[len(prefix):] in layer.state_dict()}
+                     if key.startswith(prefix) and key[len(prefix):] in wanted}
             layer.load_state_dict(state)
             layers[name] = layer.to(next(iter(state.values())).dtype) if state else layer
     return layers

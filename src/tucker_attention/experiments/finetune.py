@@ -20,7 +20,7 @@ import torch
 from .._table import text_table
 from ..layers import Attention
 from ..models.blocks import MODEL_OWNED
-from ..tensors.convert import compress, mha_to_gqa, mha_to_mla
+from ..tensors.convert import CONVERSIONS, convert_layer
 from ..training import RunConfig, make_task, train
 from ..training.checkpoint import load_trained_model
 from .compare import VIT_PRESETS, _finished, _slug, add_ratios, spec_record, write_json_atomic
@@ -62,17 +62,14 @@ FINETUNE_PRESETS = {
 }
 
 
-def convert_layer(layer: Attention, spec: dict) -> Attention:
+def _convert(layer: Attention, spec: dict) -> Attention:
     """``layer`` (MHA) converted to the method of ``spec``: SVD for GQA/MLA, truncated HOSVD for Tucker."""
-    args = {k: v for k, v in spec.items() if k != "method"}
     method = spec["method"]
-    if method == "gqa":
-        return mha_to_gqa(layer, args["n_kv_heads"])
-    if method == "mla":
-        return mha_to_mla(layer, args["kv_rank"], args.get("q_rank"))
-    if method == "tucker":
-        return compress(layer, tuple(args["ranks"]), args.get("value_ranks"))
-    raise ValueError(f"conversion target must be gqa, mla or tucker, got {method!r}")
+    setting = {"gqa": "n_kv_heads", "mla": "kv_rank", "tucker": "ranks"}.get(method)
+    if setting is None:
+        raise ValueError(f"conversion target must be one of {list(CONVERSIONS)}, got {method!r}")
+    value = (spec["kv_rank"], spec.get("q_rank")) if method == "mla" else spec[setting]
+    return convert_layer(layer, method, value, value_ranks=spec.get("value_ranks"))
 
 
 def convert_model(model: torch.nn.Module, spec: dict) -> tuple[torch.nn.Module, dict]:
@@ -80,7 +77,7 @@ def convert_model(model: torch.nn.Module, spec: dict) -> tuple[torch.nn.Module, 
     layers' attention spec for the model config)."""
     model = copy.deepcopy(model)
     for block in model.blocks:
-        block.attn = convert_layer(block.attn, spec)
+        block.attn = _convert(block.attn, spec)
     new_spec = {k: v for k, v in model.blocks[0].attn.config().items() if k not in MODEL_OWNED}
     model.config.attention = new_spec
     return model, new_spec

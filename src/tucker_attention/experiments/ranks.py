@@ -31,7 +31,7 @@ def rank_report(layers: dict[str, Attention], *, rtol: float = 1e-6, energies=EN
             spectra = head_factors.spectra()
             records.append({
                 "name": name or "<root>", "method": layer.method, "tensor": tensor,
-                "dims": head_factors.shape, "rope": layer.rotary is not None,
+                "dims": head_factors.shape, "rope": layer.rope is not None,
                 "spectra": [s.tolist() for s in spectra],
                 "energy_ranks": {e: tuple(energy_rank(s, e) for s in spectra) for e in energies},
                 "numerical_ranks": tuple(numerical_rank(s, rtol) for s in spectra),

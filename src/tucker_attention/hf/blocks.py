@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import Attention, GroupedQueryAttention, MultiHeadAttention, attend
+from ..layers import Attention, GroupedQueryAttention, MultiHeadAttention, RopeTables
+from .cache import HFCache, SharedRope
 
 BERT_STYLE = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention")
 PROJ_STYLE = ("LlamaAttention", "ViTAttention")
@@ -145,7 +146,7 @@ def read_block(module: nn.Module, parent: nn.Module | None = None) -> tuple[Grou
                 proj.bias.copy_(_bias(bias, proj.out_features, ref))
     inv_freq, rope_exact = _rope_frequencies(config, head_dim) if rope else (None, True)
     if inv_freq is not None:
-        layer.rotary.inv_freq = inv_freq.to(device=ref.device, dtype=torch.float64)
+        layer.rotary.set_frequencies(inv_freq)
     info = {"kind": kind, "layer_idx": getattr(module, "layer_idx", None), "model_rope": rope,
             "resid_dropout": resid_dropout, "rope_exact": rope_exact}
     return layer, info
@@ -201,32 +202,29 @@ def _bool_mask(mask) -> torch.Tensor | None:
     return keep
 
 
-def _check_growing(cache, layer_idx: int) -> None:
-    """Our latents have their own widths: only caches that grow by concatenation can hold them."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", [])
-    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DynamicLayer):
-        raise ValueError(f"converted attention caches its own latents, which a {type(layers[layer_idx]).__name__} "
-                         f"cannot hold; use the default DynamicCache (generate(..., cache_implementation='dynamic'))")
-
-
 class HFAttention(nn.Module):
     """Drop-in for a transformers attention block: one of our layers behind the block's call.
 
-    ``forward(hidden_states, attention_mask=None, **kwargs) -> (output (B, T, d), None)``.
-    Uses the model's mask (bool or additive, (B, 1, T, S)), its RoPE tables
-    (``position_embeddings``) when the layer keeps head-dimension RoPE, else ``position_ids``
-    for latent RoPE, and stores what our layer caches (e.g. Tucker's r3-wide latents) in the
-    model's ``Cache`` (``DynamicCache``, the default of ``generate``).
+    ``forward(hidden_states, attention_mask=None, **kwargs) -> (output (B, T, d), None)`` runs
+    ``layer.forward`` (the one forward of every variant) with the model's mask (bool or
+    additive, (B, 1, T, S)), its RoPE tables (``position_embeddings``) when the layer keeps
+    head-dimension RoPE, and the model's ``Cache`` behind :class:`~.cache.HFCache`, which
+    stores exactly the layer's ``cache_spec()`` (e.g. one r3-wide latent for a shared Tucker).
+
+    Latent RoPE uses cache-slot positions (``past + arange(T)`` for queries, ``arange(S)`` for
+    keys) from a table source shared by all blocks of the model (``rope_source``), so each
+    forward computes each table once. RoPE logits depend only on position differences, and
+    within a sequence a slot index differs from the model's ``position_ids`` by a per-row
+    constant (left padding included), so the logits are the same.
     """
 
     def __init__(self, layer: Attention, *, kind: str, layer_idx: int | None = None, model_rope: bool = False,
-                 resid_dropout: float = 0.0):
+                 resid_dropout: float = 0.0, rope_source: SharedRope | None = None):
         super().__init__()
         self.layer, self.kind, self.layer_idx = layer, kind, layer_idx
-        self.model_rope = bool(model_rope) and layer.rotary is not None
+        self.model_rope = bool(model_rope) and layer.rope == "head"
         self.resid_dropout = nn.Dropout(resid_dropout)
+        self.rope_source = rope_source if rope_source is not None else SharedRope()
 
     def spec(self) -> dict:
         """What rebuilds this block: the layer's config and the block facts."""
@@ -240,27 +238,14 @@ class HFAttention(nn.Module):
                      None)
         cache = getattr(cache, "self_attention_cache", cache)              # EncoderDecoderCache
         layer, x = self.layer, hidden_states
-        steps = x.shape[1]
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            positions = torch.arange(past, past + steps, device=x.device)[None]
+        ours = HFCache(cache, self.layer_idx, layer.cache_spec()) if cache is not None else None
+        past = ours.length if ours is not None else 0
         rope = None
         if self.model_rope:
             if kwargs.get("position_embeddings") is None:
                 raise ValueError("this block needs the model's RoPE tables (position_embeddings)")
-            rope = tuple(t.unsqueeze(1).to(x.dtype) for t in kwargs["position_embeddings"])   # (B, 1, T, D)
-        elif layer.rotary is not None:
-            rope = layer.rotary(positions, x.dtype)
-        q, entries = layer._project(x, rope)
-        k, v = layer._keys_values(entries, positions)
-        if cache is not None:
-            _check_growing(cache, self.layer_idx)
-            if v is k:                                     # one shared latent: cache it once
-                k, _ = cache.update(k, k[..., :0], self.layer_idx)
-                v = k
-            else:
-                k, v = cache.update(k, v, self.layer_idx)
-        o = attend(q, k, v, scale=layer.scale, causal=layer.causal, attn_mask=_bool_mask(attention_mask),
-                   dropout_p=layer.dropout if self.training else 0.0)
-        return self.resid_dropout(layer._output(o)), None
+            rope = RopeTables(None, given=tuple(t.unsqueeze(1) for t in kwargs["position_embeddings"]))  # (B,1,T,D)
+        elif layer.rope is not None:
+            rope = self.rope_source.tables(past, x.shape[1], x.device)
+        y = layer(x, cache=ours, attn_mask=_bool_mask(attention_mask), rope=rope)
+        return self.resid_dropout(y), None

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from .._checks import check_choice
-from ..layers import Attention, GroupedQueryAttention, make_attention
-from ..tensors import RankPlan, compress, input_transform, mha_to_gqa, mha_to_mla, whitening
+from ..layers import Attention, make_attention
+from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
 from .blocks import Block, HFAttention, attention_layers, find_blocks
+from .cache import SharedRope
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"
@@ -78,31 +79,29 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
 
 
 def _convert_block(source: Attention, method: str, ranks, value_ranks, hosvd: str, n_iter: int) -> Attention:
-    rope = source.rotary is not None
-    plain = _with_rope(source, False) if rope else source
+    rope = source.rope is not None
+    plain = _with_rope(source, None) if rope else source
     h, d = source.n_heads, source.d_model
     if method == "tucker":
-        ranks = (h, d, d) if ranks is None else ranks
-        layer = compress(plain, ranks, value_ranks, method=hosvd, n_iter=n_iter)
-        return _with_rope(layer, True) if rope else layer
-    if method == "gqa":
-        n_kv = source.n_kv_heads if ranks is None else ranks
-        if n_kv == source.n_kv_heads:
+        layer = convert_layer(plain, "tucker", (h, d, d) if ranks is None else ranks, value_ranks=value_ranks,
+                              hosvd=hosvd, n_iter=n_iter)
+    elif method == "gqa":
+        n_kv = getattr(source, "n_kv_heads", h) if ranks is None else ranks
+        if n_kv == getattr(source, "n_kv_heads", None):
             return copy.deepcopy(source)
-        layer = mha_to_gqa(plain, n_kv)
-        return _with_rope(layer, True) if rope else layer
-    kv_rank, q_rank = (ranks, None) if not isinstance(ranks, (tuple, list)) else tuple(ranks)
-    layer = mha_to_mla(plain, d if kv_rank is None else kv_rank, q_rank)
-    return _with_rope(layer, "latent") if rope else layer
+        layer = convert_layer(plain, "gqa", n_kv)
+    else:
+        layer = convert_layer(plain, "mla", d if ranks is None else ranks)
+    return _with_rope(layer, True) if rope else layer
 
 
-def _install(model: nn.Module, block: Block, layer: Attention) -> None:
+def _install(model: nn.Module, block: Block, layer: Attention, rope_source: SharedRope) -> None:
     parent_path, _, name = block.path.rpartition(".")
     parent = model.get_submodule(parent_path)
     training = parent.get_submodule(name).training
-    head_rope = block.model_rope and isinstance(layer, GroupedQueryAttention)   # takes the model's RoPE tables
+    head_rope = block.model_rope and layer.rope == "head"                 # takes the model's RoPE tables
     setattr(parent, name, HFAttention(layer, kind=block.kind, layer_idx=block.layer_idx, model_rope=head_rope,
-                                      resid_dropout=block.resid_dropout).train(training))
+                                      resid_dropout=block.resid_dropout, rope_source=rope_source).train(training))
     if block.kind == "bert":                          # the output projection is now inside our layer
         parent.output.dense = nn.Identity()
 
@@ -142,8 +141,9 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         warnings.warn(f"{type(model).__name__} uses head-dimension RoPE: the {method} layers use latent RoPE "
                       f"instead (PAPER.md §3), so the converted model's outputs differ and it needs fine-tuning",
                       stacklevel=2)
+    rope_source = SharedRope()                                  # one table source for the model's blocks
     for block, layer in zip(blocks, layers):
-        _install(target, block, layer)
+        _install(target, block, layer, rope_source)
     if hasattr(target, "config"):
         target.config.tucker_attention = {"method": method, "model_class": type(target).__name__,
                                           "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
@@ -194,12 +194,14 @@ def load_converted(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if cls is None:
         raise ValueError(f"transformers has no model class {spec['model_class']!r}")
     model = cls._from_config(config)
+    rope_source = SharedRope()
     for block_path, block in spec["blocks"].items():
         parent_path, _, name = block_path.rpartition(".")
         parent = model.get_submodule(parent_path)
         layer = make_attention(**block["layer"])
         setattr(parent, name, HFAttention(layer, kind=block["kind"], layer_idx=block["layer_idx"],
-                                          model_rope=block["model_rope"], resid_dropout=block["resid_dropout"]))
+                                          model_rope=block["model_rope"], resid_dropout=block["resid_dropout"],
+                                          rope_source=rope_source))
         if block["kind"] == "bert":
             parent.output.dense = nn.Identity()
     load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))

@@ -1,4 +1,4 @@
-"""The projection-free base of every attention layer and the single SDPA call.
+"""The projection-free base of every attention layer: the one forward, its checks and conventions.
 
 Shape legend used in all layer docstrings:
 B batch, T query length, S key length (cached + new), H query heads, Hkv key/value heads,
@@ -7,92 +7,109 @@ D query/key width, Dv value width, d d_model, r1 r2 r3 Tucker ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from .._checks import check_input, check_int, check_probability
-from .cache import KVCache
-from .rope import RotaryEmbedding, apply_rope
+from .cache import CacheProtocol, KVCache
+from .factors import AttentionFactors
+from .rope import RopeTables, RotaryEmbedding, apply_rope
+from .sdpa import attend, check_mask
 
-_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _check_mask(attn_mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> None:
-    allowed = f"(1 or {batch}, 1 or {heads}, 1 or {q_len}, {k_len})"
-    if attn_mask.dtype != torch.bool:
-        raise ValueError(f"attn_mask must be a bool tensor (True = attend), got dtype {attn_mask.dtype}")
-    shape = tuple(attn_mask.shape)
-    if (attn_mask.dim() != 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads)
-            or shape[2] not in (1, q_len) or shape[3] != k_len):
-        raise ValueError(f"attn_mask must have shape {allowed}, got {shape}")
+#: {method name: layer class}; every subclass of :class:`Attention` with a ``method`` joins it.
+ATTENTION_METHODS: dict[str, type[Attention]] = {}
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-           attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention through ``F.scaled_dot_product_attention``.
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Read state dicts that still use a layer's old parameter names."""
+    for old, new in module.legacy_state_keys.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
-    q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, H, T, Dv), H % Hkv == 0.
-    The T queries are the last T of the S positions, so ``causal`` aligns them lower-right
-    (a single decode token sees every key). ``attn_mask`` (bool, True = attend) broadcasts
-    as (1|B, 1|H, 1|T, S). K/V are never copied per head: with Hkv == 1 and no per-query
-    mask the heads fold into the query length (exact: one matrix product per head group);
-    otherwise SDPA's ``enable_gqa`` is used (``repeat_interleave`` on torch < 2.5).
+
+@contextlib.contextmanager
+def frozen_weights(module: nn.Module):
+    """Explicit inference-time switch: inside the block, every attention layer of ``module``
+    computes its :meth:`Attention.derived_weights` once (on entry) and reuses them.
+
+    Outside it nothing derived is kept, so outputs always follow the parameters. Inside it the
+    parameters must not change: a change a layer can see (optimizer step, in-place edit,
+    ``load_state_dict``, ``.to()``) raises at the next forward, and so does a forward with
+    autograd on; a write through ``.data`` cannot be seen, so leave the block first.
+    ``GPT.generate`` decodes inside one. ``with frozen_weights(model): model.generate(...)``
+    does the same for a converted Hugging Face model.
     """
-    batch, heads, q_len, _ = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    if attn_mask is not None:
-        _check_mask(attn_mask, batch, heads, q_len, k_len)
-    is_causal, mask = False, attn_mask
-    if causal and q_len > 1:
-        if attn_mask is None:
-            is_causal = q_len == k_len
-            mask = None if is_causal else causal_lower_right(q_len, k_len)
-        else:
-            rows = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
-            mask = attn_mask & (torch.arange(k_len, device=q.device) <= rows)
-    if kv_heads == 1 and heads > 1 and not is_causal and (mask is None or (
-            isinstance(mask, torch.Tensor) and mask.shape[1] == 1 and mask.shape[2] == 1)):
-        folded = q.reshape(batch, 1, heads * q_len, q.shape[-1])
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        return out.view(batch, heads, q_len, v.shape[-1])
-    gqa = {}
-    if kv_heads != heads:
-        if _HAS_ENABLE_GQA:
-            gqa = {"enable_gqa": True}
-        else:  # pragma: no cover - torch 2.4 only
-            k = k.repeat_interleave(heads // kv_heads, dim=1)
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, **gqa)
-
-
-def init_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """N(0, 1/fan_in): a unit-variance input gives unit-variance outputs. The std is kept as
-    ``weight.init_std`` for :meth:`Attention.lr_scales`."""
-    weight.init_std = fan_in ** -0.5
-    return nn.init.normal_(weight, std=weight.init_std)
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                params = list(layer.parameters())
+                layer._frozen = (params, layer._weights_key(params), layer.derived_weights())
+        yield module
+    finally:
+        for layer in layers:
+            layer._frozen = None
 
 
 class Attention(nn.Module, ABC):
-    """Base of MHA/GQA, MLA and Tucker: input checks, RoPE tables, the cache, the SDPA call.
+    """Base of MHA/GQA, MLA and Tucker: input checks, RoPE, the cache, the SDPA call.
 
-    Input and output are (B, T, d_model). A subclass defines
+    Input and output are (B, T, d_model); ``forward`` is the only implementation of
+    project -> cache -> attend -> output, for every variant and every integration.
 
+    Conventions shared by every layer
+    ---------------------------------
+    - ``rope``: ``None`` (no RoPE), ``'head'`` (rotate each head's queries and keys: MHA/GQA),
+      ``'latent'`` (rotate the shared latent, PAPER.md §3: Tucker, MLA's coupled RoPE) or
+      ``'decoupled'`` (DeepSeek's extra RoPE branch: MLA). Each class accepts the modes in
+      its ``rope_modes``; ``True`` means its ``positional_rope`` (the mode a model's
+      ``positions='rope'`` switches on) and ``False`` means ``None``. ``layer.rope`` and
+      ``config()['rope']`` always hold the mode string (or None).
+    - ``shared_kv`` (latent layers): one latent serves as keys and values. The default is the
+      method's published form: True for MLA (DeepSeek-V2 caches one latent), False for
+      Tucker (the paper's Def. 2.1 and Tables 1-2 have a separate value factor U3~).
+    - ``norm_eps``: epsilon of every norm a layer has (MLA's latent RMSNorm; 1e-6 as DeepSeek).
+    - ``bias``: biases on every projection whose bias is not redundant (see each class).
+    - Learning-rate scales (:meth:`lr_scales`) follow from :meth:`init_stds`, i.e. from the
+      configuration alone; the trainer's ``attention_lr`` default lives in one place,
+      ``tucker_attention.training.config.DEFAULT_ATTENTION_LR``.
+
+    A subclass defines ``method`` and
+
+    - ``config()``: its constructor arguments; ``make_attention(**layer.config())`` rebuilds it;
     - ``cache_spec() -> {name: (heads, width)}``: what one token leaves in the cache;
+    - ``init_stds() -> {parameter name: std}``: the N(0, std^2) init of its weight matrices;
     - ``_project(x, rope) -> (q, entries)``: queries (B, H, T, D) and the new cache entries
-      {name: (B, heads, T, width)}; ``rope`` is ``(cos, sin)`` for the T positions or None;
-    - ``_keys_values(entries, key_positions) -> (k, v)`` from all S cached entries (a
-      default covers ``k``/``v`` entries and one shared latent ``kv``);
-    - ``_output(o) -> y``: (B, H, T, Dv) -> (B, T, d_model).
+      {name: (B, heads, T, width)} exactly as ``cache_spec()`` says; ``rope`` is ``(cos, sin)``
+      for the T query positions or None;
+    - ``_output(o) -> y``: (B, H, T, Dv) -> (B, T, d_model);
+    - optionally ``_keys_values(entries, rope) -> (k, v)`` from all S cached entries (the
+      default covers ``k``/``v`` entries and one shared latent ``kv``, whose key copy is
+      rotated on read under latent RoPE), ``tensor_view()`` (its per-head factors, for
+      :mod:`tucker_attention.tensors`), ``exact_tucker()`` and ``input_weights()``.
     """
 
+    method: str = ""                   # the name make_attention builds this class by
+    rope_modes: tuple = (None,)        # the RoPE modes this class supports
+    positional_rope: str | None = None  # what rope=True means for this class
+    legacy_state_keys: dict[str, str] = {}  # {old state-dict name: current name}, still read
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("method")
+        if name:
+            known = ATTENTION_METHODS.get(name)
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"attention method {name!r} is already taken by {known.__qualname__}; "
+                                 f"choose another method name for {cls.__qualname__}")
+            ATTENTION_METHODS[name] = cls
+
     def __init__(self, d_model: int, n_heads: int, *, causal: bool, dropout: float, scale: float | None,
-                 default_scale: float, rope_dim: int | None, rope_base: float):
+                 default_scale: float, rope, rope_dim: int | None, rope_base: float):
         super().__init__()
         self.d_model = check_int("d_model", d_model)
         self.n_heads = check_int("n_heads", n_heads)
@@ -101,11 +118,21 @@ class Attention(nn.Module, ABC):
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
         self.scale = float(scale) if scale is not None else default_scale
-        self.rotary = RotaryEmbedding(rope_dim, rope_base) if rope_dim else None
+        self.rope = self.rope_mode(rope)
+        self.rotary = RotaryEmbedding(rope_dim, rope_base) if self.rope is not None else None
         self.rope_base = float(rope_base)
-        self.rotate_cached_latent = False  # set by layers whose shared latent ``kv`` needs RoPE on read
+        self._frozen: tuple | None = None            # set only inside frozen_weights()
+        if self.legacy_state_keys:
+            self._register_load_state_dict_pre_hook(_rename_legacy_keys, with_module=True)
 
-    method: str = ""  # the name make_attention builds this class by
+    @classmethod
+    def rope_mode(cls, rope) -> str | None:
+        """The normalized RoPE mode of ``rope`` for this class (see the class docstring)."""
+        mode = {True: cls.positional_rope, False: None}.get(rope, rope) if isinstance(rope, bool) else rope
+        if (rope is True and cls.positional_rope is None) or not any(mode is m or mode == m for m in cls.rope_modes):
+            extra = f" (True means {cls.positional_rope!r}, False means None)" if cls.positional_rope else ""
+            raise ValueError(f"rope must be one of {list(cls.rope_modes)!r}{extra} for {cls.__name__}, got {rope!r}")
+        return mode
 
     # -- what subclasses define -------------------------------------------------------------
     @abstractmethod
@@ -117,34 +144,84 @@ class Attention(nn.Module, ABC):
         """{name: (heads, width)} of what one token leaves in the cache."""
 
     @abstractmethod
+    def init_stds(self) -> dict[str, float]:
+        """{parameter name: std} of the N(0, std^2) init, in the order they are drawn."""
+
+    @abstractmethod
     def _project(self, x, rope):
         """x (B, T, d) -> queries (B, H, T, D), new cache entries {name: (B, heads, T, width)}."""
-
-    def _keys_values(self, entries, key_positions):
-        """Cached entries over S positions -> k (B, Hkv, S, D), v (B, Hkv, S, Dv).
-
-        Default: the cached ``k`` and ``v``; or one shared latent ``kv`` that serves as both,
-        its key copy rotated on read when ``rotate_cached_latent`` (latent RoPE on a latent
-        cached unrotated, since the values need it unrotated).
-        """
-        if "kv" not in entries:
-            return entries["k"], entries["v"]
-        latent = entries["kv"]
-        if not self.rotate_cached_latent:
-            return latent, latent
-        return apply_rope(latent, *self._rope_tables(key_positions, latent.dtype)), latent
 
     @abstractmethod
     def _output(self, o):
         """o (B, H, T, Dv) -> y (B, T, d_model)."""
 
+    def _keys_values(self, entries: dict[str, torch.Tensor], rope: RopeTables | None):
+        """Cached entries over S positions -> k (B, Hkv, S, D), v (B, Hkv, S, Dv).
+
+        Default: the cached ``k`` and ``v``; or one shared latent ``kv`` that serves as both,
+        its key copy rotated on read under latent RoPE (the values need it unrotated, so it is
+        cached unrotated and only once).
+        """
+        if "kv" not in entries:
+            return entries["k"], entries["v"]
+        latent = entries["kv"]
+        if self.rope != "latent":
+            return latent, latent
+        return apply_rope(latent, *rope.key(self.rotary, latent.dtype)), latent
+
+    def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
+        """Per-head factors of W and W_tilde (PAPER.md §1) in ``dtype``, RoPE ignored."""
+        raise TypeError(f"{type(self).__name__} does not describe its tensor view; define tensor_view()")
+
+    def exact_tucker(self) -> dict:
+        """The exact Tucker form (PAPER.md §4): {'pre': (core, (U1, U2, U3)), 'post': (...),
+        'shared_kv': bool, 'rope': mode}, float64, for :func:`tucker_attention.tensors.to_tucker`."""
+        raise TypeError(f"{type(self).__name__} has no exact Tucker form; define exact_tucker()")
+
+    def input_weights(self) -> dict[str, str]:
+        """{parameter name: 'linear' | 'factor'} of the weights that act on the input x: a Linear
+        weight (out, d) or a factor (d, r). Used by :func:`tucker_attention.tensors.input_transform`."""
+        raise TypeError(f"{type(self).__name__} does not list its input weights; define input_weights()")
+
+    def derived_weights(self) -> dict[str, torch.Tensor]:
+        """Weights computed from the parameters that a forward can reuse while they stay fixed
+        (Tucker's head cores in the layouts it multiplies by); see :func:`frozen_weights`."""
+        return {}
+
     # -- shared machinery -------------------------------------------------------------------
+    def _weights_key(self, params) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in params)      # .to() and swaps move data_ptr
+
+    def _check_frozen(self) -> None:
+        """Inside :func:`frozen_weights`: refuse autograd and weights changed since entry."""
+        params, key, _ = self._frozen
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            raise RuntimeError("frozen_weights() is for inference: run the forward under torch.no_grad() or "
+                               "torch.inference_mode(), or leave the frozen_weights() block to train")
+        if key != self._weights_key(params):
+            raise RuntimeError(f"the weights of a {type(self).__name__} changed inside frozen_weights(); "
+                               f"change weights outside the block (its derived weights were computed on entry)")
+
+    def _derived(self, name: str) -> torch.Tensor | None:
+        """The frozen derived weight ``name`` inside :func:`frozen_weights` (checked by this
+        forward), else None: compute from the parameters."""
+        return None if self._frozen is None else self._frozen[2][name]
+
     def _common_config(self) -> dict:
         return {"method": self.method, "d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal,
-                "dropout": self.dropout, "scale": self.scale, "rope_base": self.rope_base}
+                "dropout": self.dropout, "scale": self.scale, "rope": self.rope, "rope_base": self.rope_base}
 
-    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        return self.rotary(positions, dtype) if self.rotary is not None else None
+    def reset_parameters(self) -> None:
+        """Weights from :meth:`init_stds` (drawn in that order), biases zero, norm gains one."""
+        with torch.no_grad():
+            for name, std in self.init_stds().items():
+                nn.init.normal_(self.get_parameter(name), std=std)
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
 
     def lr_scales(self) -> dict[str, float]:
         """{parameter name: learning-rate multiplier} of the *relative* rule: init std × sqrt(d_model).
@@ -152,10 +229,23 @@ class Attention(nn.Module, ABC):
         Under Adam every weight then moves by the same fraction of its initial scale per step
         as an MHA projection (std 1/sqrt(d_model), multiplier 1). For MHA/GQA/MQA all
         multipliers are 1; the small cores and head factors of Tucker (and MLA's up-projections)
-        get larger ones. Biases and norm gains: 1.
+        get larger ones. Biases and norm gains: 1. Derived from the configuration only.
         """
         unit = self.d_model ** 0.5
-        return {name: round(getattr(p, "init_std", 1 / unit) * unit, 12) for name, p in self.named_parameters()}
+        stds = self.init_stds()
+        return {name: round(stds[name] * unit, 12) if name in stds else 1.0 for name, _ in self.named_parameters()}
+
+    def assign_parameters(self, values: dict[str, torch.Tensor], *, like: nn.Module) -> Attention:
+        """Set parameters {name: value} at float64 precision, check they are finite, then return the
+        layer in ``like``'s dtype and device (how converters build a layer from computed factors)."""
+        ref = next(like.parameters())
+        layer = self.to(torch.float64)                    # copy at full precision, cast once at the end
+        with torch.no_grad():
+            for name, value in values.items():
+                layer.get_parameter(name).copy_(value)
+        if not all(torch.isfinite(p).all() for p in layer.parameters()):
+            raise ValueError("the conversion produced non-finite weights; check the source layer's weights")
+        return layer.to(device=ref.device, dtype=ref.dtype)
 
     def make_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
@@ -164,33 +254,81 @@ class Attention(nn.Module, ABC):
         return KVCache(self.cache_spec(), batch_size, max_seq_len, dtype=dtype or ref.dtype,
                        device=device if device is not None else ref.device)
 
-    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model).
+    def _reference_weight(self) -> torch.Tensor:
+        """A parameter whose dtype and device are the layer's (subclasses name one: it is faster)."""
+        return next(self.parameters())
 
-        cache: a :class:`KVCache` from :meth:`make_cache`; the chunk is appended and attends
-            causally to every cached token. Requires ``causal=True``.
-        attn_mask: bool (1|B, 1|H, 1|T, S), True = may attend; combined with causality.
-        positions: (T,) RoPE positions; default ``cache.length + arange(T)`` (or ``arange(T)``).
-        """
+    def _check_call(self, x, cache, attn_mask, positions, rope) -> tuple[int, torch.Tensor]:
+        """Every argument of :meth:`forward`, checked before anything is computed or written.
+
+        Returns (tokens already cached, the query positions (T,) or (B, T))."""
         check_input(x, self.d_model)
-        steps = x.shape[1]
+        ref = self._reference_weight()
+        if x.device != ref.device:
+            raise ValueError(f"x is on {x.device} but the layer's weights are on {ref.device}; "
+                             f"move one of them (layer.to(device) or x.to(device))")
+        if x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype} but the layer's weights are {ref.dtype}; convert one of them "
+                             f"(layer.to({x.dtype}) or x.to({ref.dtype})) or run under torch.autocast")
+        batch, steps = x.shape[:2]
+        past = 0
         if cache is not None:
             if not self.causal:
                 raise ValueError("cache decoding needs a causal layer (construct it with causal=True)")
-            if not isinstance(cache, KVCache) or cache.spec != self.cache_spec():
-                raise ValueError(f"cache does not fit this layer: it needs {self.cache_spec()}, "
-                                 f"got {getattr(cache, 'spec', type(cache).__name__)}; use layer.make_cache()")
+            if not (isinstance(cache, KVCache) or all(callable(getattr(cache, m, None)) for m in ("check", "append"))):
+                raise TypeError(f"cache must be a KVCache from layer.make_cache() (or implement check/append/"
+                                f"length), got {type(cache).__name__}")
+            cache.check(self.cache_spec(), batch, steps)
+            past = cache.length
+        if rope is not None:
+            if not isinstance(rope, RopeTables):
+                raise TypeError(f"rope must be RopeTables or None, got {type(rope).__name__}")
+            if rope.n_keys is not None and self.rope is not None and rope.n_keys != past + steps:
+                raise ValueError(f"rope tables cover {rope.n_keys} key positions but this call attends to "
+                                 f"{past} cached + {steps} new tokens")
+            if positions is None and rope.positions is not None:
+                positions = rope.positions
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + steps, device=x.device)
-        elif positions.shape != (steps,):
-            raise ValueError(f"positions must have shape (seq,) = ({steps},), got {tuple(positions.shape)}")
-        q, entries = self._project(x, self._rope_tables(positions, x.dtype))
-        key_positions = positions
+            positions = torch.arange(past, past + steps, device=x.device)
+        elif (not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.is_complex()
+              or positions.dtype == torch.bool):
+            raise TypeError(f"positions must be an integer torch.Tensor of shape ({steps},) or ({batch}, {steps}), "
+                            f"got {type(positions).__name__}"
+                            + (f" of dtype {positions.dtype}" if isinstance(positions, torch.Tensor) else ""))
+        elif tuple(positions.shape) not in ((steps,), (batch, steps)):
+            raise ValueError(f"positions must have shape (seq,) = ({steps},), got {tuple(positions.shape)}; "
+                             f"per-sequence positions have shape (batch, seq) = ({batch}, {steps})")
+        elif positions.device != x.device:
+            raise ValueError(f"positions are on {positions.device} but x is on {x.device}")
+        if attn_mask is not None:
+            check_mask(attn_mask, batch, self.n_heads, steps, past + steps)
+        return past, positions
+
+    def forward(self, x: torch.Tensor, *, cache: CacheProtocol | None = None, attn_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, rope: RopeTables | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model).
+
+        cache: a :class:`KVCache` from :meth:`make_cache` (or any :class:`CacheProtocol`); the
+            chunk is appended and attends causally to every cached token. Requires ``causal=True``.
+            On any error the cache is unchanged.
+        attn_mask: bool (1|B, 1|H, 1|T, S), True = may attend; combined with causality.
+        positions: (T,) or (B, T) integer RoPE positions; default ``cache.length + arange(T)``.
+        rope: the model's :class:`RopeTables` for this forward (computed once, shared by all
+            layers); its positions then set the rotations (``positions`` only what a cache
+            records). Default: tables of ``positions`` made here.
+        """
+        past, positions = self._check_call(x, cache, attn_mask, positions, rope)
+        if self._frozen is not None:
+            self._check_frozen()
+        tables = rope
+        if tables is None and self.rotary is not None:
+            tables = RopeTables(positions)
+        q, entries = self._project(x, tables.query(self.rotary, x.dtype) if self.rotary is not None else None)
         if cache is not None:
             entries, key_positions = cache.append(entries, positions)
-        k, v = self._keys_values(entries, key_positions)
+            if rope is None and tables is not None:
+                tables = RopeTables(positions, key_positions)
+        k, v = self._keys_values(entries, tables)
         o = attend(q, k, v, scale=self.scale, causal=self.causal, attn_mask=attn_mask,
                    dropout_p=self.dropout if self.training else 0.0)
         return self._output(o)

@@ -1,16 +1,42 @@
-"""A preallocated key/value cache, one per attention layer.
+"""What stores a layer's keys and values: one small protocol, and our preallocated cache.
 
-Every layer declares what it caches through ``cache_spec()``: a dict ``name -> (heads,
-width)``. GQA caches ``k``/``v`` of shape (B, n_kv_heads, S, head_dim); Tucker caches its
-latents ``k`` (B, 1, S, r3) and ``v`` (B, 1, S, r3~) (one ``kv`` latent with ``shared_kv``);
-MLA caches its latent ``kv`` (B, 1, S, kv_rank) plus ``k_rope`` with decoupled RoPE.
+Every layer declares what one token leaves in its cache through ``cache_spec()``: a dict
+``name -> (heads, width)``. GQA caches ``k``/``v`` of shape (B, n_kv_heads, S, head_dim); Tucker
+caches its latents ``k`` (B, 1, S, r3) and ``v`` (B, 1, S, r3~) (one ``kv`` latent with
+``shared_kv``); MLA caches its latent ``kv`` (B, 1, S, kv_rank) (+ the RoPE key with decoupled
+RoPE). Entries are stored exactly as the spec says: a shared latent is stored once, before any
+RoPE is applied to its key copy.
+
+Anything with the two methods of :class:`CacheProtocol` can serve as ``layer(x, cache=...)``:
+:class:`KVCache`, the Hugging Face adapter in ``tucker_attention.hf``, a paged cache.
+``Attention.forward`` calls ``check`` before it computes anything and ``append`` once; an
+``append`` validates everything before it writes, so on any error the cache is unchanged.
 """
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from .._checks import check_int
+
+
+@runtime_checkable
+class CacheProtocol(Protocol):
+    """The interface ``Attention.forward`` uses to store and read what a layer caches."""
+
+    @property
+    def length(self) -> int:
+        """Tokens already cached (the new chunk's first slot)."""
+
+    def check(self, spec: dict[str, tuple[int, int]], batch: int, steps: int) -> None:
+        """Raise ``ValueError`` if a chunk of ``steps`` tokens of ``batch`` sequences with entries
+        ``spec`` cannot be appended. Writes nothing."""
+
+    def append(self, entries: dict[str, torch.Tensor], positions: torch.Tensor):
+        """Store ``entries`` {name: (B, heads, T, width)} for positions (T,) and return
+        (every cached entry {name: (B, heads, S, width)}, key positions (S,) or (B, S))."""
 
 
 class KVCache:
@@ -45,23 +71,32 @@ class KVCache:
         """Forget every cached token (the memory stays allocated)."""
         self.length = 0
 
-    def append(self, entries: dict[str, torch.Tensor], positions: torch.Tensor):
-        """Write ``entries`` (each (B, heads, T, width)) at the next T slots.
-
-        Returns the views of every cached tensor up to the new length and their positions.
-        """
-        first = next(iter(entries.values()))
-        batch, steps = first.shape[0], first.shape[2]
+    def check(self, spec: dict[str, tuple[int, int]], batch: int, steps: int) -> None:
+        if dict(spec) != self.spec:
+            raise ValueError(f"cache does not fit this layer: it needs {dict(spec)}, got {self.spec}; "
+                             f"use layer.make_cache()")
         if batch != self.batch_size:
             raise ValueError(f"x has batch size {batch} but the cache was made for batch_size={self.batch_size}")
         if self.length + steps > self.max_seq_len:
             raise ValueError(
                 f"chunk of {steps} tokens overflows the cache: {self.length} cached + {steps} > "
                 f"max_seq_len={self.max_seq_len}; make the cache larger or call cache.reset()")
+
+    def append(self, entries: dict[str, torch.Tensor], positions: torch.Tensor):
+        """Write ``entries`` (each (B, heads, T, width)) at the next T slots.
+
+        Returns the views of every cached tensor up to the new length and their positions.
+        """
+        first = next(iter(entries.values()))
+        steps = first.shape[2]
+        self.check({name: (t.shape[1], t.shape[3]) for name, t in entries.items()}, first.shape[0], steps)
         for name, value in entries.items():
             if value.dtype != self.tensors[name].dtype:
                 raise ValueError(f"cache holds {self.tensors[name].dtype} but the layer produced {value.dtype}; "
                                  f"make the cache with dtype={value.dtype}")
+        if positions.shape != (steps,):
+            raise ValueError(f"a KVCache records one position per slot: positions must have shape ({steps},), "
+                             f"got {tuple(positions.shape)}")
         start, end = self.length, self.length + steps
         for name, value in entries.items():
             self.tensors[name][:, :, start:end] = value

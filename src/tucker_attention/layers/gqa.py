@@ -12,8 +12,18 @@ import torch
 from torch import nn
 
 from .._checks import check_even, check_int, resolve_head_dim
-from .base import Attention, init_normal_
+from .base import Attention
+from .factors import AttentionFactors, HeadFactors, head_blocks
 from .rope import apply_rope
+
+
+def routing_core(h: int, width: int, per_group: int) -> torch.Tensor:
+    """(h, h*width, (h/per_group)*width) float64: core[i] is the identity from head i's block to its group's block."""
+    core = torch.zeros(h, h * width, h // per_group * width, dtype=torch.float64)
+    for i in range(h):
+        g = i // per_group
+        core[i, i * width:(i + 1) * width, g * width:(g + 1) * width] = torch.eye(width, dtype=torch.float64)
+    return core
 
 
 class GroupedQueryAttention(Attention):
@@ -33,13 +43,13 @@ class GroupedQueryAttention(Attention):
         n_heads: query heads H.
         n_kv_heads: key/value heads; must divide ``n_heads``.
         head_dim: per-head width; default ``d_model // n_heads`` (then ``d_model % n_heads == 0``).
-        causal: mask future tokens. rope: head-dimension RoPE on q and k.
+        causal: mask future tokens. rope: ``'head'`` (or True): head-dimension RoPE on q and k; None/False: none.
         dropout: attention-probability dropout in training. bias: biases on q, k, v, o.
         scale: logit scale; default ``1/sqrt(head_dim)``. rope_base: RoPE frequency base.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, head_dim: int | None = None,
-                 causal: bool = False, rope: bool = False, dropout: float = 0.0, bias: bool = False,
+                 causal: bool = False, rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False,
                  scale: float | None = None, rope_base: float = 10000.0):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
@@ -48,11 +58,11 @@ class GroupedQueryAttention(Attention):
             raise ValueError(f"n_heads={n_heads} must be divisible by n_kv_heads={n_kv_heads}; "
                              f"allowed n_kv_heads: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]}")
         head_dim = resolve_head_dim(d_model, n_heads, head_dim)
+        rope = self.rope_mode(rope)
         if rope:
             check_even("head_dim (the RoPE width)", head_dim)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(head_dim), rope_dim=head_dim if rope else None,
-                         rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(head_dim), rope=rope, rope_dim=head_dim, rope_base=rope_base)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -61,17 +71,56 @@ class GroupedQueryAttention(Attention):
         self.reset_parameters()
 
     method = "gqa"
+    rope_modes = (None, "head")
+    positional_rope = "head"
 
     def config(self) -> dict:
-        extra = {"n_kv_heads": self.n_kv_heads} if self.method == "gqa" else {}
-        return {**self._common_config(), **extra, "head_dim": self.head_dim, "rope": self.rotary is not None,
+        return {**self._common_config(), **self._group_config(), "head_dim": self.head_dim,
                 "bias": self.q_proj.bias is not None}
 
-    def reset_parameters(self) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            init_normal_(proj.weight, proj.in_features)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+    def _group_config(self) -> dict:
+        """The key-head setting among the constructor arguments (MHA and MQA fix it)."""
+        return {"n_kv_heads": self.n_kv_heads}
+
+    def _reference_weight(self) -> torch.Tensor:
+        return self.q_proj.weight
+
+    def init_stds(self) -> dict[str, float]:
+        return {f"{name}.weight": getattr(self, name).in_features ** -0.5
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+    def input_weights(self) -> dict[str, str]:
+        return dict.fromkeys(("q_proj.weight", "k_proj.weight", "v_proj.weight"), "linear")
+
+    def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
+        """W[i] = W^Q_i W^K_g(i)^T, W_tilde[i] = (W^V_g(i) W^O_i)^T; the query bias seen from the
+        key side, value biases passed into the output bias."""
+        p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
+        h = self.n_heads
+        group = torch.arange(h, device=p["q_proj.weight"].device) // (h // self.n_kv_heads)
+        per_head = (lambda t: t) if self.n_kv_heads == h else (lambda t: t[group])     # no copy for MHA
+        A, B = head_blocks(p["q_proj.weight"], h), per_head(head_blocks(p["k_proj.weight"], self.n_kv_heads))
+        C, D = head_blocks(p["o_proj.weight"].T, h), per_head(head_blocks(p["v_proj.weight"], self.n_kv_heads))
+        key_bias = out_bias = None
+        if "q_proj.bias" in p:
+            key_bias = torch.einsum("idk,ik->id", B, p["q_proj.bias"].view(h, -1))
+            v_bias = p["v_proj.bias"].view(self.n_kv_heads, -1)[group]
+            out_bias = p["o_proj.bias"] + torch.einsum("idk,ik->d", C, v_bias)
+        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias)
+
+    def exact_tucker(self) -> dict:
+        """Thms. B.2-B.3: U1 = I, U2 = W^Q, U3 = the n_kv key heads stacked, a core routing head i
+        to its key group; the same for W_tilde with W^O and W^V."""
+        if self.rope is not None:
+            raise ValueError(f"{type(self).__name__} uses RoPE on each head (rope='head'), which has no Tucker "
+                             f"form (it rotates each head, not a shared latent); convert a layer built with rope=None")
+        p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
+        h = self.n_heads
+        eye = torch.eye(h, dtype=torch.float64)
+        route = routing_core(h, self.head_dim, h // self.n_kv_heads)
+        return {"pre": (route, (eye, p["q_proj.weight"].T, p["k_proj.weight"].T)),
+                "post": (route.clone(), (eye, p["o_proj.weight"], p["v_proj.weight"].T)),
+                "shared_kv": False, "rope": None}
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
@@ -93,7 +142,7 @@ class GroupedQueryAttention(Attention):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rotary is not None}")
+                f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rope!r}")
 
 
 class MultiHeadAttention(GroupedQueryAttention):
@@ -104,8 +153,11 @@ class MultiHeadAttention(GroupedQueryAttention):
 
     method = "mha"
 
+    def _group_config(self) -> dict:
+        return {}
+
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
-                 rope: bool = False, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
+                 rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
                  rope_base: float = 10000.0):
         check_int("n_heads", n_heads)
         super().__init__(d_model, n_heads, n_heads, head_dim=head_dim, causal=causal, rope=rope,
@@ -117,8 +169,11 @@ class MultiQueryAttention(GroupedQueryAttention):
 
     method = "mqa"
 
+    def _group_config(self) -> dict:
+        return {}
+
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
-                 rope: bool = False, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
+                 rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
                  rope_base: float = 10000.0):
         super().__init__(d_model, n_heads, 1, head_dim=head_dim, causal=causal, rope=rope,
                          dropout=dropout, bias=bias, scale=scale, rope_base=rope_base)

@@ -18,8 +18,9 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_even, check_int, resolve_head_dim
-from .base import Attention, init_normal_
+from .._checks import check_even, check_int, resolve_head_dim
+from .base import Attention
+from .factors import AttentionFactors, HeadFactors, head_blocks
 from .rope import apply_rope
 
 ROPE_MODES = (None, "decoupled", "latent")
@@ -28,12 +29,12 @@ ROPE_MODES = (None, "decoupled", "latent")
 class MultiHeadLatentAttention(Attention):
     """MLA with a K/V latent of width ``kv_rank`` (DeepSeek-V2, linear form by default).
 
-    RoPE (``rope``):
-      - ``None``: none.
+    RoPE (``rope``; the modes of every layer are in the ``Attention`` docstring):
+      - ``None`` (or False): none.
       - ``'decoupled'``: DeepSeek's extra branch: per-head rotated queries c_q W^QR_i and one
         shared rotated key x W^KR, both of width ``rope_dim``, concatenated to the latent
         query/key (scale default ``1/sqrt(head_dim + rope_dim)``).
-      - ``'latent'``: the paper's coupled RoPE (Cor. 3.2.1): rotate the kv_rank-dim latent
+      - ``'latent'`` (or True): the paper's coupled RoPE (Cor. 3.2.1): rotate the kv_rank-dim latent
         itself. Nothing sits between W^DQ, W^UQ_i and W^UK_i any more, so the whole query
         side fuses into one matrix per head (:meth:`absorbed_query_weight`).
 
@@ -51,20 +52,25 @@ class MultiHeadLatentAttention(Attention):
         rope: None | 'decoupled' | 'latent'. rope_dim: decoupled RoPE width (default head_dim // 2).
         shared_kv: one latent for keys and values (DeepSeek); False: separate latents.
         latent_norm: RMSNorm on the latents (as in DeepSeek's weights); off by default so
-            the layer stays linear and the paper's tensor view applies.
+            the layer stays linear and the paper's tensor view applies. norm_eps: its epsilon.
         causal, dropout, scale, rope_base: as on every layer. bias: query and output biases.
+        down_bias: biases on the down-projections W^DQ, W^DKV (and W^KR), DeepSeek's
+            ``attention_bias``.
     """
 
     def __init__(self, d_model: int, n_heads: int, kv_rank: int, *, q_rank: int | None = None,
                  head_dim: int | None = None, rope: str | None = None, rope_dim: int | None = None,
-                 shared_kv: bool = True, latent_norm: bool = False, causal: bool = False, dropout: float = 0.0,
-                 bias: bool = False, scale: float | None = None, rope_base: float = 10000.0):
+                 shared_kv: bool = True, latent_norm: bool = False, norm_eps: float = 1e-6, causal: bool = False,
+                 dropout: float = 0.0, bias: bool = False, down_bias: bool = False, scale: float | None = None,
+                 rope_base: float = 10000.0):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
         check_int("kv_rank", kv_rank, high=d_model)
         if q_rank is not None:
             check_int("q_rank", q_rank, high=d_model)
-        check_choice("rope", rope, ROPE_MODES)
+        rope = self.rope_mode(rope)
+        if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1):
+            raise ValueError(f"norm_eps must be a float in (0, 1), got {norm_eps!r}")
         head_dim = resolve_head_dim(d_model, n_heads, head_dim)
         if rope == "decoupled":
             rope_dim = check_even("rope_dim", check_int("rope_dim", rope_dim if rope_dim is not None
@@ -75,39 +81,44 @@ class MultiHeadLatentAttention(Attention):
             rope_dim = check_even("kv_rank (the latent RoPE width)", kv_rank)
         qk_dim = head_dim + (rope_dim if rope == "decoupled" else 0)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(qk_dim), rope_dim=rope_dim, rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(qk_dim), rope=rope, rope_dim=rope_dim, rope_base=rope_base)
         self.kv_rank, self.q_rank, self.head_dim = kv_rank, q_rank, head_dim
-        self.rope, self.rope_dim, self.shared_kv = rope, rope_dim if rope == "decoupled" else None, bool(shared_kv)
-        self.rotate_cached_latent = self.shared_kv and rope == "latent"
+        self.rope_dim, self.shared_kv = rope_dim if rope == "decoupled" else None, bool(shared_kv)
+        self.norm_eps = float(norm_eps)
         q_in = q_rank if q_rank is not None else d_model
         linear = nn.Linear
-        self.q_down = linear(d_model, q_rank, bias=False) if q_rank is not None else None
+        self.q_down = linear(d_model, q_rank, bias=down_bias) if q_rank is not None else None
         self.q_up = linear(q_in, n_heads * head_dim, bias=bias)
-        self.kv_down = linear(d_model, kv_rank if shared_kv else 2 * kv_rank, bias=False)
+        self.kv_down = linear(d_model, kv_rank if shared_kv else 2 * kv_rank, bias=down_bias)
         self.k_up = linear(kv_rank, n_heads * head_dim, bias=False)
         self.v_up = linear(kv_rank, n_heads * head_dim, bias=False)
         self.o_proj = linear(n_heads * head_dim, d_model, bias=bias)
         self.q_rope = linear(q_in, n_heads * rope_dim, bias=False) if rope == "decoupled" else None
-        self.k_rope = linear(d_model, rope_dim, bias=False) if rope == "decoupled" else None
-        self.q_norm = nn.RMSNorm(q_rank) if latent_norm and q_rank is not None else None
-        self.kv_norm = nn.RMSNorm(kv_rank) if latent_norm else None
+        self.k_rope = linear(d_model, rope_dim, bias=down_bias) if rope == "decoupled" else None
+        self.q_norm = nn.RMSNorm(q_rank, eps=self.norm_eps) if latent_norm and q_rank is not None else None
+        self.kv_norm = nn.RMSNorm(kv_rank, eps=self.norm_eps) if latent_norm else None
         self.reset_parameters()
 
     method = "mla"
+    rope_modes = ROPE_MODES
+    positional_rope = "latent"
 
     def config(self) -> dict:
         return {**self._common_config(), "kv_rank": self.kv_rank, "q_rank": self.q_rank, "head_dim": self.head_dim,
-                "rope": self.rope, "rope_dim": self.rope_dim, "shared_kv": self.shared_kv,
-                "latent_norm": self.kv_norm is not None, "bias": self.q_up.bias is not None}
+                "rope_dim": self.rope_dim, "shared_kv": self.shared_kv, "latent_norm": self.kv_norm is not None,
+                "norm_eps": self.norm_eps, "bias": self.q_up.bias is not None,
+                "down_bias": self.kv_down.bias is not None}
 
-    def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init_normal_(module.weight, module.in_features)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                module.reset_parameters()
+    def _reference_weight(self) -> torch.Tensor:
+        return self.kv_down.weight
+
+    def init_stds(self) -> dict[str, float]:
+        return {f"{name}.weight": module.in_features ** -0.5 for name, module in self.named_children()
+                if isinstance(module, nn.Linear)}
+
+    def input_weights(self) -> dict[str, str]:
+        names = ["q_down.weight" if self.q_down is not None else "q_up.weight", "kv_down.weight"]
+        return dict.fromkeys(names + (["k_rope.weight"] if self.k_rope is not None else []), "linear")
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         key_width = self.kv_rank + (self.rope_dim or 0)    # decoupled RoPE: [latent, rotated key] in one row
@@ -157,6 +168,71 @@ class MultiHeadLatentAttention(Attention):
         w_uv = self.v_up.weight.view(self.n_heads, self.head_dim, self.kv_rank)
         heads = torch.einsum("bhtc,hdc->bthd", o[..., :self.kv_rank], w_uv)                 # (B, T, H, hd)
         return self.o_proj(heads.reshape(batch, steps, self.n_heads * self.head_dim))
+
+    def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
+        """A_i = W^DQ W^UQ_i (with the decoupled RoPE query appended), B_i = W^DK W^UK_i (+ the RoPE
+        key), C_i = W^O_i^T, D_i = W^DV W^UV_i. Query-side biases are seen from the key side;
+        the value latent's bias, through W^UV and W^O, joins the output bias; key-side biases cancel."""
+        if self.kv_norm is not None or self.q_norm is not None:
+            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x, so it has no "
+                             "attention tensors; use latent_norm=False")
+        p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
+        h, d = self.n_heads, self.d_model
+        w_dq = p["q_down.weight"].T if self.q_down is not None else torch.eye(d, dtype=dtype)
+        w_dkv = p["kv_down.weight"].T
+        w_dk, w_dv = (w_dkv, w_dkv) if self.shared_kv else w_dkv.split(self.kv_rank, dim=1)
+        w_uq = head_blocks(p["q_up.weight"], h)                                        # (h, q_in, hd)
+        A, B = w_dq @ w_uq, w_dk @ head_blocks(p["k_up.weight"], h)                    # (h, d, hd)
+        q_const = None                                                                 # (h, hd): constant query term
+        if "q_down.bias" in p or "q_up.bias" in p:
+            q_const = torch.zeros(h, self.head_dim, dtype=dtype)
+            if "q_down.bias" in p:
+                q_const = q_const + p["q_down.bias"] @ w_uq
+            if "q_up.bias" in p:
+                q_const = q_const + p["q_up.bias"].view(h, -1)
+        if self.rope == "decoupled":                                                   # offset-0 RoPE term
+            w_qr = head_blocks(p["q_rope.weight"], h)
+            A = torch.cat([A, w_dq @ w_qr], dim=-1)
+            B = torch.cat([B, p["k_rope.weight"].T.expand(h, -1, -1)], dim=-1)
+            if q_const is not None:
+                rope_const = (p["q_down.bias"] @ w_qr if "q_down.bias" in p
+                              else torch.zeros(h, self.rope_dim, dtype=dtype))
+                q_const = torch.cat([q_const, rope_const], dim=-1)
+        C, D = head_blocks(p["o_proj.weight"].T, h), w_dv @ head_blocks(p["v_up.weight"], h)
+        key_bias = None if q_const is None else torch.einsum("idk,ik->id", B, q_const)
+        out_bias = p.get("o_proj.bias")
+        if "kv_down.bias" in p:
+            b_dv = p["kv_down.bias"] if self.shared_kv else p["kv_down.bias"][self.kv_rank:]
+            v_const = b_dv @ head_blocks(p["v_up.weight"], h)                        # (h, hd)
+            passed = torch.einsum("idk,ik->d", C, v_const)
+            out_bias = passed if out_bias is None else out_bias + passed
+        return AttentionFactors(HeadFactors(A, B), HeadFactors(C, D), key_bias, out_bias)
+
+    def exact_tucker(self) -> dict:
+        """Thm. B.4: U2 = W^DQ (I without a query latent), U3 = W^DKV, core[i] = W^UQ_i W^UK_i^T;
+        W_tilde with U2~ = W^O, U3~ = W^DV and core~[i] routing head i's block to W^UV_i. Coupled
+        RoPE becomes latent RoPE; a shared latent stays shared."""
+        if self.rope == "decoupled":
+            raise ValueError("MLA with rope='decoupled' has no exact Tucker form (its RoPE key is a separate "
+                             "branch); use rope='latent' (coupled RoPE, Cor. 3.2.1) or rope=None")
+        if self.kv_norm is not None or self.q_norm is not None:
+            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x, so it has no "
+                             "exact Tucker form; use latent_norm=False")
+        if self.rope == "latent" and self.kv_down.bias is not None:
+            raise ValueError("MLA with rope='latent' and down_bias=True has no exact Tucker form: the key "
+                             "latent's bias is rotated with it, and Tucker keys carry no bias")
+        p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
+        h, d, hd = self.n_heads, self.d_model, self.head_dim
+        w_dq = p["q_down.weight"].T if self.q_down is not None else torch.eye(d, dtype=torch.float64)
+        w_dk, w_dv = ((p["kv_down.weight"].T,) * 2 if self.shared_kv
+                      else p["kv_down.weight"].T.split(self.kv_rank, dim=1))
+        core = self.absorbed_query_weight().detach().to(torch.float64).permute(1, 0, 2)   # (h, q_in, kv_rank)
+        core_t = torch.zeros(h, h * hd, self.kv_rank, dtype=torch.float64)
+        for i in range(h):
+            core_t[i, i * hd:(i + 1) * hd] = p["v_up.weight"][i * hd:(i + 1) * hd]
+        eye = torch.eye(h, dtype=torch.float64)
+        return {"pre": (core, (eye, w_dq, w_dk)), "post": (core_t, (eye, p["o_proj.weight"], w_dv)),
+                "shared_kv": self.shared_kv, "rope": self.rope}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "

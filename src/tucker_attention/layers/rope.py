@@ -5,8 +5,10 @@ Hugging Face Llama), with frequency ``base ** (-2j / D)`` for pair ``j``. This i
 permutation of the paper's block-diagonal R(l) (Def. 3.1), so ``R(m) R(n)^T = R(m - n)``
 holds and logits depend on positions only through ``m - n``.
 
-Head-dimension RoPE (MHA/GQA) rotates each head's width-``head_dim`` queries and keys;
-latent RoPE (Tucker, MLA ``rope='latent'``) rotates the shared width-``r3`` latent.
+Head-dimension RoPE (MHA/GQA, ``rope='head'``) rotates each head's width-``head_dim``
+queries and keys; latent RoPE (Tucker, MLA ``rope='latent'``) rotates the shared width-``r3``
+latent. :class:`RopeTables` holds the cos/sin tables of one model forward, so a model
+computes them once and every layer reads them.
 """
 
 from __future__ import annotations
@@ -25,16 +27,32 @@ class RotaryEmbedding(nn.Module):
     positions (B, T) give (B, 1, T, dim) tables that broadcast over heads. Angles are computed
     from the positions on the fly (float32, float64 for float64 tables): no table to grow and
     no host-device synchronisation.
+
+    ``inv_freq`` (dim/2,) replaces the default frequencies ``base ** (-2j / dim)`` (e.g. a
+    Hugging Face model's scaled RoPE). :attr:`signature` identifies the frequencies, so
+    layers with equal ones share one table in :class:`RopeTables`.
     """
 
-    def __init__(self, dim: int, base: float = 10000.0):
+    def __init__(self, dim: int, base: float = 10000.0, *, inv_freq: torch.Tensor | None = None):
         super().__init__()
         self.dim = check_even("rope width", check_int("rope width", dim))
         if not base > 1.0:
             raise ValueError(f"rope_base must be > 1, got {base!r}")
         self.base = float(base)
-        inv_freq = self.base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)           # (dim/2,), float64
+        default = self.base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        self.register_buffer("inv_freq", default, persistent=False)            # (dim/2,), float64
+        self.signature: tuple = (self.dim, self.base)
+        if inv_freq is not None:
+            self.set_frequencies(inv_freq)
+
+    def set_frequencies(self, inv_freq: torch.Tensor) -> None:
+        """Use these (dim/2,) inverse frequencies instead of the default ones."""
+        values = torch.as_tensor(inv_freq, dtype=torch.float64).detach().cpu()
+        if values.shape != (self.dim // 2,) or not torch.isfinite(values).all():
+            raise ValueError(f"inv_freq must be a finite tensor of shape (dim/2,) = ({self.dim // 2},), "
+                             f"got shape {tuple(values.shape)}")
+        self.inv_freq = values.to(self.inv_freq.device)
+        self.signature = (self.dim, self.base, tuple(values.tolist()))
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() not in (1, 2):
@@ -52,3 +70,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RopeTables:
+    """The RoPE tables of one forward: queries at ``positions``, keys at ``key_positions``.
+
+    positions: (T,) or (B, T) integer positions of the new tokens.
+    key_positions: (S,) or (B, S) positions of every key they attend to (cached + new);
+        default ``positions`` (no cache).
+    given: (cos, sin) query tables computed elsewhere (a Hugging Face model's own RoPE),
+        used as they are by head-dimension RoPE.
+
+    A model builds one per forward and passes it to every layer (``layer(x, rope=tables)``).
+    Each table is computed on first request and kept for the other layers asking with an
+    equal :attr:`RotaryEmbedding.signature` and dtype: it is a pure function of that key and
+    the positions this object was made with, so a kept table is never stale.
+    """
+
+    def __init__(self, positions: torch.Tensor | None, key_positions: torch.Tensor | None = None, *,
+                 given: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if positions is None and given is None:
+            raise ValueError("RopeTables needs positions or given tables")
+        self.positions = positions
+        self.key_positions = positions if key_positions is None else key_positions
+        self.given = given
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_keys(self) -> int | None:
+        return None if self.key_positions is None else self.key_positions.shape[-1]
+
+    def _get(self, which: str, rotary: RotaryEmbedding, dtype: torch.dtype):
+        key = (which, rotary.signature, dtype)
+        if key not in self._tables:
+            positions = self.positions if which == "query" else self.key_positions
+            if positions is None:
+                raise ValueError("these RoPE tables were given for the queries only; this layer also needs "
+                                 "key positions (build RopeTables(positions, key_positions))")
+            self._tables[key] = rotary(positions, dtype)
+        return self._tables[key]
+
+    def query(self, rotary: RotaryEmbedding, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at the query positions, (T, D) or (B, 1, T, D)."""
+        if self.given is not None:
+            return tuple(t.to(dtype) for t in self.given)
+        return self._get("query", rotary, dtype)
+
+    def key(self, rotary: RotaryEmbedding, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at the key positions, (S, D) or (B, 1, S, D)."""
+        return self._get("key", rotary, dtype)

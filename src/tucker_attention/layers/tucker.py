@@ -11,6 +11,12 @@ latents (G = C x1 U1 (H, r2, r3), G~ = C~ x1 U1~ (H, r2~, r3~))::
 
     Q_i = (x U2) G[i]    (B, H, T, r3)      K = x U3  (B, 1, S, r3)     V = x U3~  (B, 1, S, r3~)
     O_i = softmax(scale Q_i K^T) V          y = sum_i O_i G~[i]^T U2~^T   (B, T, d)
+
+Nothing derived is stored: each forward contracts the core and U1 in the cheaper order for
+its number of tokens N, ``(x U2) C`` then U1 (N r1 r2 r3 + N H r1 r3 multiply-adds, best for
+decoding and r1 < H) or G = C x1 U1 first (H r1 r2 r3 + N H r2 r3), so every parameter change
+(optimizer steps, ``.data`` writes, EMA, ``load_state_dict``, ``.to()``) shows at once. Inside
+the explicit ``frozen_weights()`` switch (decoding) G and G~ are formed once on entry.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import torch
 from torch import nn
 
 from .._checks import check_even, check_int, check_ranks
-from .base import Attention, init_normal_
+from .base import Attention
+from .factors import AttentionFactors, HeadFactors
 from .rope import apply_rope
-
 
 def _head_core(U1: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     """core x1 U1: (r1, a, b) with U1 (H, r1) -> (H, a, b)."""
     return torch.einsum("hc,cab->hab", U1, core)
+
+
+def _factored_first(tokens: int, heads: int, r1: int, r2: int, r3: int) -> bool:
+    """Whether contracting the core with the tokens before U1 costs fewer multiply-adds than forming G."""
+    return tokens * (r1 * r2 * r3 + heads * r1 * r3) <= heads * r1 * r2 * r3 + tokens * heads * r2 * r3
 
 
 class TuckerAttention(Attention):
@@ -35,9 +46,9 @@ class TuckerAttention(Attention):
 
     Cache per token: the key latent ``k`` (r3) and value latent ``v`` (r3~), or with
     ``shared_kv`` one latent ``kv`` (r3) serving as both (U3~ = U3, like MLA's shared latent).
-    Latent RoPE (``rope=True``, Def. 3.1) rotates Q_i and K in the r3-dim latent, so logits
-    depend on positions only through their difference; a shared latent is cached unrotated
-    and its key copy rotated on read.
+    Latent RoPE (``rope='latent'`` or True, Def. 3.1) rotates Q_i and K in the r3-dim latent, so
+    logits depend on positions only through their difference; a shared latent is cached
+    unrotated and its key copy rotated on read.
 
     Parameters per layer: r1 r2 r3 + H r1 + d r2 + d r3 for W, the same with tildes for
     W_tilde (minus d r3~ with ``shared_kv``); plus H r3 + d with ``bias``.
@@ -62,16 +73,21 @@ class TuckerAttention(Attention):
         value_ranks: (r1~, r2~, r3~) for W_tilde (head, output, value modes); default ``ranks``.
             Equal key and value widths (r3 == r3~) are what reach the flash kernels.
         shared_kv: tie the value latent to the key latent (U3~ = U3); needs r3~ == r3.
-        rope: latent RoPE on the r3-dim latent (r3 must be even).
+        rope: ``'latent'`` (or True): latent RoPE on the r3-dim latent (r3 must be even); None/False: none.
         causal, dropout, rope_base: as on every layer. scale: default 1/sqrt(r3).
         bias: a per-head query bias in the latent (H, r3) and an output bias (d); key and
             value biases are redundant (a key bias cancels in softmax without RoPE, a value
             bias passes through softmax into the output bias).
     """
 
+    method = "tucker"
+    legacy_state_keys = {"_U3_tilde": "U3_tilde"}  # written by tucker-attention 0.1
+    rope_modes = (None, "latent")
+    positional_rope = "latent"
+
     def __init__(self, d_model: int, n_heads: int, ranks: tuple[int, int, int], *,
                  value_ranks: tuple[int, int, int] | None = None, shared_kv: bool = False,
-                 causal: bool = False, rope: bool = False, dropout: float = 0.0, bias: bool = False,
+                 causal: bool = False, rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False,
                  scale: float | None = None, rope_base: float = 10000.0):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
@@ -81,99 +97,146 @@ class TuckerAttention(Attention):
         if shared_kv and vr3 != r3:
             raise ValueError(f"shared_kv=True ties the value latent to the key latent, so value_ranks[2] "
                              f"must equal ranks[2]={r3}, got {vr3}")
+        rope = self.rope_mode(rope)
         if rope:
             check_even("ranks[2] (r3, the latent RoPE width)", r3)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(ranks[2]), rope_dim=r3 if rope else None,
-                         rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(r3), rope=rope, rope_dim=r3, rope_base=rope_base)
         self.ranks, self.value_ranks, self.shared_kv = (r1, r2, r3), (vr1, vr2, vr3), bool(shared_kv)
-        self.rotate_cached_latent = self.shared_kv and bool(rope)
         empty = torch.empty
         self.core, self.U1 = nn.Parameter(empty(r1, r2, r3)), nn.Parameter(empty(n_heads, r1))
         self.U2, self.U3 = nn.Parameter(empty(d_model, r2)), nn.Parameter(empty(d_model, r3))
         self.core_tilde, self.U1_tilde = nn.Parameter(empty(vr1, vr2, vr3)), nn.Parameter(empty(n_heads, vr1))
         self.U2_tilde = nn.Parameter(empty(d_model, vr2))
-        self._U3_tilde = None if shared_kv else nn.Parameter(empty(d_model, vr3))
+        self.U3_tilde = None if shared_kv else nn.Parameter(empty(d_model, vr3))
         self.q_bias = nn.Parameter(empty(n_heads, r3)) if bias else None
         self.out_bias = nn.Parameter(empty(d_model)) if bias else None
-        self._memo: list[tuple | None] = [None, None]  # see _forward_core
         self.reset_parameters()
-
-    method = "tucker"
 
     def config(self) -> dict:
         return {**self._common_config(), "ranks": self.ranks, "value_ranks": self.value_ranks,
-                "shared_kv": self.shared_kv, "rope": self.rotary is not None, "bias": self.q_bias is not None}
+                "shared_kv": self.shared_kv, "bias": self.q_bias is not None}
 
     @property
-    def U3_tilde(self) -> torch.Tensor:
+    def value_factor(self) -> torch.Tensor:
         """Value-side factor U3~ (d, r3~); U3 itself with ``shared_kv``."""
-        return self.U3 if self._U3_tilde is None else self._U3_tilde
+        return self.U3 if self.U3_tilde is None else self.U3_tilde
 
-    def reset_parameters(self) -> None:
+    def _reference_weight(self) -> torch.Tensor:
+        return self.U2
+
+    def init_stds(self) -> dict[str, float]:
         (r1, r2, _), (vr1, vr2, vr3) = self.ranks, self.value_ranks
-        for factor in (self.U2, self.U3, self._U3_tilde):
-            if factor is not None:
-                init_normal_(factor, self.d_model)
-        init_normal_(self.U1, r1)
-        init_normal_(self.core, r2)
-        init_normal_(self.U1_tilde, vr1)
-        init_normal_(self.core_tilde, self.n_heads * vr3)
-        init_normal_(self.U2_tilde, vr2)
-        for b in (self.q_bias, self.out_bias):
-            if b is not None:
-                nn.init.zeros_(b)
+        stds = {"U2": self.d_model ** -0.5, "U3": self.d_model ** -0.5}
+        if self.U3_tilde is not None:
+            stds["U3_tilde"] = self.d_model ** -0.5
+        return {**stds, "U1": r1 ** -0.5, "core": r2 ** -0.5, "U1_tilde": vr1 ** -0.5,
+                "core_tilde": (self.n_heads * vr3) ** -0.5, "U2_tilde": vr2 ** -0.5}
+
+    def input_weights(self) -> dict[str, str]:
+        return dict.fromkeys(["U2", "U3"] + ([] if self.U3_tilde is None else ["U3_tilde"]), "factor")
 
     def head_cores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """G = C x1 U1 (H, r2, r3) and G~ = C~ x1 U1~ (H, r2~, r3~)."""
         return _head_core(self.U1, self.core), _head_core(self.U1_tilde, self.core_tilde)
 
-    def _forward_core(self, side: int) -> torch.Tensor:
-        """G as (r2, H*r3) for ``side=0``, G~ as (H*r3~, r2~) for ``side=1``: the layouts the
-        forward multiplies by. Without autograd (decoding, evaluation) each is memoized until
-        one of its factors changes (storage, dtype, device or version counter)."""
-        U1, core = (self.U1, self.core) if side == 0 else (self.U1_tilde, self.core_tilde)
-        key = None
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            key = tuple((f.data_ptr(), f._version, f.dtype, f.device) for f in (U1, core))
-            if self._memo[side] is not None and self._memo[side][0] == key:
-                return self._memo[side][1]
-        G = _head_core(U1, core)                                                    # (H, r2, r3)
-        if side == 0:
-            layout = G.transpose(0, 1).reshape(G.shape[1], -1)                      # column i*r3 + b: G[i, :, b]
-        else:
-            layout = G.transpose(1, 2).reshape(-1, G.shape[1])                      # row i*r3~ + b: G~[i, :, b]
-        self._memo[side] = None if key is None else (key, layout)
-        return layout
+    def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
+        """A_i = U2 G[i], B_i = U3; C_i = U2~ G~[i], D_i = U3~; the query bias seen through U3."""
+        p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
+        h = self.n_heads
+        G, G_tilde = (_head_core(p[u], p[c]) for u, c in (("U1", "core"), ("U1_tilde", "core_tilde")))
+        U3, U3_tilde = p["U3"], p.get("U3_tilde", p["U3"])
+        key_bias = p["q_bias"] @ U3.T if "q_bias" in p else None
+        return AttentionFactors(HeadFactors(p["U2"] @ G, U3.expand(h, -1, -1)),
+                                HeadFactors(p["U2_tilde"] @ G_tilde, U3_tilde.expand(h, -1, -1)),
+                                key_bias, p.get("out_bias"))
+
+    def exact_tucker(self) -> dict:
+        p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
+        return {"pre": (p["core"], (p["U1"], p["U2"], p["U3"])),
+                "post": (p["core_tilde"], (p["U1_tilde"], p["U2_tilde"], p.get("U3_tilde", p["U3"]))),
+                "shared_kv": self.shared_kv, "rope": self.rope}
+
+    @classmethod
+    def from_factors(cls, source: Attention, pre, post, *, key_bias=None, out_bias=None, shared_kv: bool = False,
+                     rope: str | None = None) -> TuckerAttention:
+        """A layer holding the Tucker pairs ``pre`` = (core, (U1, U2, U3)) and ``post`` (float64)
+        with ``source``'s d_model, n_heads, causal, scale, dropout, rope_base, dtype and device.
+
+        key_bias (H, d): the query bias seen from the key side, fitted as q_bias with
+        U3 q_bias_i ~ key_bias_i (exact when it lies in U3's span); out_bias (d)."""
+        (core, (U1, U2, U3)), (core_t, (U1_t, U2_t, U3_t)) = pre, post
+        bias = key_bias is not None or out_bias is not None
+        layer = cls(source.d_model, source.n_heads, tuple(core.shape), value_ranks=tuple(core_t.shape),
+                    shared_kv=shared_kv, causal=source.causal, rope=rope, dropout=source.dropout, bias=bias,
+                    scale=source.scale, rope_base=source.rope_base)
+        values = {"core": core, "U1": U1, "U2": U2, "U3": U3, "core_tilde": core_t, "U1_tilde": U1_t,
+                  "U2_tilde": U2_t}
+        if not shared_kv:
+            values["U3_tilde"] = U3_t
+        if bias:
+            zeros = torch.zeros(source.n_heads, source.d_model, dtype=torch.float64)
+            u = key_bias if key_bias is not None else zeros
+            values["q_bias"] = torch.linalg.lstsq(U3, u.T.to(U3.dtype)).solution.T   # u_i = U3 q_bias_i
+            values["out_bias"] = out_bias if out_bias is not None else torch.zeros(source.d_model,
+                                                                                   dtype=torch.float64)
+        return layer.assign_parameters(values, like=source)
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         r3, vr3 = self.ranks[2], self.value_ranks[2]
         return {"kv": (1, r3)} if self.shared_kv else {"k": (1, r3), "v": (1, vr3)}
 
-    def _project(self, x, rope):
+    def derived_weights(self) -> dict[str, torch.Tensor]:
+        """G as (r2, H*r3) and G~ as (H*r3~, r2~): one matrix product per side and token."""
+        G, G_tilde = self.head_cores()
+        return {"G": G.transpose(0, 1).reshape(G.shape[1], -1),                   # column i*r3 + b: G[i, :, b]
+                "G_tilde": G_tilde.transpose(1, 2).reshape(-1, G_tilde.shape[1])}  # row i*r3~ + b: G~[i, :, b]
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) -> Q (B, H, T, r3) = (x U2) G[i] for every head."""
         batch, steps, _ = x.shape
-        r3 = self.ranks[2]
-        q = (x @ self.U2) @ self._forward_core(0)                                 # (B, T, H*r3)
-        q = q.view(batch, steps, self.n_heads, r3).transpose(1, 2)                # (B, H, T, r3)
+        (r1, r2, r3), heads = self.ranks, self.n_heads
+        xq = (x @ self.U2).reshape(batch * steps, r2)                              # (N, r2)
+        layout = self._derived("G")
+        if layout is None and _factored_first(batch * steps, heads, r1, r2, r3):
+            z = torch.matmul(xq, self.core)                                         # (r1, N, r3)
+            q = (self.U1 @ z.reshape(r1, -1)).view(heads, batch, steps, r3)        # (H, B, T, r3)
+            return q.permute(1, 0, 2, 3)
+        if layout is None:
+            layout = self.derived_weights()["G"]
+        q = xq @ layout                                                             # (N, H*r3)
+        return q.view(batch, steps, heads, r3).transpose(1, 2)
+
+    def _project(self, x, rope):
+        q = self._queries(x)                                                        # (B, H, T, r3)
         if self.q_bias is not None:
             q = q + self.q_bias[:, None, :]
-        k = (x @ self.U3).unsqueeze(1)                                             # (B, 1, T, r3)
+        k = (x @ self.U3).unsqueeze(1)                                              # (B, 1, T, r3)
         if rope is not None:
             q = apply_rope(q, *rope)
         if self.shared_kv:
             return q, {"kv": k}
         if rope is not None:
             k = apply_rope(k, *rope)
-        return q, {"k": k, "v": (x @ self.U3_tilde).unsqueeze(1)}                # v (B, 1, T, r3~)
+        return q, {"k": k, "v": (x @ self.U3_tilde).unsqueeze(1)}                 # v (B, 1, T, r3~)
 
     def _output(self, o):
-        batch, _, steps, vr3 = o.shape
-        z = o.transpose(1, 2).reshape(batch, steps, self.n_heads * vr3)           # (B, T, H*r3~)
-        z = z @ self._forward_core(1)                                              # (B, T, r2~)
-        y = z @ self.U2_tilde.T                                                    # (B, T, d)
+        batch, heads, steps, vr3 = o.shape
+        vr1, vr2, _ = self.value_ranks
+        tokens = batch * steps
+        layout = self._derived("G_tilde")
+        if layout is None and _factored_first(tokens, heads, vr1, vr2, vr3):
+            z = self.U1_tilde.T @ o.transpose(0, 1).reshape(heads, tokens * vr3)   # (r1~, N*r3~)
+            z = torch.matmul(z.view(vr1, tokens, vr3), self.core_tilde.transpose(1, 2)).sum(0)   # (N, r2~)
+        else:
+            if layout is None:
+                layout = self.derived_weights()["G_tilde"]
+            z = o.transpose(1, 2).reshape(tokens, heads * vr3) @ layout             # (N, r2~)
+        y = (z @ self.U2_tilde.T).view(batch, steps, self.d_model)                  # (B, T, d)
         return y if self.out_bias is None else y + self.out_bias
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, ranks={self.ranks}, "
                 f"value_ranks={self.value_ranks}, shared_kv={self.shared_kv}, causal={self.causal}, "
-                f"rope={self.rotary is not None}")
+                f"rope={self.rope!r}")
+

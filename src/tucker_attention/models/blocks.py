@@ -14,7 +14,7 @@ from torch import nn
 
 from .._checks import check_choice, check_probability
 from ..accounting import attention_param_count, kv_cache_bytes_per_token
-from ..layers import ATTENTION_METHODS, Attention, KVCache, make_attention
+from ..layers import ATTENTION_METHODS, Attention, KVCache, RopeTables, make_attention
 
 NORMS = ("rmsnorm", "layernorm")
 # arguments the model decides for every layer; a spec may not set them
@@ -51,12 +51,11 @@ def check_block_config(config) -> dict:
 
 def build_attention(spec, d_model: int, n_heads: int, *, causal: bool, rope: bool, dropout: float = 0.0,
                     bias: bool = False) -> Attention:
-    """The attention layer of ``spec``; ``rope`` switches on each method's RoPE unless the spec sets it
-    (head-dimension RoPE for MHA/GQA/MQA, latent RoPE for Tucker and MLA)."""
+    """The attention layer of ``spec``; ``rope`` switches on each method's ``positional_rope`` unless
+    the spec sets it (head-dimension RoPE for MHA/GQA/MQA, latent RoPE for Tucker and MLA)."""
     spec = attention_spec(spec)
     kwargs = {k: v for k, v in spec.items() if k != "method"}
-    kwargs.setdefault("rope", ("latent" if spec["method"] == "mla" else True) if rope else
-                      (None if spec["method"] == "mla" else False))
+    kwargs.setdefault("rope", ATTENTION_METHODS[spec["method"]].positional_rope if rope else None)
     kwargs.setdefault("dropout", dropout)
     kwargs.setdefault("bias", bias)
     return make_attention(spec["method"], d_model, n_heads, causal=causal, **kwargs)
@@ -93,9 +92,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(norm, d_model)
         self.mlp = MLP(d_model, mlp_ratio, dropout=dropout, bias=bias)
 
-    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.norm1(x), cache=cache, attn_mask=attn_mask))
+    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                rope: RopeTables | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.norm1(x), cache=cache, attn_mask=attn_mask, rope=rope))
         return x + self.mlp(self.norm2(x))
 
 

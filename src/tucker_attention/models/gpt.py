@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._checks import check_choice, check_int
-from ..layers import KVCache
+from ..layers import KVCache, RopeTables, frozen_weights
 from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POSITIONS = ("rope", "learned")
@@ -84,8 +84,10 @@ class GPT(ModelStats, nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + steps, device=idx.device))
         x = self.drop(x)
+        positions = torch.arange(start, start + steps, device=idx.device)
+        rope = RopeTables(positions, torch.arange(start + steps, device=idx.device) if caches else None)  # all layers
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=caches[i] if caches else None)
+            x = block(x, cache=caches[i] if caches else None, rope=rope)
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None
@@ -112,17 +114,18 @@ class GPT(ModelStats, nn.Module):
                              f"({idx.shape[1]}) plus max_new_tokens ({max_new_tokens}) exceeds it")
         caches = self.make_caches(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
         step_input = idx
-        for _ in range(max_new_tokens):
-            logits, _ = self(step_input if use_cache else idx, caches=caches)
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, token], dim=1)
-            step_input = token
+        with frozen_weights(self):               # the weights stay fixed while decoding
+            for _ in range(max_new_tokens):
+                logits, _ = self(step_input if use_cache else idx, caches=caches)
+                logits = logits[:, -1, :].float()
+                if temperature == 0:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                idx = torch.cat([idx, token], dim=1)
+                step_input = token
         return idx

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._checks import check_choice, check_int
+from ..layers import RopeTables
 from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POOLS = ("cls", "mean")
@@ -86,8 +87,9 @@ class ViT(ModelStats, nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, d)
         x = self.drop(x + self.pos_embed)
+        rope = RopeTables(torch.arange(x.shape[1], device=x.device))  # only for specs that switch RoPE on
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         x = self.norm_f(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None

@@ -14,10 +14,20 @@ from .algebra import (
     unfold,
 )
 from .budget import RankPlan, plan_ranks, tucker_param_count
-from .convert import compress, input_transform, mha_to_gqa, mha_to_mla, relative_error, to_tucker, whitening
-from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, factored_hosvd
+from .convert import (
+    CONVERSIONS,
+    compress,
+    convert_layer,
+    input_transform,
+    mha_to_gqa,
+    mha_to_mla,
+    relative_error,
+    to_tucker,
+    whitening,
+)
+from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, check_finite, factored_hosvd
 
-__all__ = ["AttentionFactors", "HeadFactors", "RankPlan", "TuckerTensor", "attention_factors", "attention_tensors",
-           "compress", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "mha_to_gqa", "mha_to_mla",
+__all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "TuckerTensor", "attention_factors", "attention_tensors",
+           "check_finite", "compress", "convert_layer", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "mha_to_gqa", "mha_to_mla",
            "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank", "plan_ranks", "relative_error",
            "to_tucker", "top_eigenvectors", "tucker_param_count", "tucker_to_tensor", "unfold", "whitening"]

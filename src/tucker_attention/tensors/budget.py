@@ -78,7 +78,7 @@ def plan_ranks(layers: dict[str, Attention], *, params=None, kv=None, even_r3: b
     for _, layer in items:
         f = attention_factors(layer, ignore_rope=True)
         facts.append((f, f.pre.spectra(), f.post.spectra(), f.out_bias is not None,
-                      layer.rotary is not None if even_r3 is None else even_r3))
+                      layer.rope is not None if even_r3 is None else even_r3))
     source_params = sum(sum(p.numel() for p in layer.parameters()) for _, layer in items)
     source_kv = sum(sum(h * w for h, w in layer.cache_spec().values()) for _, layer in items)
     name, total = ("params", source_params) if params is not None else ("kv", source_kv)

@@ -13,6 +13,9 @@ from .._checks import check_choice, check_int
 TASKS = ("lm", "vit")
 
 
+DEFAULT_ATTENTION_LR = "relative"  # the one default of the per-parameter attention lr rule
+
+
 @dataclass
 class DataConfig:
     """Where the data comes from. ``path=None`` and ``hf_dataset=None`` is the built-in corpus.
@@ -56,7 +59,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     attention_lr_scale: float = 1.0
-    attention_lr: str = "relative"
+    attention_lr: str = DEFAULT_ATTENTION_LR
     eval_interval: int = 100
     eval_windows: int = 256
     checkpoint_interval: int = 250

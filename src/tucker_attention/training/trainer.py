@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..layers import Attention
 from .checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
-from .config import RunConfig
+from .config import DEFAULT_ATTENTION_LR, RunConfig
 from .tasks import all_reduce_sum, make_task
 
 
@@ -35,7 +35,7 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, attention_lr_scale: float = 1.0,
-                 attention_lr: str = "uniform") -> list[dict]:
+                 attention_lr: str = DEFAULT_ATTENTION_LR) -> list[dict]:
     """AdamW groups: weight decay on matrices only; attention parameters at ``attention_lr_scale·lr``,
     times each layer's :meth:`~tucker_attention.layers.Attention.lr_scales` when
     ``attention_lr == "relative"``."""
