@@ -3,7 +3,8 @@
 Needs the extra ``pip install 'tucker-attention[hf]'`` (transformers, safetensors).
 """
 
-from .blocks import SUPPORTED_BLOCKS, HFAttention, attention_layers, find_blocks, read_block
+from .blocks import HFAttention
+from .read import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block
 from .calibration import input_statistics
 from .convert import METHODS, convert, convert_block, converted_blocks, load_converted, plan_ranks, save_converted
 from .models import load_model, model_path

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .blocks import find_blocks
+from .read import find_blocks
 
 
 @torch.no_grad()

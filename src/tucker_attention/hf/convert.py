@@ -25,7 +25,8 @@ from .._checks import check_choice
 from ..layers import Attention, make_attention
 from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
-from .blocks import Block, HFAttention, attention_layers, find_blocks
+from .blocks import HFAttention
+from .read import Block, attention_layers, find_blocks
 from .cache import SharedRope
 
 METHODS = ("tucker", "gqa", "mla")

@@ -183,6 +183,16 @@ class Attention(nn.Module, ABC):
         weight (out, d) or a factor (d, r). Used by :func:`tucker_attention.tensors.input_transform`."""
         raise TypeError(f"{type(self).__name__} does not list its input weights; define input_weights()")
 
+    def nonlinearity(self) -> str | None:
+        """Why this layer is not linear in x (e.g. norms between its projections), or None.
+        A non-linear layer has no tensor view; :meth:`linearized` gives the nearest linear one."""
+        return None
+
+    def linearized(self, input_cov: torch.Tensor | None = None) -> Attention:
+        """The nearest linear layer (this one when it is linear). ``input_cov`` (d, d): the second
+        moment of the layer's inputs, which a linearization may use to estimate norm scales."""
+        return self
+
     def derived_weights(self) -> dict[str, torch.Tensor]:
         """Weights computed from the parameters that a forward can reuse while they stay fixed
         (Tucker's head cores in the layouts it multiplies by); see :func:`frozen_weights`."""
