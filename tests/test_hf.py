@@ -269,7 +269,7 @@ def test_full_rank_conversion_is_exact(arch, method):
     assert all(b.layer.method == {"tucker": "tucker", "gqa": ("gqa" if arch == "llama" else "mha"),
                                   "mla": "mla"}[method] for b in blocks.values())
     spec = model.config.tucker_attention
-    assert spec["method"] == method and spec["model_class"] == type(model).__name__
+    assert spec["method"] == method and type(model).__name__ == "Tucker" + spec["model_class"]
     assert list(spec["blocks"]) == list(blocks)
     got = outputs(model, inputs)
     if rope_approx:
@@ -512,9 +512,9 @@ def test_save_load_round_trip(arch, tmp_path):
     want = outputs(model, inputs)
     assert save_converted(model, tmp_path / "saved") == tmp_path / "saved"
     files = {p.name for p in (tmp_path / "saved").iterdir()}
-    assert {"model.safetensors", "config.json", "tucker_attention.json"} <= files
-    spec = json.loads((tmp_path / "saved" / "tucker_attention.json").read_text())
-    assert spec["method"] == "tucker" and spec["model_class"] == type(model).__name__
+    assert {"model.safetensors", "config.json", "modeling_tucker_attention.py"} <= files
+    spec = json.loads((tmp_path / "saved" / "config.json").read_text())["tucker_attention"]
+    assert spec["method"] == "tucker" and type(model).__name__ == "Tucker" + spec["model_class"]
     assert list(spec["blocks"]) == list(converted_blocks(model))
     assert all(block["layer"]["ranks"] == list(TRUNCATED) for block in spec["blocks"].values())
 
@@ -634,10 +634,10 @@ def test_bad_paths(tmp_path):
         load_model("/nonexistent")
     with pytest.raises(ValueError, match="not a transformers model folder"):
         load_model(tmp_path)
-    with pytest.raises(FileNotFoundError, match="tucker_attention.json"):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_converted(tmp_path)
     build("bert").save_pretrained(tmp_path / "plain")      # a transformers folder, but not a converted one
-    with pytest.raises(FileNotFoundError, match="tucker_attention.json"):
+    with pytest.raises(ValueError, match="'bert' model that was not converted"):
         load_converted(tmp_path / "plain")
 
 

@@ -209,6 +209,33 @@ def _compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_ranks(text: str) -> tuple[list[int], list[int] | None]:
+    """``--ranks`` of convert: 'r1,r2,r3' or 'r1,r2,r3/v1,v2,v3' (tucker), 'n' (gqa), 'kv' or 'kv,q' (mla)."""
+    ranks, _, value_ranks = text.partition("/")
+    parsed = _int_list(ranks), (_int_list(value_ranks) if value_ranks else None)
+    if not parsed[0] or parsed[1] == []:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (tucker: r1,r2,r3[/v1,v2,v3]), "
+                                         f"got {text!r}")
+    return parsed
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    from .hf.pipeline import ConvertError, convert_folder, format_report
+
+    ranks, value_ranks = args.ranks if args.ranks is not None else (None, None)
+    try:
+        report = convert_folder(args.src, args.method, ranks=ranks, value_ranks=value_ranks,
+                                budget_params=args.budget_params, budget_kv=args.budget_kv, out=args.out,
+                                overwrite=args.overwrite, calibration=args.calibration, dtype=args.dtype,
+                                n_calibration=args.n_calibration, n_eval=args.n_eval, seq_len=args.seq_len,
+                                progress=not args.no_progress)
+    except ConvertError as err:                           # name the command-line argument
+        flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, "--" + err.argument.replace("_", "-"))
+        raise ValueError(f"{flag}: {err.message}") from None
+    print(format_report(report))
+    return 0
+
+
 def _generate_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -324,6 +351,35 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--save", help="write the converted (and distilled) model and tokenizer to this folder")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     k.set_defaults(func=_compress_command)
+
+    v = sub.add_parser("convert", help="convert a local transformers model folder's attention (Tucker/GQA/MLA, "
+                                       "activation-aware), write the converted folder, print size and fidelity")
+    v.add_argument("src", metavar="SRC", help="a local transformers model folder (config.json + weights) or minilm "
+                                              "(the bundled all-MiniLM-L6-v2)")
+    v.add_argument("--method", required=True, choices=["tucker", "gqa", "mla"], help="the attention to convert to")
+    v.add_argument("--ranks", type=_convert_ranks, metavar="R",
+                   help="tucker: r1,r2,r3 or r1,r2,r3/v1,v2,v3 (value ranks); gqa: n_kv_heads; mla: kv_rank or "
+                        "kv_rank,q_rank")
+    v.add_argument("--budget-params", type=float, metavar="F",
+                   help="instead of --ranks: the largest setting within F x the source's attention parameters "
+                        "(0 < F <= 1) or F parameters (F > 1)")
+    v.add_argument("--budget-kv", type=float, metavar="F",
+                   help="instead of --ranks: the largest setting within F x the source's KV floats per token "
+                        "(0 < F <= 1) or F floats (F > 1), all layers")
+    v.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, see --overwrite)")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out (written aside, then swapped)")
+    v.add_argument("--calibration", metavar="TEXTFILE",
+                   help="text file or folder of .txt files for the activation statistics and the held-out "
+                        "evaluation (default: the built-in Shakespeare plays; random token ids without a "
+                        "tokenizer, random images for image models)")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the written weights and of the reported KV bytes (default auto: the source's); "
+                        "the conversion itself runs in float32")
+    v.add_argument("--n-calibration", type=int, default=64, help="calibration pieces (default 64)")
+    v.add_argument("--n-eval", type=int, default=16, help="held-out evaluation pieces (default 16)")
+    v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.set_defaults(func=_convert_command)
     return parser
 
 

@@ -1,14 +1,19 @@
 """Hugging Face ``transformers`` models: read their attention, convert it, save the result.
 
-Needs the extra ``pip install 'tucker-attention[hf]'`` (transformers, safetensors).
+Needs the extra ``pip install 'tucker-attention[hf]'`` (transformers, safetensors). Importing
+this package registers the converted model types (``tucker_llama``, ...) with transformers'
+Auto classes, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads a converted folder.
 """
 
+from .auto import register, register_families
 from .blocks import HFAttention
-from .read import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block
 from .calibration import input_statistics
 from .convert import METHODS, convert, convert_block, converted_blocks, load_converted, plan_ranks, save_converted
 from .models import load_model, model_path
+from .read import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block
+
+register_families()
 
 __all__ = ["METHODS", "SUPPORTED_BLOCKS", "HFAttention", "attention_layers", "convert", "convert_block",
            "converted_blocks", "find_blocks", "input_statistics", "load_converted", "load_model", "model_path",
-           "plan_ranks", "read_block", "save_converted"]
+           "plan_ranks", "read_block", "register", "save_converted"]

@@ -27,11 +27,11 @@ from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
 from .blocks import HFAttention
 from .read import Block, attention_layers, find_blocks
+from .auto import config_class, model_class, to_converted_classes
 from .cache import SharedRope
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _with_rope(layer: Attention, rope) -> Attention:
@@ -102,7 +102,9 @@ def _install(model: nn.Module, block: Block, layer: Attention, rope_source: Shar
     training = parent.get_submodule(name).training
     head_rope = block.model_rope and layer.rope == "head"                 # takes the model's RoPE tables
     setattr(parent, name, HFAttention(layer, kind=block.kind, layer_idx=block.layer_idx, model_rope=head_rope,
-                                      resid_dropout=block.resid_dropout, rope_source=rope_source).train(training))
+                                      resid_dropout=block.resid_dropout, sliding_window=block.sliding_window,
+                                      softcap=block.softcap, config=model.config,
+                                      rope_source=rope_source).train(training))
     if block.kind == "bert":                          # the output projection is now inside our layer
         parent.output.dense = nn.Identity()
 
@@ -146,9 +148,30 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     for block, layer in zip(blocks, layers):
         _install(target, block, layer, rope_source)
     if hasattr(target, "config"):
-        target.config.tucker_attention = {"method": method, "model_class": type(target).__name__,
-                                          "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
+        spec = {"method": method, "model_class": type(target).__name__,
+                "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
+        spec.update(serving_layout(target.config, [target.get_submodule(b.path).layer for b in blocks]))
+        target.config.tucker_attention = spec
+        to_converted_classes(target)
     return target
+
+
+def serving_layout(config, layers: list[Attention]) -> dict:
+    """The config a paged-attention server sizes its KV cache from (``num_key_value_heads``,
+    ``head_dim``), set in place when every layer caches one key head and one value head of one
+    common width (Tucker with r3~ = r3, not shared: keys rotated as they are cached); returns
+    {'serving': {...} or None, 'source_layout': the original values, restored to rebuild the
+    skeleton; fields it lacked are left out}. Encoders and other layouts (per-layer widths, a shared latent stored once) keep the config."""
+    specs = [layer.cache_spec() for layer in layers]
+    widths = {w for spec in specs for _, w in spec.values()}
+    if (not all(layer.causal for layer in layers) or len(widths) != 1
+            or not all(list(spec) == ["k", "v"] and {h for h, _ in spec.values()} == {1} for spec in specs)):
+        return {"serving": None}
+    layout = {"num_key_value_heads": 1, "head_dim": widths.pop()}
+    source = {name: getattr(config, name) for name in layout if name in vars(config)}  # absent: rebuilt absent
+    for name, value in layout.items():
+        setattr(config, name, value)
+    return {"serving": layout, "source_layout": source}
 
 
 def converted_blocks(model: nn.Module) -> dict[str, HFAttention]:
@@ -156,57 +179,41 @@ def converted_blocks(model: nn.Module) -> dict[str, HFAttention]:
     return {path: m for path, m in model.named_modules() if isinstance(m, HFAttention)}
 
 
-def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write a converted model to a folder: ``config.json`` (transformers), ``tucker_attention.json``
-    (method and every block's layer config), ``model.safetensors``; optionally the tokenizer.
-
-    :func:`load_converted` rebuilds it without the conversion step.
-    """
-    from safetensors.torch import save_model
-
-    spec = getattr(getattr(model, "config", None), "tucker_attention", None)
-    if not spec:
+def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, generation_config=None) -> Path:
+    """``model.save_pretrained(path)`` (a standard folder, see :mod:`.auto`), plus the tokenizer
+    and generation config when given (default: the model's own generation config)."""
+    if not getattr(getattr(model, "config", None), "tucker_attention", None):
         raise ValueError("model is not a converted model (no config.tucker_attention); use tucker_attention.hf.convert")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(path)
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path / WEIGHTS_FILE)
-    (path / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    model.save_pretrained(path)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
 
 
-def load_converted(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_converted` (no download, no conversion, eval mode)."""
+def load_converted(path: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
+    """A converted model from a folder written by ``save_pretrained`` (or by the older
+    ``save_converted`` with a ``tucker_attention.json``), offline, in eval mode; ``kwargs`` go to
+    ``from_pretrained`` (e.g. ``dtype``, ``attn_implementation``)."""
     import transformers
-    from safetensors.torch import load_model
 
     path = Path(path)
-    for name in (SPEC_FILE, WEIGHTS_FILE, "config.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a converted model folder: {name} is missing "
-                                    f"(write one with tucker_attention.hf.save_converted)")
-    spec = json.loads((path / SPEC_FILE).read_text())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a converted model folder: config.json is missing "
+                                f"(write one with model.save_pretrained after tucker_attention.hf.convert)")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = getattr(transformers, spec["model_class"], None)
-    if cls is None:
-        raise ValueError(f"transformers has no model class {spec['model_class']!r}")
-    model = cls._from_config(config)
-    rope_source = SharedRope()
-    for block_path, block in spec["blocks"].items():
-        parent_path, _, name = block_path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        layer = make_attention(**block["layer"])
-        setattr(parent, name, HFAttention(layer, kind=block["kind"], layer_idx=block["layer_idx"],
-                                          model_rope=block["model_rope"], resid_dropout=block["resid_dropout"],
-                                          rope_source=rope_source))
-        if block["kind"] == "bert":
-            parent.output.dense = nn.Identity()
-    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
-    return model.to(device).eval()   # from_pretrained's convention
+    spec = getattr(config, "tucker_attention", None)
+    if not spec and (path / SPEC_FILE).is_file():                  # the older folder layout
+        spec = json.loads((path / SPEC_FILE).read_text())
+        config.tucker_attention = spec
+        config.__class__ = config_class(type(config).model_type)
+    if not spec:
+        raise ValueError(f"{path} holds a {config.model_type!r} model that was not converted "
+                         f"(no tucker_attention in its config); convert it with tucker_attention.hf.convert")
+    cls = model_class(spec["model_class"])
+    return cls.from_pretrained(path, config=config, local_files_only=True, **kwargs).to(device).eval()
 
 
 def plan_ranks(model: nn.Module, *, params=None, kv=None, calibration=None) -> RankPlan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from .cache import CacheProtocol, KVCache
 from .factors import AttentionFactors
 from .rope import RopeTables, RotaryEmbedding, apply_rope
 from .sdpa import attend, check_mask
+
+#: ``kernel(q, k, v, *, scale, causal, attn_mask, dropout_p) -> o``, see :meth:`Attention.forward`.
+AttentionKernel = Callable[..., torch.Tensor]
 
 #: {method name: layer class}; every subclass of :class:`Attention` with a ``method`` joins it.
 ATTENTION_METHODS: dict[str, type[Attention]] = {}
@@ -72,7 +76,11 @@ class Attention(nn.Module, ABC):
     - ``shared_kv`` (latent layers): one latent serves as keys and values. The default is the
       method's published form: True for MLA (DeepSeek-V2 caches one latent), False for
       Tucker (the paper's Def. 2.1 and Tables 1-2 have a separate value factor U3~).
-    - ``norm_eps``: epsilon of every norm a layer has (MLA's latent RMSNorm; 1e-6 as DeepSeek).
+    - ``norm_eps``: epsilon of every norm a layer has (MLA's latent RMSNorm, GQA's per-head
+      ``qk_norm``; 1e-6 as DeepSeek and Qwen3). A layer with such a norm is not linear in x:
+      :meth:`nonlinearity` says why, :meth:`linearized` folds each norm into its projection.
+    - ``rope_dim``: the width RoPE rotates (GQA: the first ``rope_dim`` dims of each head,
+      partial rotary; MLA: the decoupled RoPE branch).
     - ``bias``: biases on every projection whose bias is not redundant (see each class).
     - Learning-rate scales (:meth:`lr_scales`) follow from :meth:`init_stds`, i.e. from the
       configuration alone; the trainer's ``attention_lr`` default lives in one place,
@@ -182,6 +190,11 @@ class Attention(nn.Module, ABC):
         """{parameter name: 'linear' | 'factor'} of the weights that act on the input x: a Linear
         weight (out, d) or a factor (d, r). Used by :func:`tucker_attention.tensors.input_transform`."""
         raise TypeError(f"{type(self).__name__} does not list its input weights; define input_weights()")
+
+    def rotates_keys_on_read(self) -> bool:
+        """True when cached keys are stored unrotated and rotated when read (a shared latent under
+        latent RoPE: the values need it unrotated), so the cache must know every key's position."""
+        return self.rope == "latent" and "kv" in self.cache_spec()
 
     def nonlinearity(self) -> str | None:
         """Why this layer is not linear in x (e.g. norms between its projections), or None.
@@ -315,7 +328,8 @@ class Attention(nn.Module, ABC):
         return past, positions
 
     def forward(self, x: torch.Tensor, *, cache: CacheProtocol | None = None, attn_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, rope: RopeTables | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, rope: RopeTables | None = None,
+                kernel: AttentionKernel | None = None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model).
 
         cache: a :class:`KVCache` from :meth:`make_cache` (or any :class:`CacheProtocol`); the
@@ -326,6 +340,10 @@ class Attention(nn.Module, ABC):
         rope: the model's :class:`RopeTables` for this forward (computed once, shared by all
             layers); its positions then set the rotations (``positions`` only what a cache
             records). Default: tables of ``positions`` made here.
+        kernel: the attention computation, called as ``kernel(q, k, v, scale=, causal=,
+            attn_mask=, dropout_p=)`` with q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) and
+            returning (B, H, T, Dv); default :func:`~.sdpa.attend`. An integration passes its own
+            (e.g. a Hugging Face model's attention interface, which then owns the model's mask).
         """
         past, positions = self._check_call(x, cache, attn_mask, positions, rope)
         if self._frozen is not None:
@@ -339,6 +357,6 @@ class Attention(nn.Module, ABC):
             if rope is None and tables is not None:
                 tables = RopeTables(positions, key_positions)
         k, v = self._keys_values(entries, tables)
-        o = attend(q, k, v, scale=self.scale, causal=self.causal, attn_mask=attn_mask,
-                   dropout_p=self.dropout if self.training else 0.0)
+        o = (kernel or attend)(q, k, v, scale=self.scale, causal=self.causal, attn_mask=attn_mask,
+                               dropout_p=self.dropout if self.training else 0.0)
         return self._output(o)

@@ -39,11 +39,22 @@ class RotaryEmbedding(nn.Module):
         if not base > 1.0:
             raise ValueError(f"rope_base must be > 1, got {base!r}")
         self.base = float(base)
-        default = self.base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        self.register_buffer("inv_freq", default, persistent=False)            # (dim/2,), float64
         self.signature: tuple = (self.dim, self.base)
+        self._on_device: dict[str, torch.Tensor] = {}
         if inv_freq is not None:
             self.set_frequencies(inv_freq)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """(dim/2,) float64 inverse frequencies. Not a buffer: a pure function of :attr:`signature`,
+        so no dtype cast, device move or meta-device loader can leave it stale or empty."""
+        return self._compute(torch.device("cpu"), torch.float64)
+
+    def _compute(self, device: torch.device, work: torch.dtype) -> torch.Tensor:
+        if len(self.signature) == 3:
+            return torch.tensor(self.signature[2], dtype=torch.float64, device=device).to(work)
+        steps = torch.arange(0, self.dim, 2, dtype=torch.float64, device=device)
+        return (self.base ** (-steps / self.dim)).to(work)
 
     def set_frequencies(self, inv_freq: torch.Tensor) -> None:
         """Use these (dim/2,) inverse frequencies instead of the default ones."""
@@ -51,14 +62,24 @@ class RotaryEmbedding(nn.Module):
         if values.shape != (self.dim // 2,) or not torch.isfinite(values).all():
             raise ValueError(f"inv_freq must be a finite tensor of shape (dim/2,) = ({self.dim // 2},), "
                              f"got shape {tuple(values.shape)}")
-        self.inv_freq = values.to(self.inv_freq.device)
         self.signature = (self.dim, self.base, tuple(values.tolist()))
+        self._on_device = {}
+
+    def _frequencies(self, device: torch.device, work: torch.dtype) -> torch.Tensor:
+        """The frequencies on ``device`` in ``work``, kept per (device, dtype): a pure function of
+        the signature, so a kept one is never stale (computed in the graph under torch.compile)."""
+        if torch.compiler.is_compiling():
+            return self._compute(device, work)
+        key = f"{device}/{work}"
+        if key not in self._on_device:
+            self._on_device[key] = self._compute(device, work)
+        return self._on_device[key]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() not in (1, 2):
             raise ValueError(f"positions must have shape (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        angles = positions.to(work)[..., None] * self.inv_freq.to(work)          # (..., T, dim/2)
+        angles = positions.to(work)[..., None] * self._frequencies(positions.device, work)  # (..., T, dim/2)
         angles = torch.cat([angles, angles], dim=-1)                             # pair j: columns j, j + dim/2
         if positions.dim() == 2:
             angles = angles.unsqueeze(1)                                         # (B, 1, T, dim)

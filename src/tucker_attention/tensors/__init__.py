@@ -13,7 +13,7 @@ from .algebra import (
     tucker_to_tensor,
     unfold,
 )
-from .budget import RankPlan, plan_ranks, tucker_param_count
+from .budget import RankPlan, SettingPlan, converted_cost, plan_ranks, plan_setting, tucker_param_count
 from .convert import (
     CONVERSIONS,
     compress,
@@ -27,7 +27,9 @@ from .convert import (
 )
 from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, check_finite, factored_hosvd
 
-__all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "TuckerTensor", "attention_factors", "attention_tensors",
-           "check_finite", "compress", "convert_layer", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "mha_to_gqa", "mha_to_mla",
-           "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank", "plan_ranks", "relative_error",
-           "to_tucker", "top_eigenvectors", "tucker_param_count", "tucker_to_tensor", "unfold", "whitening"]
+__all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "SettingPlan", "TuckerTensor",
+           "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer", "converted_cost",
+           "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "mha_to_gqa", "mha_to_mla",
+           "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank", "plan_ranks", "plan_setting",
+           "relative_error", "to_tucker", "top_eigenvectors", "tucker_param_count", "tucker_to_tensor", "unfold",
+           "whitening"]

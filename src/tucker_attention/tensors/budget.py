@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from .._checks import check_choice
 from .._table import text_table
-from ..layers import Attention
+from ..layers import Attention, make_attention
 from .algebra import energy_rank
 from .view import attention_factors, factored_hosvd
 
@@ -126,4 +129,118 @@ def _hosvd_error(factors, ranks) -> float:
     return max(0.0, 1.0 - float(core.square().sum()) / norm) ** 0.5 if norm > 0 else 0.0
 
 
-__all__ = ["BUDGETS", "RankPlan", "plan_ranks", "tucker_param_count"]
+SETTING_METHODS = ("gqa", "mla")
+
+
+@dataclass
+class SettingPlan:
+    """One GQA / MLA setting for every layer under a budget (:func:`plan_setting`), with its cost.
+
+    setting: n_kv_heads (gqa) or kv_rank (mla; queries stay full rank). ``smallest`` is the
+    cost of the smallest valid setting, ``valid`` every valid setting (ascending).
+    """
+    method: str
+    setting: int
+    budget: str
+    limit: int
+    params: int
+    source_params: int
+    kv: int
+    source_kv: int
+    valid: list[int] = field(default_factory=list)
+
+    def label(self) -> str:
+        return f"{'n_kv_heads' if self.method == 'gqa' else 'kv_rank'} {self.setting}"
+
+    def table(self) -> str:
+        return (f"{self.method} {self.label()} (largest within the {self.budget} budget {self.limit:,}): attention "
+                f"params {self.params:,} of {self.source_params:,} ({self.params / self.source_params:.3f}), "
+                f"KV floats/token {self.kv:,} of {self.source_kv:,} ({self.kv / self.source_kv:.3f})")
+
+
+def converted_cost(layer: Attention, method: str, setting) -> tuple[int, int]:
+    """(parameters, KV floats per token) of the layer that converting ``layer`` to ``method``
+    with ``setting`` builds (``convert_layer`` / ``tucker_attention.hf.convert``: the SVD baselines
+    keep the source's head width and biases; RoPE sources get the method's positional RoPE).
+
+    Counted on a layer built on the meta device, with the layers' own accounting
+    (parameters, ``cache_spec()``). gqa: setting = n_kv_heads; mla: kv_rank or (kv_rank, q_rank).
+    Raises ValueError for a setting such a layer cannot have (e.g. n_kv_heads not dividing
+    n_heads, an odd kv_rank under latent RoPE).
+    """
+    check_choice("method", method, SETTING_METHODS)
+    config = layer.config()
+    common = {"head_dim": getattr(layer, "head_dim", None), "bias": bool(config.get("bias", False)),
+              "rope": True if layer.rope is not None else None, "causal": layer.causal}
+    with torch.device("meta"):
+        if method == "gqa":
+            target = make_attention("gqa", layer.d_model, layer.n_heads, n_kv_heads=setting, **common)
+        else:
+            kv_rank, q_rank = tuple(setting) if isinstance(setting, (tuple, list)) else (setting, None)
+            target = make_attention("mla", layer.d_model, layer.n_heads, kv_rank=kv_rank, q_rank=q_rank, **common)
+    return (sum(p.numel() for p in target.parameters()),
+            sum(h * w for h, w in target.cache_spec().values()))
+
+
+def _signature(layer: Attention) -> tuple:
+    config = layer.config()
+    return (layer.d_model, layer.n_heads, getattr(layer, "head_dim", None), bool(config.get("bias", False)),
+            layer.rope is not None)
+
+
+def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=None) -> SettingPlan:
+    """The largest GQA n_kv_heads (dividing every layer's n_heads) or MLA kv_rank (even when a
+    layer uses RoPE: latent RoPE rotates pairs) whose total cost over ``layers`` fits a budget:
+    give exactly one of ``params`` (attention parameters) or ``kv`` (KV-cache floats per token,
+    all layers), each a count or a fraction in (0, 1) of the source layers' total.
+
+    One setting for every layer (what ``convert(model, method, setting)`` takes). Costs are those
+    of the converted layers (:func:`converted_cost`). Raises ValueError naming the budget and the
+    smallest setting's cost when no setting fits.
+    """
+    check_choice("method", method, SETTING_METHODS)
+    if (params is None) == (kv is None):
+        raise ValueError("give exactly one budget: params=... (attention parameters) or kv=... (KV floats per token)")
+    if not layers:
+        raise ValueError("layers is empty: no attention layers to plan a setting for")
+    items = list(layers.values())
+    source_params = sum(sum(p.numel() for p in layer.parameters()) for layer in items)
+    source_kv = sum(sum(h * w for h, w in layer.cache_spec().values()) for layer in items)
+    name, total = ("params", source_params) if params is not None else ("kv", source_kv)
+    limit = _budget_value(name, params if params is not None else kv, total)
+    groups: dict[tuple, list[Attention]] = {}
+    for layer in items:                                      # identical layers cost the same: count one per shape
+        groups.setdefault(_signature(layer), []).append(layer)
+    if method == "gqa":
+        valid = [g for g in range(1, min(layer.n_heads for layer in items) + 1)
+                 if all(layer.n_heads % g == 0 for layer in items)]
+    else:
+        step = 2 if any(layer.rope is not None for layer in items) else 1
+        valid = list(range(step, min(layer.d_model for layer in items) + 1, step))
+
+    def cost(setting) -> tuple[int, int]:
+        totals = [0, 0]
+        for members in groups.values():
+            n_params, n_kv = converted_cost(members[0], method, setting)
+            totals[0] += n_params * len(members)
+            totals[1] += n_kv * len(members)
+        return totals[0], totals[1]
+
+    def fits(setting) -> bool:
+        return cost(setting)[0 if name == "params" else 1] <= limit
+
+    if not fits(valid[0]):
+        minimum = cost(valid[0])[0 if name == "params" else 1]
+        what = "n_kv_heads" if method == "gqa" else "kv_rank"
+        raise ValueError(f"{name} budget {limit:,} is below the smallest {method} setting's {minimum:,} "
+                         f"({what}={valid[0]}: {minimum / total:.4f} of the source's {total:,})")
+    low, high = 0, len(valid) - 1                            # costs grow with the setting: bisect the valid list
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(valid[mid]) else (low, mid - 1)
+    n_params, n_kv = cost(valid[low])
+    return SettingPlan(method, valid[low], name, limit, n_params, source_params, n_kv, source_kv, valid)
+
+
+__all__ = ["BUDGETS", "SETTING_METHODS", "RankPlan", "SettingPlan", "converted_cost", "plan_ranks", "plan_setting",
+           "tucker_param_count"]

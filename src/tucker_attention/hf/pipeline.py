@@ -1,0 +1,686 @@
+"""``tucker-attn convert``: a local transformers model folder in, a converted model folder out.
+
+:func:`convert_folder` loads any local model folder (or the bundled ``minilm``) offline, picks
+ranks (given, or the largest setting within a parameter / KV-cache budget), converts a copy
+activation-aware (:func:`~.calibration.input_statistics` on calibration text or images),
+measures it against the source on held-out inputs and writes the result with
+:func:`~.convert.save_converted` (to a temporary sibling folder, then moved into place). The
+source model and folder are never changed; every bad input raises a :class:`ConvertError`
+naming the argument before anything is written.
+
+Fidelity: decoders (causal LMs) mean next-token KL(source || converted) and top-1 agreement;
+classifiers KL of the class distributions and top-1 agreement; other models (encoders) the
+mean cosine of the mean-pooled last hidden states. The work runs in float32 (the
+decompositions in float64); the folder is written in ``dtype`` (default: the source's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._table import text_table
+from ..accounting import attention_param_count, kv_cache_floats_per_token
+
+METHODS = ("tucker", "gqa", "mla")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "merges.txt")
+BUILTIN_TEXT = "the built-in Shakespeare plays"
+# defaults: 64 calibration pieces of <= 128 tokens (~8k tokens, what the MiniLM calibration of `compress` uses),
+# 16 held-out evaluation pieces
+N_CALIBRATION, N_EVAL, SEQ_LEN, BATCH_SIZE = 64, 16, 128, 8
+
+
+class ConvertError(ValueError):
+    """A bad argument of :func:`convert_folder`: ``argument`` names it (``src``, ``ranks``,
+    ``budget_params``, ``budget_kv``, ``out``, ``calibration``, ``dtype``, ...)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(f"{argument}: {message}")
+        self.argument, self.message = argument, message
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def _mapping_names(name: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    names = set()
+    for value in getattr(modeling_auto, name, {}).values():
+        names.update(value if isinstance(value, (tuple, list)) else [value])
+    return names
+
+
+def model_kind(architecture: str | None) -> tuple[str, str]:
+    """(auto class name, kind) for a config's first ``architectures`` entry: causal LMs ->
+    ('AutoModelForCausalLM', 'decoder'); image / sequence classifiers -> their auto class,
+    'classifier'; anything else -> ('AutoModel', 'encoder'), or the named class itself when
+    transformers has it (so a head such as ``BertForMaskedLM``'s is kept)."""
+    if not architecture:
+        return "AutoModel", "encoder"
+    if architecture.endswith("ForCausalLM") or architecture in _mapping_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return "AutoModelForCausalLM", "decoder"
+    for suffix, mapping, auto in (
+            ("ForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+             "AutoModelForImageClassification"),
+            ("ForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+             "AutoModelForSequenceClassification")):
+        if architecture.endswith(suffix) or architecture in _mapping_names(mapping):
+            return auto, "classifier"
+    import transformers
+
+    if architecture in _mapping_names("MODEL_MAPPING_NAMES") or not hasattr(transformers, architecture):
+        return "AutoModel", "encoder"
+    return architecture, "encoder"
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConvertError("src", f"{str(path)!r}: config.json is not readable JSON ({err})") from None
+
+
+def _source_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+
+
+def load_source(src) -> dict:
+    """{'path', 'model' (float32, eval), 'tokenizer' (or None), 'kind', 'class', 'dtype' (stored),
+    'generation_config' (or None)} of a local model folder or a bundled name, offline."""
+    from .models import _require_transformers, model_path
+
+    transformers = _require_transformers()
+    try:
+        path = model_path(src)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConvertError("src", str(err)) from None
+    config = _read_config(path)
+    if config.get("tucker_attention"):
+        raise ConvertError("src", f"{str(path)!r} is already a converted model (its config has tucker_attention); "
+                                  f"convert the original model")
+    architecture = (config.get("architectures") or [None])[0]
+    class_name, kind = model_kind(architecture)
+    cls = getattr(transformers, class_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                              output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ConvertError("src", f"could not load a transformers model from {str(path)!r} with {class_name}: "
+                                  f"{err}") from None
+    for what in ("missing_keys", "mismatched_keys"):       # transformers would initialize them at random
+        keys = sorted(str(k) for k in info.get(what) or ())
+        if keys:
+            raise ConvertError("src", f"{str(path)!r}: the weights do not match its config.json for "
+                                      f"{type(model).__name__}: {len(keys)} {what.replace('_', ' ')} "
+                                      f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}); "
+                                      f"nothing was converted")
+    tokenizer = None
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConvertError("src", f"{str(path)!r} has tokenizer files that AutoTokenizer cannot load: "
+                                      f"{err}") from None
+    generation_config = None
+    if (path / "generation_config.json").is_file():
+        generation_config = transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
+    return {"path": path, "model": model.eval(), "tokenizer": tokenizer, "kind": kind,
+            "class": type(model).__name__, "dtype": _source_dtype(config), "generation_config": generation_config}
+
+
+def check_weights(model: nn.Module, where: str = "the model") -> None:
+    """Refuse a model with NaN or inf in any weight (named in the error)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConvertError("src", f"{where}: weight {name!r} has non-finite values (NaN or inf); "
+                                      f"nothing was converted")
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+def plan_setting(model: nn.Module, method: str, *, params=None, kv=None):
+    """The largest GQA n_kv_heads / MLA kv_rank of a transformers model for a budget of
+    attention parameters or KV floats per token (count, or fraction in (0, 1) of the model's);
+    see :func:`tucker_attention.tensors.plan_setting`."""
+    from ..tensors import plan_setting as tensor_plan_setting
+    from .read import attention_layers
+
+    return tensor_plan_setting(attention_layers(model), method, params=params, kv=kv)
+
+
+def _budget_count(argument: str, value, total: int) -> int:
+    """A fraction 0 < F <= 1 of ``total``, or an absolute count F > 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConvertError(argument, f"must be a fraction in (0, 1] of the source's or a count > 1, got {value!r}")
+    return max(1, int(value * total)) if value <= 1 else int(value)
+
+
+def _describe_budget(argument: str, value, limit: int, total: int) -> str:
+    what = "attention parameters" if argument == "budget_params" else "KV floats per token"
+    share = f"{value:g} of the source's {total:,} {what} = {limit:,}" if value <= 1 else f"{limit:,} {what}"
+    return f"{share} ({limit / total:.3f} of the source's)" if value > 1 else share
+
+
+def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> None:
+    """Ranks against every block's dimensions; ConvertError('ranks' / 'value_ranks') otherwise."""
+    def ints(argument, values, n):
+        values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+        if len(values) not in n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ConvertError(argument, f"{method} takes {' or '.join(map(str, n))} positive integers, got {values}")
+        return values
+
+    if method == "tucker":
+        checks = [("ranks", ints("ranks", ranks, (3,)))]
+        if value_ranks is not None:
+            checks.append(("value_ranks", ints("value_ranks", value_ranks, (3,))))
+        for path, layer in layers.items():
+            highs = (layer.n_heads, layer.d_model, layer.d_model)
+            for argument, values in checks:
+                for i, (r, high) in enumerate(zip(values, highs)):
+                    if r > high:
+                        mode = "n_heads" if i == 0 else "d_model"
+                        raise ConvertError(argument, f"{values}: r{i + 1}={r} exceeds {mode}={high} of block {path} "
+                                                     f"(Tucker ranks are at most (n_heads, d_model, d_model) = "
+                                                     f"{highs})")
+            if layer.rope is not None and checks[0][1][2] % 2:
+                raise ConvertError("ranks", f"{checks[0][1]}: r3 must be even, block {path} uses RoPE (latent RoPE "
+                                            f"rotates pairs of the r3 coordinates)")
+        return
+    if value_ranks is not None:
+        raise ConvertError("value_ranks", f"value ranks are for --method tucker, not {method}")
+    if method == "gqa":
+        (n_kv,) = ints("ranks", ranks, (1,))
+        for path, layer in layers.items():
+            h = layer.n_heads
+            if n_kv > h or h % n_kv:
+                raise ConvertError("ranks", f"n_kv_heads={n_kv} must divide n_heads={h} of block {path}; allowed: "
+                                            f"{[g for g in range(1, h + 1) if h % g == 0]}")
+        return
+    values = ints("ranks", ranks, (1, 2))
+    for path, layer in layers.items():
+        for name, r in zip(("kv_rank", "q_rank"), values):
+            if r > layer.d_model:
+                raise ConvertError("ranks", f"{name}={r} exceeds d_model={layer.d_model} of block {path}")
+        if layer.rope is not None and values[0] % 2:
+            raise ConvertError("ranks", f"kv_rank={values[0]} must be even: block {path} uses RoPE, which the MLA "
+                                        f"layer applies to its latent (pairs of coordinates)")
+
+
+def setting_label(method: str, ranks, value_ranks=None) -> str:
+    if method == "tucker":
+        if isinstance(ranks, list):
+            return f"per-layer ranks ({len(ranks)} layers)"
+        return f"ranks {tuple(ranks)}" + (f" / {tuple(value_ranks)}" if value_ranks is not None else "")
+    if method == "gqa":
+        return f"n_kv_heads {ranks}"
+    return f"kv_rank {ranks[0]}, q_rank {ranks[1]}" if isinstance(ranks, (tuple, list)) else f"kv_rank {ranks}"
+
+
+# -- calibration and evaluation inputs -------------------------------------------------------------
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _text_split(calibration) -> tuple[str, str, str]:
+    """(calibration text, held-out evaluation text, description)."""
+    from ..data.text import read_documents, shakespeare_plays, split_documents
+
+    if calibration is None:
+        docs, what = shakespeare_plays(), BUILTIN_TEXT
+    else:
+        path = Path(calibration)
+        if not path.exists():
+            raise ConvertError("calibration", f"{str(path)!r} does not exist (give a text file or a folder of .txt "
+                                              f"files)")
+        try:
+            docs = read_documents(path)
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            raise ConvertError("calibration", f"{str(path)!r} cannot be read as text: {err}") from None
+        what = repr(str(path))
+    if not any(t.split() for t in docs.values()):
+        raise ConvertError("calibration", f"{what} holds no text")
+    train, held_out, _ = split_documents(docs, 0.1)
+    return train, held_out, what
+
+
+def _pieces(text: str, n: int, words: int) -> list[str]:
+    """Up to ``n`` pieces of consecutive lines with about ``words`` words each (long lines are cut)."""
+    pieces, current, count = [], [], 0
+    for line in text.splitlines():
+        tokens = line.split()
+        while tokens:
+            take = tokens[:words - count]
+            tokens = tokens[len(take):]
+            current.append(" ".join(take))
+            count += len(take)
+            if count >= words:
+                pieces.append("\n".join(current))
+                current, count = [], 0
+                if len(pieces) == n:
+                    return pieces
+    if current:
+        pieces.append("\n".join(current))
+    return pieces
+
+
+def _token_batches(tokenizer, pieces: list[str], seq_len: int, batch_size: int) -> list[dict]:
+    """Tokenizer output (with special tokens, truncated to ``seq_len``), right-padded by hand with
+    an attention mask (so tokenizers without a pad token work)."""
+    encoded = tokenizer(pieces, truncation=True, max_length=seq_len)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        rows = [list(r) for r in encoded[i:i + batch_size] if len(r)]
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _random_id_batches(vocab: int, n: int, seq_len: int, batch_size: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        ids = torch.randint(0, vocab, (min(batch_size, n - i), seq_len), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _image_batches(config, n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    size = getattr(config, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    channels = getattr(config, "num_channels", 3)
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(min(batch_size, n - i), channels, *size, generator=gen) for i in range(0, n, batch_size)]
+
+
+def _tokens(batches) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration: int = N_CALIBRATION,
+                n_eval: int = N_EVAL, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0):
+    """(calibration batches, evaluation batches, description): text pieces of the calibration
+    text (default: the built-in Shakespeare plays; evaluation on its held-out part) for models
+    with a tokenizer, random token ids for text models without one, random N(0, 1) images for
+    image models (which take no calibration text)."""
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "pixel_values":
+        if calibration is not None:
+            raise ConvertError("calibration", f"{type(model).__name__} takes images, and calibration is a text file; "
+                                              f"image models calibrate on random N(0, 1) images (leave it out)")
+        cal = _image_batches(model.config, n_calibration, batch_size, seed)
+        ev = _image_batches(model.config, n_eval, batch_size, seed + 1)
+        return cal, ev, (f"calibration: {n_calibration} random N(0, 1) images (no calibration data for image models); "
+                         f"evaluation: {n_eval} other random images")
+    if main_input != "input_ids":
+        raise ConvertError("src", f"{type(model).__name__} takes {main_input!r}; convert handles text (input_ids) "
+                                  f"and image (pixel_values) models")
+    limit = _max_positions(model)
+    seq_len = min(seq_len, limit) if limit else seq_len
+    if tokenizer is None:
+        if calibration is not None:
+            raise ConvertError("calibration", "the source folder has no tokenizer, so calibration text cannot be "
+                                              "tokenized; add the tokenizer files to the folder or leave it out")
+        vocab = model.get_input_embeddings().num_embeddings
+        cal = _random_id_batches(vocab, n_calibration, seq_len, batch_size, seed)
+        ev = _random_id_batches(vocab, n_eval, seq_len, batch_size, seed + 1)
+        return cal, ev, (f"calibration: {n_calibration} random token-id sequences of {seq_len} tokens (no tokenizer "
+                         f"in SRC); evaluation: {n_eval} other random sequences")
+    train, held_out, what = _text_split(calibration)
+    words = max(1, int(seq_len * 0.75))
+    cal_pieces = _pieces(train, n_calibration, words)
+    eval_pieces = _pieces(held_out, n_eval, words)
+    where = "held-out part"
+    if not eval_pieces:
+        eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
+    cal = _token_batches(tokenizer, cal_pieces, seq_len, batch_size)
+    ev = _token_batches(tokenizer, eval_pieces, seq_len, batch_size)
+    if not cal or not ev:
+        raise ConvertError("calibration", f"{what} gives no tokens")
+    return cal, ev, (f"calibration: {len(cal_pieces)} pieces ({_tokens(cal):,} tokens) of {what}; "
+                     f"evaluation: {len(eval_pieces)} pieces ({_tokens(ev):,} tokens) of its {where}")
+
+
+def _run(model: nn.Module, batch, kind: str):
+    if isinstance(batch, torch.Tensor):
+        out = model(pixel_values=batch, output_hidden_states=kind == "encoder")
+    else:
+        extra = {"use_cache": False} if kind == "decoder" else {"output_hidden_states": kind == "encoder"}
+        out = model(**batch, **extra)
+    if kind == "encoder":
+        hidden = getattr(out, "last_hidden_state", None)
+        return hidden if hidden is not None else out.hidden_states[-1]
+    return out.logits
+
+
+@torch.no_grad()
+def fidelity(source: nn.Module, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
+    """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
+    positions), classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled
+    last hidden states)."""
+    from tqdm.auto import tqdm
+
+    sums = {"kl": 0.0, "top1": 0.0, "cosine": 0.0}
+    count = 0
+    for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        a, b = _run(source, batch, kind).double(), _run(converted, batch, kind).double()
+        mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"].bool()
+        if kind == "encoder":
+            weights = (torch.ones(a.shape[:2], dtype=a.dtype) if mask is None else mask.to(a.dtype)).unsqueeze(-1)
+            pa, pb = (a * weights).sum(1) / weights.sum(1), (b * weights).sum(1) / weights.sum(1)
+            sums["cosine"] += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).sum())
+            count += pa.shape[0]
+            continue
+        if kind == "decoder" and mask is not None:
+            a, b = a[mask], b[mask]                               # (tokens, vocab)
+        else:
+            a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        sums["kl"] += float((la.exp() * (la - lb)).sum(-1).clamp(min=0).sum())
+        sums["top1"] += float((a.argmax(-1) == b.argmax(-1)).sum())
+        count += a.shape[0]
+    if kind == "encoder":
+        return {"cosine": sums["cosine"] / count}
+    return {"kl": sums["kl"] / count, "top1": sums["top1"] / count}
+
+
+# -- accounting ------------------------------------------------------------------------------------
+
+def attention_summary(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Attention parameters, KV floats and bytes per token (all layers, cached in ``dtype``) of a
+    source or converted model."""
+    from .convert import converted_blocks
+    from .read import attention_layers
+
+    blocks = converted_blocks(model)
+    layers = [b.layer for b in blocks.values()] if blocks else list(attention_layers(model).values())
+    floats = sum(kv_cache_floats_per_token(layer) for layer in layers)
+    return {"attention_params": sum(attention_param_count(layer) for layer in layers), "kv_floats_per_token": floats,
+            "kv_bytes_per_token": floats * torch.empty((), dtype=dtype).element_size(), "n_layers": len(layers)}
+
+
+# -- the output folder -----------------------------------------------------------------------------
+
+def _check_out(out, src: Path, overwrite: bool) -> Path:
+    if out is None or str(out) == "":
+        raise ConvertError("out", "give the folder to write the converted model to")
+    out = Path(out)
+    resolved, source = out.resolve(), src.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise ConvertError("out", f"{str(out)!r} overlaps the source folder {str(src)!r}; the source is never "
+                                  f"changed, write somewhere else")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise ConvertError("out", f"{str(out)!r} exists and is not a folder; remove it or choose another path")
+        if not overwrite:
+            raise ConvertError("out", f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def write_folder(out: Path, write, *, overwrite: bool) -> Path:
+    """Run ``write(tmp)`` on a fresh sibling folder of ``out``, then move it into place; an existing
+    ``out`` (only with ``overwrite``) is renamed aside first and removed after the move (restored
+    if the move fails). A failed ``write`` leaves ``out`` as it was."""
+    tmp = _sibling(out, "tmp")
+    try:
+        write(tmp)
+        if out.exists():
+            if not overwrite:
+                raise ConvertError("out", f"{str(out)!r} appeared while converting; pass --overwrite to replace it")
+            old = _sibling(out, "old")
+            old.rmdir()
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config) -> None:
+    """save_converted, plus the source's generation config (through save_converted when it takes one)."""
+    from .convert import save_converted
+
+    accepts = "generation_config" in inspect.signature(save_converted).parameters
+    kwargs = {"generation_config": generation_config} if accepts and generation_config is not None else {}
+    save_converted(converted, tmp, tokenizer=tokenizer, **kwargs)
+    if generation_config is not None and not accepts:
+        generation_config.save_pretrained(tmp)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' own progress bars (loading weights, writing shards) on or off, restored after."""
+    from .models import _require_transformers
+
+    logging = _require_transformers().utils.logging
+    before = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+
+
+def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_params=None, budget_kv=None,
+                   out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
+                   n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL, seq_len: int = SEQ_LEN,
+                   batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True) -> dict:
+    """Convert the attention of a local transformers model folder and write the result to ``out``.
+
+    src: a model folder (config.json + weights; tokenizer and generation_config.json are
+        carried when present) or ``'minilm'`` (the bundled all-MiniLM-L6-v2).
+    method: 'tucker' | 'gqa' | 'mla'. Give exactly one of
+        ranks: tucker (r1, r2, r3) (``value_ranks`` (v1, v2, v3) for W~, default = ranks);
+            gqa n_kv_heads; mla kv_rank or (kv_rank, q_rank);
+        budget_params / budget_kv: a fraction 0 < F <= 1 of the source's attention parameters /
+            KV floats per token (all layers), or an absolute count F > 1. Tucker ranks per layer
+            come from :func:`~.convert.plan_ranks`; gqa / mla take the largest n_kv_heads /
+            kv_rank within the budget (:func:`plan_setting`).
+    out: the folder to write (must not exist unless ``overwrite``; never the source's).
+    calibration: a text file or folder of .txt files for the activation statistics and the
+        held-out evaluation (default: the built-in Shakespeare plays; folders without a
+        tokenizer use random token ids, image models random images).
+    dtype: 'auto' (the source's stored dtype) | 'float32' | 'float16' | 'bfloat16': the written
+        weights and the KV bytes reported.
+    n_calibration, n_eval, seq_len, batch_size: how many pieces of at most ``seq_len`` tokens
+        calibrate and evaluate, in batches of ``batch_size``.
+
+    Returns the report: source / converted attention params, KV floats and bytes per token,
+    fidelity (decoders 'kl' and 'top1', classifiers 'kl' and 'top1', encoders 'cosine'),
+    the setting, notes and timings. See :func:`format_report`.
+    """
+    with _transformers_bars(progress):
+        return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
+                        budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
+                        n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len, batch_size=batch_size,
+                        seed=seed, progress=progress)
+
+
+def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
+             dtype: str, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
+             progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..tensors import plan_setting as tensor_plan_setting
+    from .calibration import input_statistics
+    from .convert import convert, plan_ranks
+    from .models import model_path
+    from .read import attention_layers
+
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
+    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
+    if ranks is not None and budgets:
+        raise ConvertError("ranks", f"give either ranks or a budget ({', '.join(budgets)}), not both")
+    if len(budgets) > 1:
+        raise ConvertError("budget_params", "give one budget: budget_params or budget_kv, not both")
+    if ranks is None and not budgets:
+        raise ConvertError("ranks", "give ranks or a budget (budget_params / budget_kv)")
+    if value_ranks is not None and ranks is None:
+        raise ConvertError("value_ranks", "value ranks go with ranks; a budget plans them itself")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConvertError("dtype", f"must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
+    for name, value in (("n_calibration", n_calibration), ("n_eval", n_eval), ("seq_len", seq_len),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvertError(name, f"must be a positive integer, got {value!r}")
+    if calibration is not None and not Path(calibration).exists():
+        raise ConvertError("calibration", f"{str(calibration)!r} does not exist (give a text file or a folder of "
+                                          f".txt files)")
+    try:
+        src_path = model_path(src)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConvertError("src", str(err)) from None
+    out = _check_out(out, src_path, overwrite)
+
+    source = load_source(src)
+    model, tokenizer, kind = source["model"], source["tokenizer"], source["kind"]
+    check_weights(model, str(source["path"]))
+    target_dtype = source["dtype"] if dtype == "auto" else DTYPES[dtype]
+    try:
+        layers = attention_layers(model)
+    except (ValueError, TypeError) as err:
+        raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
+    if ranks is not None:
+        if method == "tucker":
+            ranks = tuple(ranks)
+            value_ranks = tuple(value_ranks) if value_ranks is not None else None
+        elif method == "mla" and isinstance(ranks, (tuple, list)):
+            ranks = tuple(ranks) if len(ranks) > 1 else ranks[0]
+        elif isinstance(ranks, (tuple, list)) and len(ranks) == 1:
+            ranks = ranks[0]
+        check_setting(layers, method, ranks, value_ranks)
+    plan_text, budget = None, None
+    if budgets:
+        (argument, value), = budgets.items()
+        name = "params" if argument == "budget_params" else "kv"
+        source_total = sum((attention_param_count(layer) if name == "params" else kv_cache_floats_per_token(layer))
+                           for layer in layers.values())
+        budget = (argument, value, name, _budget_count(argument, value, source_total), source_total)
+
+    def planned(make_plan):
+        argument, value, _, limit, total = budget
+        try:
+            return make_plan()
+        except ValueError as err:
+            raise ConvertError(argument, f"{_describe_budget(argument, value, limit, total)} is not achievable "
+                                         f"({err})") from None
+
+    if budget and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
+        plan = planned(lambda: tensor_plan_setting(layers, method, **{budget[2]: budget[3]}))
+        ranks, plan_text = plan.setting, plan.table()
+    cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
+                                seq_len=seq_len, batch_size=batch_size, seed=seed)
+    stats = input_statistics(model, cal, progress=progress)
+    if budget and method == "tucker":                 # activation-weighted spectra (as convert uses them)
+        plan = planned(lambda: plan_ranks(model, calibration=stats, **{budget[2]: budget[3]}))
+        ranks, value_ranks, plan_text = plan.ranks, plan.value_ranks, plan.table()
+
+    with tqdm(total=1, desc=f"convert {len(layers)} blocks", disable=not progress, leave=False) as bar, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=stats, inplace=False).eval()
+        bar.update(1)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
+    scores = fidelity(model, converted, ev, kind, progress=progress)
+    reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
+    if target_dtype != torch.float32:
+        converted = converted.to(target_dtype)
+    generation_config = source["generation_config"]
+    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite)
+    from .models import BUNDLED
+
+    shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
+    return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind,
+            "method": method, "label": setting_label(method, ranks, value_ranks),
+            "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,
+            "value_ranks": list(value_ranks) if isinstance(value_ranks, tuple) else value_ranks,
+            "budget": {k.removeprefix("budget_"): v for k, v in budgets.items()} or None, "plan": plan_text,
+            "dtype": str(target_dtype).removeprefix("torch."), "data": data, "tokenizer": tokenizer is not None,
+            "generation_config": generation_config is not None,
+            "source": {**before, **reference}, "converted": {**after, **scores},
+            "notes": notes, "seconds": time.perf_counter() - start}
+
+
+def format_report(report: dict) -> str:
+    """The printed summary of :func:`convert_folder`: a header, a source / converted table, notes."""
+    src, conv = report["source"], report["converted"]
+    kind = report["kind"]
+    head = ["", "attention params", "KV bytes/token"]
+    if kind == "encoder":
+        head += ["embedding cosine"]
+    else:
+        head += ["next-token KL" if kind == "decoder" else "class KL", "top-1 agreement"]
+
+    def cells(r: dict, ratio: bool) -> list[str]:
+        p = f"{r['attention_params']:,}" + (f" ({r['attention_params'] / src['attention_params']:.3f}x)" if ratio
+                                            else "")
+        kv = f"{r['kv_bytes_per_token']:,}" + (f" ({r['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x)"
+                                               if ratio else "")
+        metric = [f"{r['cosine']:.5f}"] if kind == "encoder" else [f"{r['kl']:.4g}", f"{r['top1']:.4f}"]
+        return [p, kv] + metric
+
+    rows = [["source"] + cells(src, False), [f"{report['method']} {report['label']}"] + cells(conv, True)]
+    lines = [f"{report['src']}: {report['model_class']}, {conv['n_layers']} attention blocks ({kind}) -> "
+             f"{report['method']} {report['label']}",
+             f"KV bytes in {report['dtype']} over all layers; {report['data']}"]
+    if report.get("plan"):
+        lines.append(report["plan"])
+    lines.append(text_table(head, rows))
+    lines += [f"note: {n}" for n in report["notes"]]
+    carried = ", ".join(n for n, flag in (("tokenizer", report["tokenizer"]),
+                                          ("generation_config", report["generation_config"])) if flag)
+    lines.append(f"wrote {report['out']} ({report['dtype']}" + (f"; with {carried}" if carried else "") +
+                 f") in {report['seconds']:.1f} s")
+    return "\n".join(lines)
