@@ -84,6 +84,8 @@ class TuckerModelMixin:
     """
 
     _supports_attention_backend = True
+    _supports_sdpa = True                 # every converted block calls the attention interface
+    _supports_flex_attn = True
 
     def __init__(self, config, *args, **kwargs):
         spec = getattr(config, "tucker_attention", None)

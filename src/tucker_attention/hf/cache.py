@@ -61,6 +61,9 @@ class HFCache:
     def check(self, spec: dict[str, tuple[int, int]], batch: int, steps: int) -> None:
         if list(spec) != self.names:
             raise ValueError(f"cache entries {list(spec)} differ from this adapter's {self.names}")
+        if getattr(self.cache, "layers", None) is None:           # a paged cache sized from the config
+            self._check_preallocated(spec)
+            return
         layer = self._layer()
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.numel():
@@ -71,6 +74,16 @@ class HFCache:
                 raise ValueError(f"the model's cache holds keys of {keys.shape[1]} heads x {keys.shape[3]} but this "
                                  f"layer caches {name!r} of {heads} x {width}; a preallocated cache must be sized "
                                  f"from the converted config (use the default DynamicCache, or a serving layout)")
+
+    def _check_preallocated(self, spec: dict[str, tuple[int, int]]) -> None:
+        from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
+
+        config = getattr(self.cache, "config", None)
+        heads, width = (find_num_key_value_heads(config), find_head_dim(config)) if config is not None else (None, None)
+        if len(spec) != 2 or {h for h, _ in spec.values()} != {heads} or {w for _, w in spec.values()} != {width}:
+            raise ValueError(f"{type(self.cache).__name__} holds keys and values of {heads} heads x {width} (from the "
+                             f"config), but this layer caches {spec}; only a serving layout fits a paged cache "
+                             f"(Tucker with shared_kv=False and value ranks r3~ = r3, one width for every layer)")
 
     def append(self, entries: dict[str, torch.Tensor], positions: torch.Tensor):
         first = entries[self.names[0]]
