@@ -5,6 +5,9 @@
 block's weights: truncated HOSVD (``compress``) for Tucker, the SVD baselines for GQA/MLA.
 Without ``ranks`` (full rank) the model's outputs are unchanged, biases included.
 
+The converted model is an instance of ``Tucker<Base>`` (see :mod:`.auto`): ``save_pretrained``
+writes a standard folder that ``from_pretrained`` loads exactly.
+
 Sources with head-dimension RoPE (Llama) have no exact Tucker or MLA form: the converted
 layer uses latent RoPE (PAPER.md §3), so outputs change and the model needs fine-tuning.
 Only GQA with the source's own key heads stays exact for them.
@@ -110,7 +113,7 @@ def _install(model: nn.Module, block: Block, layer: Attention, rope_source: Shar
 
 
 def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, calibration=None,
-            hosvd: str = "hosvd", n_iter: int = 10, inplace: bool = True) -> nn.Module:
+            hosvd: str = "hosvd", n_iter: int = 10, inplace: bool = True, progress: bool = False) -> nn.Module:
     """Replace every supported attention block of a transformers model by ``method``.
 
     ranks: one setting for every block (a tuple or int), a list (one per block, in module
@@ -120,6 +123,7 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         :func:`~.calibration.input_statistics` (activation-aware truncation; much closer
         outputs on real inputs, measured on MiniLM in the README). None: weights only.
     hosvd: 'hosvd' | 'hooi' for Tucker. inplace: convert ``model`` itself (default) or a copy.
+    progress: a progress bar over the blocks.
 
     All new layers are built before the model is touched: on any error the model is
     unchanged. The model's config gains ``tucker_attention`` = {method, blocks}.
@@ -134,8 +138,11 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     if method != "tucker" and value_ranks is not None:
         raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
     covs = _per_block("calibration", calibration, blocks) if calibration is not None else [None] * len(blocks)
+    from tqdm.auto import tqdm
+
     layers = []
-    for block, r, vr, cov in zip(blocks, rank_list, value_list, covs):
+    for block, r, vr, cov in tqdm(list(zip(blocks, rank_list, value_list, covs)), desc=f"convert to {method}",
+                                  unit="block", disable=not progress, leave=False):
         try:
             layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter))
         except (ValueError, TypeError) as err:

@@ -548,8 +548,6 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
 def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
              dtype: str, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
              progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     from ..tensors import plan_setting as tensor_plan_setting
     from .calibration import input_statistics
     from .convert import convert, plan_ranks
@@ -626,11 +624,10 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         plan = planned(lambda: plan_ranks(model, calibration=stats, **{budget[2]: budget[3]}))
         ranks, value_ranks, plan_text = plan.ranks, plan.value_ranks, plan.table()
 
-    with tqdm(total=1, desc=f"convert {len(layers)} blocks", disable=not progress, leave=False) as bar, \
-            warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=stats, inplace=False).eval()
-        bar.update(1)
+        converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=stats, inplace=False,
+                            progress=progress).eval()
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
     scores = fidelity(model, converted, ev, kind, progress=progress)

@@ -58,14 +58,15 @@ class RankPlan:
 
 def _budget_value(name: str, value, source: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive count or a fraction in (0, 1) of the source's, got {value!r}")
-    return int(value * source) if isinstance(value, float) and value < 1 else int(value)
+        raise ValueError(f"{name} must be a positive count (int) or a fraction in (0, 1] (float) of the source's, "
+                         f"got {value!r}")
+    return int(value * source) if isinstance(value, float) and value <= 1 else int(value)
 
 
 def plan_ranks(layers: dict[str, Attention], *, params=None, kv=None, even_r3: bool | None = None) -> RankPlan:
     """Ranks per layer under a budget: give exactly one of
 
-    params: total attention parameters (an int, or a float in (0, 1): that fraction of the
+    params: total attention parameters (an int, or a float in (0, 1]: that fraction of the
         source layers' parameters);
     kv: total KV-cache floats per token over all layers (r3 + r3~ per layer), int or fraction.
 
