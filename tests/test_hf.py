@@ -67,7 +67,8 @@ def _randomize_biases(model):
     """Random biases (std 0.5) on every projection; norm biases stay 0 so the tiny models' tokens vary."""
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, torch.nn.LayerNorm) and isinstance(getattr(module, "bias", None), torch.Tensor):
+            bias = getattr(module, "bias", None)
+            if not isinstance(module, torch.nn.LayerNorm) and isinstance(bias, torch.Tensor) and bias.is_floating_point():
                 module.bias.normal_(0.0, 0.5)
     return model
 

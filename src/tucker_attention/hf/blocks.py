@@ -106,7 +106,10 @@ class HFAttention(nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         implementation = getattr(self.config, "_attn_implementation", None) or "eager"
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        else:                                                            # transformers < 5.3 or so
+            function = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         options = dict(kwargs)
         for name in ("sliding_window", "softcap"):
             if getattr(self, name) is not None:

@@ -90,7 +90,7 @@ class HFCache:
         self.check({n: (t.shape[1], t.shape[3]) for n, t in entries.items()}, first.shape[0], first.shape[2])
         start = self.first_key(first.shape[2])
         second = entries[self.names[1]] if len(self.names) == 2 else first[..., :0]
-        keys, values = self.cache.update(first, second, self.layer_idx, kwargs=self.kwargs)
+        keys, values = self.cache.update(first, second, self.layer_idx, self.kwargs)   # 5.0: cache_kwargs
         stored = {self.names[0]: keys} if len(self.names) == 1 else {self.names[0]: keys, self.names[1]: values}
         return stored, torch.arange(start, start + keys.shape[2], device=keys.device)
 
