@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .._checks import check_even, check_int, resolve_head_dim
-from .base import Attention
+from .base import ATTENTION_METHODS, Attention
 from .factors import AttentionFactors, HeadFactors, head_blocks
+from .norms import fold_scales, inverse_rms
 from .rope import apply_rope
 
 
@@ -34,9 +35,17 @@ class GroupedQueryAttention(Attention):
         q_i = x W^Q_i   (B, H, T, head_dim)      k_g = x W^K_g, v_g = x W^V_g   (B, Hkv, S, head_dim)
         y   = concat_i softmax(scale q_i k_g(i)^T) v_g(i)  W^O
 
+    With ``qk_norm`` each head's query and key go through an RMSNorm over ``head_dim`` (one gain
+    shared by all query heads, one by all key heads) before RoPE, as in Qwen3 and Gemma 3::
+
+        q_i = RMSNorm_q(x W^Q_i),  k_g = RMSNorm_k(x W^K_g)
+
+    That norm makes the layer non-linear in x (:meth:`nonlinearity`): it has no tensor view
+    and no exact Tucker form; :meth:`linearized` gives the nearest linear layer.
+
     Cache per token: ``k`` and ``v``, each (n_kv_heads, head_dim). Init: every projection
     N(0, 1/fan_in), so unit-variance x gives unit-variance q, k, v and an output whose
-    variance equals that of the attention-weighted values.
+    variance equals that of the attention-weighted values; norm gains one.
 
     Args:
         d_model: width d of input and output.
@@ -44,13 +53,19 @@ class GroupedQueryAttention(Attention):
         n_kv_heads: key/value heads; must divide ``n_heads``.
         head_dim: per-head width; default ``d_model // n_heads`` (then ``d_model % n_heads == 0``).
         causal: mask future tokens. rope: ``'head'`` (or True): head-dimension RoPE on q and k; None/False: none.
+        rope_dim: width of each head that RoPE rotates: the first ``rope_dim`` dims (rotate-half
+            within them, as GPT-NeoX / Phi partial rotary), the rest pass unrotated; default
+            ``head_dim``. Even, <= head_dim; kept (unused) without RoPE.
         dropout: attention-probability dropout in training. bias: biases on q, k, v, o.
         scale: logit scale; default ``1/sqrt(head_dim)``. rope_base: RoPE frequency base.
+        qk_norm: per-head RMSNorm on q and k before RoPE (parameters ``q_norm.weight``,
+            ``k_norm.weight``, each (head_dim,)). norm_eps: its epsilon.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, head_dim: int | None = None,
-                 causal: bool = False, rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False,
-                 scale: float | None = None, rope_base: float = 10000.0):
+                 causal: bool = False, rope: str | bool | None = None, rope_dim: int | None = None,
+                 dropout: float = 0.0, bias: bool = False, scale: float | None = None, rope_base: float = 10000.0,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
         check_int("n_kv_heads", n_kv_heads, high=n_heads)
@@ -59,15 +74,24 @@ class GroupedQueryAttention(Attention):
                              f"allowed n_kv_heads: {[g for g in range(1, n_heads + 1) if n_heads % g == 0]}")
         head_dim = resolve_head_dim(d_model, n_heads, head_dim)
         rope = self.rope_mode(rope)
-        if rope:
+        if rope_dim is not None:
+            check_even("rope_dim", check_int("rope_dim", rope_dim, high=head_dim))
+        elif rope:
             check_even("head_dim (the RoPE width)", head_dim)
+        if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1):
+            raise ValueError(f"norm_eps must be a float in (0, 1), got {norm_eps!r}")
+        rotated = head_dim if rope_dim is None else rope_dim
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(head_dim), rope=rope, rope_dim=head_dim, rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(head_dim), rope=rope, rope_dim=rotated, rope_base=rope_base)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.rope_dim = None if rotated == head_dim else rotated          # None: the whole head
+        self.norm_eps = float(norm_eps)
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=self.norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=self.norm_eps) if qk_norm else None
         self.reset_parameters()
 
     method = "gqa"
@@ -76,7 +100,35 @@ class GroupedQueryAttention(Attention):
 
     def config(self) -> dict:
         return {**self._common_config(), **self._group_config(), "head_dim": self.head_dim,
-                "bias": self.q_proj.bias is not None}
+                "rope_dim": self.rope_dim, "bias": self.q_proj.bias is not None,
+                "qk_norm": self.q_norm is not None, "norm_eps": self.norm_eps}
+
+    def nonlinearity(self) -> str | None:
+        if self.q_norm is not None:
+            return "per-head RMSNorm on queries and keys before RoPE (qk_norm: Qwen3 / Gemma 3 q_norm, k_norm)"
+        return None
+
+    def linearized(self, input_cov: torch.Tensor | None = None) -> GroupedQueryAttention:
+        """Without ``qk_norm``: this layer. With it: the same layer without the norms, each head's
+        q_proj (k_proj) rows scaled by the norm's gain times that head's expected 1/rms
+        (:func:`~.norms.inverse_rms` on inputs of second moment ``input_cov`` (d, d); None:
+        isotropic unit-variance inputs). Exact when every input gives each head the rms the
+        estimate assumes; otherwise the nearest linear layer, so the tensor view applies."""
+        if self.q_norm is None:
+            return self
+        ref = self.q_proj.weight
+        config = {k: v for k, v in self.config().items() if k != "method"}
+        linear = ATTENTION_METHODS[self.method](**{**config, "qk_norm": False})
+        linear.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(("q_norm.", "k_norm."))})
+        if self.rotary is not None:
+            linear.rotary.set_frequencies(self.rotary.inv_freq)
+        linear = linear.to(device=ref.device, dtype=torch.float64)
+        for proj, norm, heads in ((linear.q_proj, self.q_norm, self.n_heads),
+                                  (linear.k_proj, self.k_norm, self.n_kv_heads)):
+            scale = inverse_rms(proj.weight, proj.bias, heads, self.norm_eps, input_cov)      # (heads,)
+            gain = norm.weight.detach().to(device=ref.device, dtype=torch.float64)            # (head_dim,)
+            fold_scales(proj, (scale[:, None] * gain[None, :]).reshape(-1))
+        return linear.to(dtype=ref.dtype).train(self.training)
 
     def _group_config(self) -> dict:
         """The key-head setting among the constructor arguments (MHA and MQA fix it)."""
@@ -94,7 +146,9 @@ class GroupedQueryAttention(Attention):
 
     def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
         """W[i] = W^Q_i W^K_g(i)^T, W_tilde[i] = (W^V_g(i) W^O_i)^T; the query bias seen from the
-        key side, value biases passed into the output bias."""
+        key side, value biases passed into the output bias. RoPE (whole-head or partial) is ignored:
+        these are the weights at offset 0."""
+        self._check_linear("tensor view")
         p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
         h = self.n_heads
         group = torch.arange(h, device=p["q_proj.weight"].device) // (h // self.n_kv_heads)
@@ -111,8 +165,10 @@ class GroupedQueryAttention(Attention):
     def exact_tucker(self) -> dict:
         """Thms. B.2-B.3: U1 = I, U2 = W^Q, U3 = the n_kv key heads stacked, a core routing head i
         to its key group; the same for W_tilde with W^O and W^V."""
+        self._check_linear("exact Tucker form")
         if self.rope is not None:
-            raise ValueError(f"{type(self).__name__} uses RoPE on each head (rope='head'), which has no Tucker "
+            part = "" if self.rope_dim is None else f" (partial: the first {self.rope_dim} of {self.head_dim} dims)"
+            raise ValueError(f"{type(self).__name__} uses RoPE on each head (rope='head'{part}), which has no Tucker "
                              f"form (it rotates each head, not a shared latent); convert a layer built with rope=None")
         p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
         h = self.n_heads
@@ -121,6 +177,12 @@ class GroupedQueryAttention(Attention):
         return {"pre": (route, (eye, p["q_proj.weight"].T, p["k_proj.weight"].T)),
                 "post": (route.clone(), (eye, p["o_proj.weight"], p["v_proj.weight"].T)),
                 "shared_kv": False, "rope": None}
+
+    def _check_linear(self, what: str) -> None:
+        reason = self.nonlinearity()
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__} is not linear in x ({reason}), so it has no {what}; "
+                             f"use layer.linearized(input_cov) for the nearest linear layer")
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
@@ -132,17 +194,27 @@ class GroupedQueryAttention(Attention):
     def _project(self, x, rope):
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
         return q, {"k": k, "v": self._heads(self.v_proj(x), self.n_kv_heads)}
+
+    def _rotate(self, t: torch.Tensor, rope) -> torch.Tensor:
+        """RoPE on the first rope_dim dims of each head (all of them by default)."""
+        if self.rope_dim is None:
+            return apply_rope(t, *rope)
+        return torch.cat([apply_rope(t[..., :self.rope_dim], *rope), t[..., self.rope_dim:]], dim=-1)
 
     def _output(self, o):
         batch, _, steps, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(batch, steps, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
+        extra = (f", rope_dim={self.rope_dim}" if self.rope_dim is not None else "") + (
+            f", qk_norm=True, norm_eps={self.norm_eps}" if self.q_norm is not None else "")
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rope!r}")
+                f"head_dim={self.head_dim}, causal={self.causal}, rope={self.rope!r}{extra}")
 
 
 class MultiHeadAttention(GroupedQueryAttention):
@@ -157,11 +229,13 @@ class MultiHeadAttention(GroupedQueryAttention):
         return {}
 
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
-                 rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
-                 rope_base: float = 10000.0):
+                 rope: str | bool | None = None, rope_dim: int | None = None, dropout: float = 0.0,
+                 bias: bool = False, scale: float | None = None, rope_base: float = 10000.0, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
         check_int("n_heads", n_heads)
-        super().__init__(d_model, n_heads, n_heads, head_dim=head_dim, causal=causal, rope=rope,
-                         dropout=dropout, bias=bias, scale=scale, rope_base=rope_base)
+        super().__init__(d_model, n_heads, n_heads, head_dim=head_dim, causal=causal, rope=rope, rope_dim=rope_dim,
+                         dropout=dropout, bias=bias, scale=scale, rope_base=rope_base, qk_norm=qk_norm,
+                         norm_eps=norm_eps)
 
 
 class MultiQueryAttention(GroupedQueryAttention):
@@ -173,7 +247,9 @@ class MultiQueryAttention(GroupedQueryAttention):
         return {}
 
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
-                 rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False, scale: float | None = None,
-                 rope_base: float = 10000.0):
-        super().__init__(d_model, n_heads, 1, head_dim=head_dim, causal=causal, rope=rope,
-                         dropout=dropout, bias=bias, scale=scale, rope_base=rope_base)
+                 rope: str | bool | None = None, rope_dim: int | None = None, dropout: float = 0.0,
+                 bias: bool = False, scale: float | None = None, rope_base: float = 10000.0, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
+        super().__init__(d_model, n_heads, 1, head_dim=head_dim, causal=causal, rope=rope, rope_dim=rope_dim,
+                         dropout=dropout, bias=bias, scale=scale, rope_base=rope_base, qk_norm=qk_norm,
+                         norm_eps=norm_eps)

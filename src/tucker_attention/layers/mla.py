@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .._checks import check_even, check_int, resolve_head_dim
-from .base import Attention
+from .base import ATTENTION_METHODS, Attention
 from .factors import AttentionFactors, HeadFactors, head_blocks
+from .norms import fold_scales, inverse_rms
 from .rope import apply_rope
 
 ROPE_MODES = (None, "decoupled", "latent")
@@ -52,7 +53,9 @@ class MultiHeadLatentAttention(Attention):
         rope: None | 'decoupled' | 'latent'. rope_dim: decoupled RoPE width (default head_dim // 2).
         shared_kv: one latent for keys and values (DeepSeek); False: separate latents.
         latent_norm: RMSNorm on the latents (as in DeepSeek's weights); off by default so
-            the layer stays linear and the paper's tensor view applies. norm_eps: its epsilon.
+            the layer stays linear and the paper's tensor view applies (:meth:`nonlinearity`
+            says so; :meth:`linearized` folds the norms into the down-projections). norm_eps:
+            its epsilon.
         causal, dropout, scale, rope_base: as on every layer. bias: query and output biases.
         down_bias: biases on the down-projections W^DQ, W^DKV (and W^KR), DeepSeek's
             ``attention_bias``.
@@ -111,6 +114,38 @@ class MultiHeadLatentAttention(Attention):
 
     def _reference_weight(self) -> torch.Tensor:
         return self.kv_down.weight
+
+    def nonlinearity(self) -> str | None:
+        if self.kv_norm is not None:
+            return "RMSNorm on the latents (latent_norm: DeepSeek q_a_layernorm, kv_a_layernorm)"
+        return None
+
+    def linearized(self, input_cov: torch.Tensor | None = None) -> MultiHeadLatentAttention:
+        """Without ``latent_norm``: this layer. With it: the same layer without the norms, each
+        down-projection's rows scaled by its norm's gain times the latent's expected 1/rms
+        (:func:`~.norms.inverse_rms` on inputs of second moment ``input_cov`` (d, d); None:
+        isotropic unit-variance inputs; a separate key and value latent each get their own).
+        The decoupled RoPE key (x W^KR) has no norm and is kept. Exact when every input gives
+        the latents the rms the estimate assumes; otherwise the nearest linear layer."""
+        if self.kv_norm is None:
+            return self
+        ref = self.kv_down.weight
+        config = {k: v for k, v in self.config().items() if k != "method"}
+        linear = ATTENTION_METHODS[self.method](**{**config, "latent_norm": False})
+        linear.load_state_dict({k: v for k, v in self.state_dict().items()
+                                if not k.startswith(("q_norm.", "kv_norm."))})
+        if self.rotary is not None:
+            linear.rotary.set_frequencies(self.rotary.inv_freq)
+        linear = linear.to(device=ref.device, dtype=torch.float64)
+        gain = self.kv_norm.weight.detach().to(device=ref.device, dtype=torch.float64)
+        groups = 1 if self.shared_kv else 2
+        scale = inverse_rms(linear.kv_down.weight, linear.kv_down.bias, groups, self.norm_eps, input_cov)
+        fold_scales(linear.kv_down, (scale[:, None] * gain[None, :]).reshape(-1))
+        if self.q_norm is not None:
+            gain = self.q_norm.weight.detach().to(device=ref.device, dtype=torch.float64)
+            scale = inverse_rms(linear.q_down.weight, linear.q_down.bias, 1, self.norm_eps, input_cov)
+            fold_scales(linear.q_down, scale * gain)
+        return linear.to(dtype=ref.dtype).train(self.training)
 
     def init_stds(self) -> dict[str, float]:
         return {f"{name}.weight": module.in_features ** -0.5 for name, module in self.named_children()
@@ -174,8 +209,9 @@ class MultiHeadLatentAttention(Attention):
         key), C_i = W^O_i^T, D_i = W^DV W^UV_i. Query-side biases are seen from the key side;
         the value latent's bias, through W^UV and W^O, joins the output bias; key-side biases cancel."""
         if self.kv_norm is not None or self.q_norm is not None:
-            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x, so it has no "
-                             "attention tensors; use latent_norm=False")
+            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x (RMSNorm on the "
+                             "latents), so it has no attention tensors; use latent_norm=False or "
+                             "layer.linearized(input_cov) for the nearest linear layer")
         p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
         h, d = self.n_heads, self.d_model
         w_dq = p["q_down.weight"].T if self.q_down is not None else torch.eye(d, dtype=dtype)
@@ -216,8 +252,9 @@ class MultiHeadLatentAttention(Attention):
             raise ValueError("MLA with rope='decoupled' has no exact Tucker form (its RoPE key is a separate "
                              "branch); use rope='latent' (coupled RoPE, Cor. 3.2.1) or rope=None")
         if self.kv_norm is not None or self.q_norm is not None:
-            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x, so it has no "
-                             "exact Tucker form; use latent_norm=False")
+            raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x (RMSNorm on the "
+                             "latents), so it has no exact Tucker form; use latent_norm=False or "
+                             "layer.linearized(input_cov) for the nearest linear layer")
         if self.rope == "latent" and self.kv_down.bias is not None:
             raise ValueError("MLA with rope='latent' and down_bias=True has no exact Tucker form: the key "
                              "latent's bias is rotated with it, and Tucker keys carry no bias")
