@@ -237,8 +237,8 @@ def test_converters_give_finite_results_on_degenerate_layers():
     torch.testing.assert_close(mha_to_mla(mha, 8)(x), torch.zeros(2, 5, D))      # zero values give zero output
 
 
-@pytest.mark.parametrize("convert", [to_tucker, lambda l: compress(l, (2, 8, 8)), lambda l: mha_to_gqa(l, 2),
-                                     lambda l: mha_to_mla(l, 8), lambda l: input_transform(l, torch.eye(D))])
+@pytest.mark.parametrize("convert", [to_tucker, lambda m: compress(m, (2, 8, 8)), lambda m: mha_to_gqa(m, 2),
+                                     lambda m: mha_to_mla(m, 8), lambda m: input_transform(m, torch.eye(D))])
 @pytest.mark.parametrize("method,kwargs", [("mha", {}), ("tucker", {"ranks": (2, 8, 8)})])
 def test_every_converter_refuses_non_finite_weights(convert, method, kwargs):
     layer = make_attention(method, D, H, **kwargs)
@@ -279,7 +279,8 @@ def test_frozen_weights_gives_the_same_outputs_and_refuses_changes():
         want = layer(x)
         with frozen_weights(layer):
             cache = layer.make_cache(2, 6)
-            got = torch.cat([layer(x[:, :4], cache=cache), layer(x[:, 4:5], cache=cache), layer(x[:, 5:], cache=cache)], 1)
+            got = torch.cat([layer(x[:, :4], cache=cache), layer(x[:, 4:5], cache=cache),
+                             layer(x[:, 5:], cache=cache)], 1)
             torch.testing.assert_close(layer(x), want, atol=1e-12, rtol=1e-12)
             layer.core.mul_(2.0)                                  # a change the layer can see
             with pytest.raises(RuntimeError, match="changed inside frozen_weights"):

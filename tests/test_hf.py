@@ -68,7 +68,8 @@ def _randomize_biases(model):
     with torch.no_grad():
         for module in model.modules():
             bias = getattr(module, "bias", None)
-            if not isinstance(module, torch.nn.LayerNorm) and isinstance(bias, torch.Tensor) and bias.is_floating_point():
+            floating = isinstance(bias, torch.Tensor) and bias.is_floating_point()   # not GPT-2 5.0's bool mask
+            if not isinstance(module, torch.nn.LayerNorm) and floating:
                 module.bias.normal_(0.0, 0.5)
     return model
 
@@ -411,7 +412,8 @@ def _share_latent(model):
     return model
 
 
-CACHE_CASES = [("gpt2", "tucker", TRUNCATED), ("gpt2", "gqa", 2), ("gpt2", "mla", 12), ("gpt2", "tucker-shared", TRUNCATED),
+CACHE_CASES = [("gpt2", "tucker", TRUNCATED), ("gpt2", "gqa", 2), ("gpt2", "mla", 12),
+               ("gpt2", "tucker-shared", TRUNCATED),
                ("llama", "tucker", TRUNCATED), ("llama", "gqa", 1), ("llama", "mla", 12),
                ("llama", "tucker-shared", TRUNCATED)]
 

@@ -31,84 +31,20 @@ T = pytest.importorskip("transformers", reason="the hf integration tests need tr
 
 from tucker_attention.hf import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block  # noqa: E402
 from tucker_attention.hf.read import STRUCTURES  # noqa: E402
+from tucker_attention.hf.tiny import COMMON, FAMILIES, HEADS, MLA_SIZES, VOCAB, D, build  # noqa: E402
 from tucker_attention.layers import (  # noqa: E402
     Attention,
     GroupedQueryAttention,
-    MultiHeadAttention,
     MultiHeadLatentAttention,
     RopeTables,
 )
 
-D, HEADS, VOCAB, SEQ = 32, 4, 64, 7
-COMMON = {"hidden_size": D, "num_attention_heads": HEADS, "intermediate_size": 2 * D, "num_hidden_layers": 2,
-          "vocab_size": VOCAB, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-MLA_SIZES = {"kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
-             "n_routed_experts": 4, "moe_intermediate_size": 16, "num_experts_per_tok": 2, "n_group": 1,
-             "topk_group": 1, "first_k_dense_replace": 2, "attention_bias": True}
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 1.0,
-        "mscale_all_dim": 1.0, "rope_theta": 10000.0, "beta_fast": 32, "beta_slow": 1}
-
+SEQ = 7
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _family_configs():
-    """{family: (model class, config factory, structure, layer class)}."""
-    return {
-        "llama": ("LlamaForCausalLM", lambda: T.LlamaConfig(num_key_value_heads=2, attention_bias=True,
-                                                            rope_theta=500.0, **COMMON), "proj", GroupedQueryAttention),
-        "mistral": ("MistralForCausalLM", lambda: T.MistralConfig(num_key_value_heads=2, head_dim=16, sliding_window=4,
-                                                                  **COMMON), "proj", GroupedQueryAttention),
-        "qwen2": ("Qwen2ForCausalLM", lambda: T.Qwen2Config(num_key_value_heads=2, **COMMON), "proj",
-                  GroupedQueryAttention),
-        "qwen3": ("Qwen3ForCausalLM", lambda: T.Qwen3Config(num_key_value_heads=2, head_dim=16, attention_bias=True,
-                                                            **COMMON), "proj", GroupedQueryAttention),
-        "gemma2": ("Gemma2ForCausalLM", lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=16,
-                                                               query_pre_attn_scalar=24, attn_logit_softcapping=None,
-                                                               sliding_window=4, **COMMON), "proj",
-                   GroupedQueryAttention),
-        "gemma3": ("Gemma3ForCausalLM", lambda: T.Gemma3TextConfig(
-            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
-            **COMMON), "proj", GroupedQueryAttention),
-        "smollm3": ("SmolLM3ForCausalLM", lambda: T.SmolLM3Config(num_key_value_heads=2, no_rope_layers=[1, 0],
-                                                                  **COMMON), "proj", GroupedQueryAttention),
-        "phi3": ("Phi3ForCausalLM", lambda: T.Phi3Config(num_key_value_heads=2, partial_rotary_factor=0.5, **COMMON),
-                 "qkv_proj", GroupedQueryAttention),
-        "neox": ("GPTNeoXForCausalLM", lambda: T.GPTNeoXConfig(rotary_pct=0.5, attention_bias=True, **COMMON),
-                 "neox", MultiHeadAttention),
-        "deepseek_v2": ("DeepseekV2ForCausalLM", lambda: T.DeepseekV2Config(   # YaRN attention factor != 1
-            q_lora_rank=12, rope_parameters={**YARN, "mscale_all_dim": 0.5}, **MLA_SIZES, **COMMON),
-                        "mla", MultiHeadLatentAttention),
-        "deepseek_v3": ("DeepseekV3ForCausalLM", lambda: T.DeepseekV3Config(
-            num_key_value_heads=HEADS, q_lora_rank=12, rope_parameters=YARN, **MLA_SIZES, **COMMON),
-            "mla", MultiHeadLatentAttention),
-        "deepseek_v3_plain": ("DeepseekV3ForCausalLM", lambda: T.DeepseekV3Config(
-            num_key_value_heads=HEADS, q_lora_rank=None, rope_interleave=False, **MLA_SIZES, **COMMON),
-            "mla", MultiHeadLatentAttention),
-    }
-
-
-FAMILIES = _family_configs()
 ROPE_FAMILIES = [f for f in FAMILIES if f not in ("deepseek_v2", "deepseek_v3", "deepseek_v3_plain")]
 HAS_KERNEL_ARG = "kernel" in inspect.signature(Attention.forward).parameters
-
-
-def build(family: str, *, seed: int = 0):
-    """A tiny float64 model of ``family`` in eval mode, biases and norm gains random."""
-    cls_name, make_config, _, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    config = make_config()
-    config._attn_implementation = "eager"                 # Gemma 2 refuses to build with sdpa
-    model = getattr(T, cls_name)(config).double().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.5)
-            if "RMSNorm" in type(module).__name__:
-                module.weight.normal_(0.0, 0.5)
-    return model
 
 
 def float64_internals(model, monkeypatch) -> None:

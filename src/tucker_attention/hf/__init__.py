@@ -16,5 +16,5 @@ from .read import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block
 register_families()
 
 __all__ = ["METHODS", "SUPPORTED_BLOCKS", "HFAttention", "attention_layers", "convert", "convert_block",
-           "convert_folder", "converted_blocks", "find_blocks", "input_statistics", "load_converted", "load_model", "model_path",
-           "plan_ranks", "read_block", "register", "save_converted"]
+           "convert_folder", "converted_blocks", "find_blocks", "input_statistics", "load_converted", "load_model",
+           "model_path", "plan_ranks", "read_block", "register", "save_converted"]

@@ -10,8 +10,6 @@ for Tucker, queries (B, H, T, r3) and one key/value head of width r3 (PAPER.md Â
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -36,7 +34,10 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[2]]
-        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask
+        if mask.dtype == torch.bool:                  # the dtype's minimum, as transformers: a fully
+            mask = torch.zeros((), dtype=logits.dtype, device=logits.device).masked_fill(   # masked (padding)
+                ~mask, torch.finfo(logits.dtype).min)                                     # row stays finite
+        logits = logits + mask
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = (weights.view(batch, kv_heads, heads // kv_heads * steps, -1) @ value).view(batch, heads, steps, -1)
@@ -136,7 +137,7 @@ class HFAttention(nn.Module):
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError("cross-attention is not converted; this block is self-attention only")
         cache = None
-        for name in ("cache", "past_key_values", "past_key_value"):
+        for name in ("cache", "past_key_values", "past_key_value", "layer_past"):   # layer_past: GPT-NeoX
             cache = cache if cache is not None else kwargs.pop(name, None)
         cache = getattr(cache, "self_attention_cache", cache)              # EncoderDecoderCache
         x = hidden_states

@@ -28,20 +28,39 @@ from .._checks import check_choice
 from ..layers import Attention, make_attention
 from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
-from .blocks import HFAttention
-from .read import Block, attention_layers, find_blocks
 from .auto import config_class, model_class, to_converted_classes
+from .blocks import HFAttention
 from .cache import SharedRope
+from .read import Block, attention_layers, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"
 
 
-def _with_rope(layer: Attention, rope) -> Attention:
-    """The same weights in a layer built with another ``rope`` setting."""
-    new = make_attention(**{**layer.config(), "rope": rope}).to(next(layer.parameters())).train(layer.training)
+def _with_rope(layer: Attention, source: Attention) -> Attention:
+    """The same weights in a layer with ``source``'s RoPE in the layer's own positional mode: head
+    RoPE keeps the source's rotated width (partial RoPE); latent RoPE rotates the latent."""
+    mode = type(layer).rope_mode(True)
+    extra = {"rope_dim": source.config().get("rope_dim")} if mode == "head" and source.rope == "head" else {}
+    new = make_attention(**{**layer.config(), "rope": True, "rope_base": source.rope_base, **extra})
+    new = new.to(next(layer.parameters())).train(layer.training)
     new.load_state_dict(layer.state_dict())
     return new
+
+
+def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
+    """Why converting ``source`` to ``method`` at ``ranks`` changes its outputs beyond truncation
+    (empty when the conversion is exact at full rank)."""
+    native = source.native_setting(method)
+    if native is not None and ranks in (None, native):
+        return []                                               # a copy of the block
+    reasons = []
+    if source.nonlinearity():
+        reasons.append(f"{source.nonlinearity()} has no linear tensor form: each norm becomes its gain times "
+                       f"the 1/rms its inputs had (Attention.linearized)")
+    if source.rope is not None and method != "gqa":
+        reasons.append(f"{source.rope} RoPE becomes latent RoPE (PAPER.md §3): a different positional scheme")
+    return reasons
 
 
 def _per_block(name: str, value, blocks: list[Block]) -> list:
@@ -64,39 +83,40 @@ def _per_block(name: str, value, blocks: list[Block]) -> list:
 
 def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, *, input_cov=None,
                   hosvd: str = "hosvd", n_iter: int = 10) -> Attention:
-    """Our layer for ``method`` from a block's layer (from :func:`~.blocks.read_block`).
+    """Our layer for ``method`` from a block's layer (from :func:`~.read.read_block`).
 
     tucker: ``ranks`` (r1, r2, r3), ``value_ranks`` (default ``ranks``); None = (H, d, d).
     gqa: ``ranks`` = n_kv_heads (None: the source's). mla: ``ranks`` = kv_rank or
-    (kv_rank, q_rank) (None: d_model, full-rank queries).
+    (kv_rank, q_rank) (None: d_model, full-rank queries; an MLA source's own kv_rank: a copy).
     input_cov: the second moment (d, d) of the block's inputs (:func:`~.calibration.input_statistics`):
-    the truncation then minimizes the error on such inputs instead of on the weights alone.
+    the truncation then minimizes the error on such inputs instead of on the weights alone,
+    and a non-linear source (q/k norms) is linearized with the norms' scales on such inputs.
+    A source that already has the target structure and setting is copied (exact, norms kept).
     """
     check_choice("method", method, METHODS)
+    native = source.native_setting(method)
+    if native is not None and ranks in (None, native):
+        return copy.deepcopy(source)
+    linear = source.linearized(input_cov)
     if input_cov is None:
-        layer = _convert_block(source, method, ranks, value_ranks, hosvd, n_iter)
+        layer = _convert_block(linear, method, ranks, value_ranks, hosvd, n_iter)
     else:
         S, S_inv = whitening(input_cov)
-        layer = _convert_block(input_transform(source, S), method, ranks, value_ranks, hosvd, n_iter)
+        layer = _convert_block(input_transform(linear, S), method, ranks, value_ranks, hosvd, n_iter)
         layer = input_transform(layer, S_inv)
+    layer = _with_rope(layer, source) if source.rope is not None else layer
     return layer.train(source.training)
 
 
 def _convert_block(source: Attention, method: str, ranks, value_ranks, hosvd: str, n_iter: int) -> Attention:
-    rope = source.rope is not None
-    plain = _with_rope(source, None) if rope else source
     h, d = source.n_heads, source.d_model
+    rope = source.rope is not None
     if method == "tucker":
-        layer = convert_layer(plain, "tucker", (h, d, d) if ranks is None else ranks, value_ranks=value_ranks,
-                              hosvd=hosvd, n_iter=n_iter)
-    elif method == "gqa":
-        n_kv = getattr(source, "n_kv_heads", h) if ranks is None else ranks
-        if n_kv == getattr(source, "n_kv_heads", None):
-            return copy.deepcopy(source)
-        layer = convert_layer(plain, "gqa", n_kv)
-    else:
-        layer = convert_layer(plain, "mla", d if ranks is None else ranks)
-    return _with_rope(layer, True) if rope else layer
+        return convert_layer(source, "tucker", (h, d, d) if ranks is None else ranks, value_ranks=value_ranks,
+                             hosvd=hosvd, n_iter=n_iter, ignore_rope=rope)
+    if method == "gqa":
+        return convert_layer(source, "gqa", h if ranks is None else ranks, ignore_rope=rope)
+    return convert_layer(source, "mla", d if ranks is None else ranks, ignore_rope=rope)
 
 
 def _install(model: nn.Module, block: Block, layer: Attention, rope_source: SharedRope) -> None:
@@ -147,10 +167,14 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
             layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter))
         except (ValueError, TypeError) as err:
             raise type(err)(f"block {block.path}: {err}") from None
-    if any(b.model_rope for b in blocks) and method != "gqa":
-        warnings.warn(f"{type(model).__name__} uses head-dimension RoPE: the {method} layers use latent RoPE "
-                      f"instead (PAPER.md §3), so the converted model's outputs differ and it needs fine-tuning",
-                      stacklevel=2)
+    reasons: dict[str, int] = {}
+    for block, r in zip(blocks, rank_list):
+        for reason in inexact_reasons(block.layer, method, r):
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():                    # once per reason, not per block
+        warnings.warn(f"{type(model).__name__} -> {method}: in {count} of {len(blocks)} blocks {reason}, so the "
+                      f"converted model's outputs differ from the original's even at full rank and it needs "
+                      f"fine-tuning", stacklevel=2)
     rope_source = SharedRope()                                  # one table source for the model's blocks
     for block, layer in zip(blocks, layers):
         _install(target, block, layer, rope_source)
@@ -168,7 +192,8 @@ def serving_layout(config, layers: list[Attention]) -> dict:
     ``head_dim``), set in place when every layer caches one key head and one value head of one
     common width (Tucker with r3~ = r3, not shared: keys rotated as they are cached); returns
     {'serving': {...} or None, 'source_layout': the original values, restored to rebuild the
-    skeleton; fields it lacked are left out}. Encoders and other layouts (per-layer widths, a shared latent stored once) keep the config."""
+    skeleton; fields it lacked are left out}. Encoders and other layouts (per-layer widths, a shared
+    latent stored once) keep the config."""
     specs = [layer.cache_spec() for layer in layers]
     widths = {w for spec in specs for _, w in spec.values()}
     if (not all(layer.causal for layer in layers) or len(widths) != 1
@@ -227,13 +252,17 @@ def plan_ranks(model: nn.Module, *, params=None, kv=None, calibration=None) -> R
     """Tucker ranks per block of a transformers model for a budget of attention parameters or
     KV floats per token (count, or fraction of the model's); see :func:`tucker_attention.tensors.plan_ranks`.
     With ``calibration`` (as for :func:`convert`) spectra and errors are those of the
-    activation-weighted tensors (S W S, W~ S).
+    activation-weighted tensors (S W S, W~ S). Layers with norms between their projections
+    are planned from their linearization, as :func:`convert` converts them.
 
     >>> plan = plan_ranks(model, params=0.25)                                 # doctest: +SKIP
     >>> convert(model, "tucker", ranks=plan.ranks, value_ranks=plan.value_ranks)  # doctest: +SKIP
     """
     layers = attention_layers(model)
-    if calibration is not None:
+    if calibration is None:
+        layers = {path: layer.linearized() for path, layer in layers.items()}
+    else:
         covs = _per_block("calibration", calibration, find_blocks(model))
-        layers = {path: input_transform(layer, whitening(cov)[0]) for (path, layer), cov in zip(layers.items(), covs)}
+        layers = {path: input_transform(layer.linearized(cov), whitening(cov)[0])
+                  for (path, layer), cov in zip(layers.items(), covs)}
     return tensor_plan_ranks(layers, params=params, kv=kv)

@@ -276,8 +276,8 @@ def _check_head_rope(module: nn.Module, head_dim: int, rope_dim: int) -> None:
     rotate-half (as our layers do): probed on random q, k and tables."""
     function = _family_function(module, "apply_rotary_pos_emb")
     if function is None:
-        raise _Unsupported(f"it takes position_embeddings but its module has no apply_rotary_pos_emb, so its "
-                           f"RoPE layout cannot be checked")
+        raise _Unsupported("it takes position_embeddings but its module has no apply_rotary_pos_emb, so its "
+                           "RoPE layout cannot be checked")
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 3, head_dim, generator=gen, dtype=torch.float64) for _ in range(2))
     cos, sin = (torch.randn(1, 3, rope_dim, generator=gen, dtype=torch.float64) for _ in range(2))

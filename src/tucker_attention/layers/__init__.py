@@ -25,4 +25,5 @@ def make_attention(method: str, d_model: int, n_heads: int, **kwargs) -> Attenti
 
 __all__ = ["ATTENTION_METHODS", "Attention", "AttentionFactors", "CacheProtocol", "GroupedQueryAttention",
            "HeadFactors", "KVCache", "MultiHeadAttention", "MultiHeadLatentAttention", "MultiQueryAttention",
-           "RopeTables", "RotaryEmbedding", "TuckerAttention", "apply_rope", "attend", "frozen_weights", "make_attention"]
+           "RopeTables", "RotaryEmbedding", "TuckerAttention", "apply_rope", "attend", "frozen_weights",
+           "make_attention"]

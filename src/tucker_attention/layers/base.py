@@ -196,6 +196,11 @@ class Attention(nn.Module, ABC):
         latent RoPE: the values need it unrotated), so the cache must know every key's position."""
         return self.rope == "latent" and "kv" in self.cache_spec()
 
+    def native_setting(self, method: str):
+        """This layer's own setting for conversion ``method`` when it already has that structure (GQA:
+        its n_kv_heads for 'gqa'; MLA: its kv_rank for 'mla'; Tucker: its ranks), else None."""
+        return None
+
     def nonlinearity(self) -> str | None:
         """Why this layer is not linear in x (e.g. norms between its projections), or None.
         A non-linear layer has no tensor view; :meth:`linearized` gives the nearest linear one."""
@@ -294,7 +299,7 @@ class Attention(nn.Module, ABC):
             raise ValueError(f"x has dtype {x.dtype} but the layer's weights are {ref.dtype}; convert one of them "
                              f"(layer.to({x.dtype}) or x.to({ref.dtype})) or run under torch.autocast")
         batch, steps = x.shape[:2]
-        past = 0
+        past = first = 0
         if cache is not None:
             if not self.causal:
                 raise ValueError("cache decoding needs a causal layer (construct it with causal=True)")
@@ -303,12 +308,14 @@ class Attention(nn.Module, ABC):
                                 f"length), got {type(cache).__name__}")
             cache.check(self.cache_spec(), batch, steps)
             past = cache.length
+            first_key = getattr(cache, "first_key", None)
+            first = first_key(steps) if callable(first_key) else 0
         if rope is not None:
             if not isinstance(rope, RopeTables):
                 raise TypeError(f"rope must be RopeTables or None, got {type(rope).__name__}")
-            if rope.n_keys is not None and self.rope is not None and rope.n_keys != past + steps:
+            if rope.n_keys is not None and self.rope is not None and rope.n_keys != past + steps - first:
                 raise ValueError(f"rope tables cover {rope.n_keys} key positions but this call attends to "
-                                 f"{past} cached + {steps} new tokens")
+                                 f"{past - first} cached + {steps} new tokens")
             if positions is None and rope.positions is not None:
                 positions = rope.positions
         if positions is None:

@@ -38,6 +38,9 @@ class CacheProtocol(Protocol):
         """Store ``entries`` {name: (B, heads, T, width)} for positions (T,) and return
         (every cached entry {name: (B, heads, S, width)}, key positions (S,) or (B, S))."""
 
+    # Optional: ``first_key(steps) -> int``, the slot of the first entry ``append`` returns
+    # (0 when it returns every cached token; a sliding window drops the oldest). Default 0.
+
 
 class KVCache:
     """Preallocated tensors for ``max_seq_len`` positions and a fill counter.

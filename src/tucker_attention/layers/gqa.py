@@ -130,6 +130,9 @@ class GroupedQueryAttention(Attention):
             fold_scales(proj, (scale[:, None] * gain[None, :]).reshape(-1))
         return linear.to(dtype=ref.dtype).train(self.training)
 
+    def native_setting(self, method: str):
+        return self.n_kv_heads if method == "gqa" else None
+
     def _group_config(self) -> dict:
         """The key-head setting among the constructor arguments (MHA and MQA fix it)."""
         return {"n_kv_heads": self.n_kv_heads}
@@ -225,6 +228,9 @@ class MultiHeadAttention(GroupedQueryAttention):
 
     method = "mha"
 
+    def native_setting(self, method: str):
+        return self.n_kv_heads if method == "gqa" else None
+
     def _group_config(self) -> dict:
         return {}
 
@@ -242,6 +248,9 @@ class MultiQueryAttention(GroupedQueryAttention):
     """Multi-query attention (Shazeer 2019): GQA with one key/value head."""
 
     method = "mqa"
+
+    def native_setting(self, method: str):
+        return self.n_kv_heads if method == "gqa" else None
 
     def _group_config(self) -> dict:
         return {}

@@ -115,6 +115,9 @@ class MultiHeadLatentAttention(Attention):
     def _reference_weight(self) -> torch.Tensor:
         return self.kv_down.weight
 
+    def native_setting(self, method: str):
+        return self.kv_rank if method == "mla" else None
+
     def nonlinearity(self) -> str | None:
         if self.kv_norm is not None:
             return "RMSNorm on the latents (latent_norm: DeepSeek q_a_layernorm, kv_a_layernorm)"

@@ -31,6 +31,7 @@ from .base import Attention
 from .factors import AttentionFactors, HeadFactors
 from .rope import apply_rope
 
+
 def _head_core(U1: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     """core x1 U1: (r1, a, b) with U1 (H, r1) -> (H, a, b)."""
     return torch.einsum("hc,cab->hab", U1, core)
@@ -181,6 +182,9 @@ class TuckerAttention(Attention):
             values["out_bias"] = out_bias if out_bias is not None else torch.zeros(source.d_model,
                                                                                    dtype=torch.float64)
         return layer.assign_parameters(values, like=source)
+
+    def native_setting(self, method: str):
+        return self.ranks if method == "tucker" else None
 
     def cache_spec(self) -> dict[str, tuple[int, int]]:
         r3, vr3 = self.ranks[2], self.value_ranks[2]

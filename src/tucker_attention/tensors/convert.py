@@ -55,7 +55,8 @@ def to_tucker(layer: Attention) -> TuckerAttention:
                                         shared_kv=form["shared_kv"], rope=form["rope"])
 
 
-def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd", n_iter: int = 10) -> TuckerAttention:
+def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd", n_iter: int = 10,
+             ignore_rope: bool = False) -> TuckerAttention:
     """Truncated Tucker decomposition of a trained layer's W and W_tilde -> TuckerAttention.
 
     ``ranks`` = (r1, r2, r3) for W (head, query, key modes), ``value_ranks`` for W_tilde
@@ -64,9 +65,10 @@ def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd"
     Works from the per-head factors (Gram matrices of size d x d at most), so a
     d_model=4096 layer needs no (h x d x d) tensor. At full ranks the output is exact.
     Biases are carried: the query bias is projected on the new key latent (exact when it
-    lies in its span), value and output biases become the output bias.
+    lies in its span), value and output biases become the output bias. ``ignore_rope``: a RoPE
+    layer's weights at offset 0 (see :func:`~.view.attention_factors`); the result has no RoPE.
     """
-    factors = attention_factors(layer)
+    factors = attention_factors(layer, ignore_rope=ignore_rope)
     highs = (layer.n_heads, layer.d_model, layer.d_model)
     ranks = check_ranks("ranks", ranks, highs)
     value_ranks = check_ranks("value_ranks", value_ranks if value_ranks is not None else ranks, highs)
@@ -77,11 +79,11 @@ def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd"
                                         key_bias=factors.key_bias, out_bias=factors.out_bias)
 
 
-def _check_source(layer, name: str) -> Attention:
+def _check_source(layer, name: str, ignore_rope: bool = False) -> Attention:
     if not isinstance(layer, Attention):
         raise TypeError(f"{name} converts tucker_attention attention layers (e.g. MultiHeadAttention), "
                         f"got {type(layer).__name__}")
-    if layer.rope is not None:
+    if layer.rope is not None and not ignore_rope:
         raise ValueError(f"{name}: the source uses RoPE (rope={layer.rope!r}), which an SVD of its weights does "
                          f"not preserve; convert a layer built with rope=None")
     check_finite(layer)
@@ -109,22 +111,23 @@ def _normalized(gram: torch.Tensor) -> torch.Tensor:
     return gram / trace if trace > 0 else gram
 
 
-def mha_to_gqa(layer: Attention, n_kv_heads: int) -> GroupedQueryAttention:
+def mha_to_gqa(layer: Attention, n_kv_heads: int, *, ignore_rope: bool = False) -> GroupedQueryAttention:
     """Initialize GQA with ``n_kv_heads`` from MHA (or GQA) weights by truncated SVD (App. C.1.4).
 
     For each group of heads, the shared key head spans the best common key-side subspace of
     the group's W[i] (and the shared value head that of W_tilde[i]); each query (output)
     projection is re-expressed in it. Exact when ``n_kv_heads == n_heads``. The query bias
     is carried, value biases move into the output bias, key biases cancel. Works from the
-    tensor view, so any layer without RoPE is a source; head_dim is its per-head factor width.
+    tensor view, so any layer without RoPE is a source (a RoPE layer with ``ignore_rope``, from its
+    weights at offset 0; the result has no RoPE); head_dim is its per-head factor width.
     """
-    _check_source(layer, "mha_to_gqa")
+    _check_source(layer, "mha_to_gqa", ignore_rope)
     h, d = layer.n_heads, layer.d_model
     check_int("n_kv_heads", n_kv_heads, high=h)
     if h % n_kv_heads:
         raise ValueError(f"n_heads={h} must be divisible by n_kv_heads={n_kv_heads}; "
                          f"allowed n_kv_heads: {[g for g in range(1, h + 1) if h % g == 0]}")
-    f = attention_factors(layer)
+    f = attention_factors(layer, ignore_rope=ignore_rope)
     hd = f.pre.A.shape[2]
     if hd > d or f.post.A.shape[2] != hd:
         raise ValueError(f"mha_to_gqa needs per-head widths <= d_model={d} equal for W and W_tilde, got "
@@ -154,21 +157,22 @@ def mha_to_gqa(layer: Attention, n_kv_heads: int) -> GroupedQueryAttention:
     return target.assign_parameters(values, like=layer)
 
 
-def mha_to_mla(layer: Attention, kv_rank: int, q_rank: int | None = None) -> MultiHeadLatentAttention:
+def mha_to_mla(layer: Attention, kv_rank: int, q_rank: int | None = None, *,
+               ignore_rope: bool = False) -> MultiHeadLatentAttention:
     """Initialize MLA (shared K/V latent of width ``kv_rank``) from MHA/GQA weights by truncated SVD.
 
     The latent W^DKV spans the leading eigenvectors of the key-side Gram of W plus the
     value-side Gram of W_tilde (each normalized by its trace, so both count equally);
     W^UK_i, W^UV_i re-express each head in it. With ``q_rank`` the query latent W^DQ spans
     the leading query-side (mode-2) subspace of W. Exact at kv_rank = q_rank = d_model.
-    Zero or rank-deficient weights give finite factors.
+    Zero or rank-deficient weights give finite factors. ``ignore_rope``: as for :func:`mha_to_gqa`.
     """
-    _check_source(layer, "mha_to_mla")
+    _check_source(layer, "mha_to_mla", ignore_rope)
     h, d = layer.n_heads, layer.d_model
     check_int("kv_rank", kv_rank, high=d)
     if q_rank is not None:
         check_int("q_rank", q_rank, high=d)
-    f = attention_factors(layer)
+    f = attention_factors(layer, ignore_rope=ignore_rope)
     hd = f.pre.A.shape[2]
     if f.post.A.shape[2] != hd:
         raise ValueError(f"mha_to_mla needs equal per-head widths for W and W_tilde, got {hd} and "
@@ -247,19 +251,21 @@ CONVERSIONS = ("gqa", "mla", "tucker")
 
 
 def convert_layer(layer: Attention, method: str, setting, *, value_ranks=None, hosvd: str = "hosvd",
-                  n_iter: int = 10) -> Attention:
+                  n_iter: int = 10, ignore_rope: bool = False) -> Attention:
     """``layer`` converted to ``method`` ('gqa' | 'mla' | 'tucker'), initialized from its weights:
     the SVD baselines for GQA/MLA, truncated HOSVD (``hosvd='hooi'``: refined by ``n_iter``
-    HOOI sweeps) for Tucker.
+    HOOI sweeps) for Tucker. The result has no RoPE.
 
     setting: n_kv_heads (gqa); kv_rank or (kv_rank, q_rank) (mla); ranks (r1, r2, r3) (tucker).
+    ignore_rope: convert a RoPE layer from its weights at offset 0 (an approximation of its
+    position-dependent logits; the caller decides which RoPE the result gets).
     """
     check_choice("method", method, CONVERSIONS)
     if method != "tucker" and value_ranks is not None:
         raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
     if method == "gqa":
-        return mha_to_gqa(layer, setting)
+        return mha_to_gqa(layer, setting, ignore_rope=ignore_rope)
     if method == "mla":
         kv_rank, q_rank = (setting, None) if not isinstance(setting, (tuple, list)) else tuple(setting)
-        return mha_to_mla(layer, kv_rank, q_rank)
-    return compress(layer, tuple(setting), value_ranks, method=hosvd, n_iter=n_iter)
+        return mha_to_mla(layer, kv_rank, q_rank, ignore_rope=ignore_rope)
+    return compress(layer, tuple(setting), value_ranks, method=hosvd, n_iter=n_iter, ignore_rope=ignore_rope)
