@@ -100,6 +100,12 @@ class TuckerModelMixin:
     def register_for_auto_class(cls, auto_class="AutoModel"):
         """No-op: a converted folder carries its own two-line code files (see :func:`write_code_files`)."""
 
+    def initialize_weights(self):
+        """transformers' (re)initialization (e.g. of RoPE buffers after a meta-device load) reads the
+        config: it sees the source layout, as the skeleton was built with it."""
+        with source_layout(self.config):
+            super().initialize_weights()
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' ``save_pretrained`` (safetensors), plus the code files and ``auto_map`` that
         let ``from_pretrained(dir, trust_remote_code=True)`` rebuild the model anywhere."""

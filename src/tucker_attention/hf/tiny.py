@@ -75,8 +75,13 @@ def _family_configs():
 FAMILIES = _family_configs()
 
 
-def build(family: str, *, seed: int = 0):
-    """A tiny float64 model of ``family`` in eval mode, biases and norm gains random."""
+def build(family: str, *, seed: int = 0, unit_scale: bool = False):
+    """A tiny float64 model of ``family`` in eval mode, biases and norm gains random.
+
+    unit_scale: every Linear weight N(0, 1/fan_in) and bias N(0, 0.1^2), so attention shapes the
+    outputs (the default init, std 0.02 with biases 0.5, leaves them to the biases: conversion
+    errors would hardly show).
+    """
     cls_name, make_config, _, _ = FAMILIES[family]
     torch.manual_seed(seed)
     config = make_config()
@@ -88,4 +93,37 @@ def build(family: str, *, seed: int = 0):
                 module.bias.normal_(0.0, 0.5)
             if "RMSNorm" in type(module).__name__:
                 module.weight.normal_(0.0, 0.5)
+        if unit_scale:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, module.in_features ** -0.5)
+                    if module.bias is not None:
+                        module.bias.normal_(0.0, 0.1)
     return model
+
+
+def block_io(model, **inputs) -> dict:
+    """{block path: (input (B, T, d), output (B, T, d))} of every attention block in one forward."""
+    from .read import find_blocks
+
+    captured, handles = {}, []
+    for block in find_blocks(model):
+        def hook(module, args, kwargs, out, path=block.path):
+            x = args[0] if args else kwargs["hidden_states"]
+            captured[path] = (x.detach(), out[0].detach())
+        handles.append(model.get_submodule(block.path).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def window_mask(steps: int, window: int | None) -> torch.Tensor | None:
+    """The bool (1, 1, T, T) band of a sliding window (None: none; a causal layer adds causality)."""
+    if window is None:
+        return None
+    rows, cols = torch.arange(steps)[:, None], torch.arange(steps)[None, :]
+    return ((rows - cols) < window)[None, None]

@@ -1,0 +1,121 @@
+"""Converting every decoder family, end to end, on the tiny float64 models of ``hf.tiny``.
+
+- Converting to the family's own structure (GQA with its key heads, DeepSeek's MLA with its
+  kv_rank) is a copy: the model's logits are unchanged (<= 1e-10 with transformers' float32
+  norm internals computed in float64, as in test_hf_families).
+- A Tucker conversion changes outputs even at full rank for every decoder family (head RoPE ->
+  latent RoPE; q/k and latent norms linearized; DeepSeek's decoupled RoPE): ``convert`` warns
+  once per reason, the model runs, and the block errors on a calibration batch are pinned.
+- Cached generation equals recomputation (sliding windows shorter than the prompt included),
+  the cache holds exactly ``kv_cache_floats_per_token`` per layer, and save/load is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+T = pytest.importorskip("transformers", reason="the hf integration tests need transformers (extra 'hf')")
+
+from test_hf_families import float64_internals  # noqa: E402
+
+from tucker_attention.accounting import kv_cache_floats_per_token  # noqa: E402
+from tucker_attention.hf import attention_layers, convert, convert_block, converted_blocks, find_blocks  # noqa: E402
+from tucker_attention.hf.tiny import FAMILIES, VOCAB, block_io, build, window_mask  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 9                                                  # longer than the sliding windows (4)
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_plain")
+
+#: Mean relative error of the blocks' outputs after a full-rank Tucker conversion (calibration
+#: batch of random tokens, unit-scale weights), measured; a change beyond 5 % is a regression.
+FULL_RANK_TUCKER_ERROR = {
+    "llama": 0.0927, "mistral": 0.1418, "qwen2": 0.1545, "qwen3": 0.0599, "gemma2": 0.3616, "gemma3": 0.5864,
+    "smollm3": 0.1112, "phi3": 0.1616, "neox": 0.3218, "deepseek_v2": 0.5635, "deepseek_v3": 0.5663,
+    "deepseek_v3_plain": 0.4581,
+}
+REASONS = {"qwen3": 2, "gemma3": 2, "deepseek_v2": 2, "deepseek_v3": 2, "deepseek_v3_plain": 2}   # others: RoPE only
+
+
+def ids(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, STEPS), generator=torch.Generator().manual_seed(1))
+
+
+def implementation(family: str) -> str:
+    return "eager" if family == "gemma2" else "sdpa"      # Gemma 2 runs eager only
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_familys_own_structure_converts_exactly(family, monkeypatch):
+    model = build(family, unit_scale=True)
+    model.set_attn_implementation(implementation(family))
+    float64_internals(model, monkeypatch)
+    tokens = ids()
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+    native = "mla" if family in MLA_FAMILIES else "gqa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)       # exact: no warning
+        converted = convert(model, native, inplace=False)
+    with torch.no_grad():
+        got = converted(input_ids=tokens).logits
+    tolerance = 1e-10 if family not in MLA_FAMILIES else 1e-6   # DeepSeek: its RoPE tables are float32 in HF
+    assert (got - want).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tucker_conversion_warns_once_per_reason_and_its_error_is_pinned(family):
+    model = build(family, unit_scale=True)
+    model.set_attn_implementation(implementation(family))
+    io = block_io(model, input_ids=ids())
+    layers = attention_layers(model)
+    masks = {b.path: window_mask(STEPS, b.sliding_window) for b in find_blocks(model)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = convert(model, "tucker", inplace=False)
+    messages = [str(w.message) for w in caught if "full rank" in str(w.message)]
+    assert len(messages) == REASONS.get(family, 1) and len(set(messages)) == len(messages)
+    rope_blocks = "in 1 of 2 blocks" if family == "smollm3" else "in 2 of 2 blocks"   # SmolLM3: one NoPE layer
+    assert all(rope_blocks in m for m in messages)
+    with torch.no_grad():
+        assert torch.isfinite(converted(input_ids=ids()).logits).all()
+        errors = [((convert_block(layers[p], "tucker")(x, attn_mask=masks[p]) - y).norm() / y.norm()).item()
+                  for p, (x, y) in io.items()]
+    assert sum(errors) / len(errors) == pytest.approx(FULL_RANK_TUCKER_ERROR[family], rel=0.05)
+
+
+def _kv_quarter(layer) -> tuple[int, int, int]:
+    return (layer.n_heads, layer.d_model, max(2, kv_cache_floats_per_token(layer) // 8 // 2 * 2))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_4x_smaller_cache_generates_like_recomputation_and_holds_what_it_promises(family, tmp_path):
+    model = build(family, unit_scale=True)
+    model.set_attn_implementation(implementation(family))
+    ranks = {path: _kv_quarter(layer) for path, layer in attention_layers(model).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        converted = convert(model, "tucker", ranks, inplace=False)
+    tokens = ids()
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0                                         # left padding
+    options = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    out = converted.generate(tokens, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, converted.generate(tokens, use_cache=False, **options))
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    blocks = list(converted_blocks(converted).values())
+    for layer, block in zip(cache.layers, blocks):
+        held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert held // (layer.keys.shape[0] * layer.keys.shape[2]) == kv_cache_floats_per_token(block.layer) * 8
+        assert 4 * kv_cache_floats_per_token(block.layer) <= kv_cache_floats_per_token(
+            attention_layers(model)[next(p for p, b in converted_blocks(converted).items() if b is block)])
+    converted.save_pretrained(tmp_path)
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True,
+                                                    attn_implementation=implementation(family))
+    with torch.no_grad():
+        # Gemma: transformers' own save/load of the float64 original already differs by ~1e-6 (its
+        # non-persistent embedding normalizer is rebuilt in float32); every other family: rounding only.
+        tolerance = 1e-5 if family.startswith("gemma") else 1e-12
+        assert (loaded(input_ids=tokens).logits - converted(input_ids=tokens).logits).abs().max() < tolerance
