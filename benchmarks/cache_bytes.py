@@ -46,7 +46,7 @@ def measure(arch: str, method: str, ranks, shared: bool) -> dict:
     ids = torch.randint(0, VOCAB, (1, 6))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                          pad_token_id=0, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values   # 5.24: cache
     held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                for layer in cache.layers) // cache.layers[0].keys.shape[2]
     spec = sum(4 * h * w for b in blocks for h, w in b.layer.cache_spec().values())

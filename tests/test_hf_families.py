@@ -147,33 +147,30 @@ def test_family_blocks_are_found_and_read_exactly(family, monkeypatch):
     assert [b.layer_idx for b in blocks] == [0, 1]
     assert all(type(model.get_submodule(b.path)).__name__ in SUPPORTED_BLOCKS for b in blocks)
     x = torch.randn(2, SEQ, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    float32_errors = {}
-    for impl in ("sdpa", "eager"):
-        model.config._attn_implementation = impl
-        for block in blocks:
-            module = model.get_submodule(block.path)
-            keep, additive = masks(block)
-            mask = keep if impl == "sdpa" else additive
-            tables = tables_for(model, block, module, x)
-            float32_errors[(impl, block.path)] = (run_layer(block, x, tables, keep)
-                                                  - call_module(module, x, tables, mask)).abs().max().item()
+
+    def cases():
+        """(implementation, block, module, bool mask, the mask that implementation gets, RoPE tables)."""
+        for impl in ("sdpa", "eager"):
+            model.config._attn_implementation = impl
+            for block in blocks:
+                module = model.get_submodule(block.path)
+                keep, additive = masks(block)
+                mask = keep if impl == "sdpa" else additive
+                yield impl, block, module, keep, mask, tables_for(model, block, module, x)
+
+    float32_errors = {(impl, block.path): (run_layer(block, x, tables, keep) - call_module(module, x, tables, mask))
+                      .abs().max().item() for impl, block, module, keep, mask, tables in cases()}
     float64_internals(model, monkeypatch)
-    for impl in ("sdpa", "eager"):
-        model.config._attn_implementation = impl
-        for block in blocks:
-            module = model.get_submodule(block.path)
-            keep, additive = masks(block)
-            mask = keep if impl == "sdpa" else additive
-            tables = tables_for(model, block, module, x)
-            want = call_module(module, x, tables, mask)
-            ours = (run_layer(block, x, tables, keep) - want).abs().max().item()
-            if impl == "sdpa":
-                assert ours <= 1e-10, (family, block.path, ours)
-            else:                                             # transformers' eager softmax is float32
-                assert ours <= 1e-7, (family, block.path, ours)
-            if HAS_KERNEL_ARG:
-                through = (run_layer(block, x, tables, keep, hf_kernel(module, mask, block)) - want).abs().max().item()
-                assert through <= 1e-10, (family, impl, block.path, through)
+    for impl, block, module, keep, mask, tables in cases():
+        want = call_module(module, x, tables, mask)
+        ours = (run_layer(block, x, tables, keep) - want).abs().max().item()
+        if impl == "sdpa":
+            assert ours <= 1e-10, (family, block.path, ours)
+        else:                                             # transformers' eager softmax is float32
+            assert ours <= 1e-7, (family, block.path, ours)
+        if HAS_KERNEL_ARG:
+            through = (run_layer(block, x, tables, keep, hf_kernel(module, mask, block)) - want).abs().max().item()
+            assert through <= 1e-10, (family, impl, block.path, through)
     # transformers' float32 internals (RMSNorms, DeepSeek-V2's complex RoPE, eager's softmax) cost
     # ~1e-8 in a float64 model (measured 1e-9 .. 2e-8); without them the sdpa reads are exact.
     assert max(float32_errors.values()) < 1e-7, float32_errors
