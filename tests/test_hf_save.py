@@ -271,3 +271,16 @@ def test_cache_bytes_after_generate_equal_the_accounting():
             per_token = (layer.keys.numel() * layer.keys.element_size()
                          + layer.values.numel() * layer.values.element_size()) // layer.keys.shape[2]
             assert per_token == kv_cache_floats_per_token(block.layer) * 4, (arch, method)
+
+
+def test_a_model_class_that_is_not_transformers_own_is_refused_before_any_change():
+    class MyLlama(T.LlamaForCausalLM):
+        pass
+
+    torch.manual_seed(0)
+    model = MyLlama(build("llama").config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="not a transformers model class"):
+        quiet(model)
+    assert type(model) is MyLlama and not converted_blocks(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -217,10 +217,25 @@ def install_blocks(model: nn.Module, spec: dict) -> None:
             parent.output.dense = nn.Identity()
 
 
+def converted_class(model: nn.Module) -> type:
+    """``Tucker<Base>`` for ``model``'s class, checked before anything is converted: the class must be
+    transformers' own (a saved folder names it), with a config of its own model type."""
+    base = type(model)
+    transformers = _transformers()
+    if getattr(transformers, base.__name__, None) is not base:
+        raise TypeError(f"{base.__module__}.{base.__name__} is not a transformers model class (remote code or a "
+                        f"subclass); converted models are subclasses of transformers' own classes, so convert a "
+                        f"model built from one of them")
+    if not isinstance(getattr(model, "config", None), base.config_class):
+        raise TypeError(f"{base.__name__} has a {type(getattr(model, 'config', None)).__name__} config, expected "
+                        f"{base.config_class.__name__}")
+    return model_class(base.__name__)
+
+
 def to_converted_classes(model: nn.Module) -> None:
     """Turn a model whose blocks were just converted into its ``Tucker<Base>`` class (in place)."""
     base = type(model)
-    cls = model_class(base.__name__)
+    cls = converted_class(model)
     register(base.config_class.model_type)
     model.config.__class__ = config_class(base.config_class.model_type)
     model.__class__ = cls

@@ -28,7 +28,7 @@ from .._checks import check_choice
 from ..layers import Attention, make_attention
 from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
-from .auto import config_class, model_class, to_converted_classes
+from .auto import config_class, converted_class, model_class, to_converted_classes
 from .blocks import HFAttention
 from .cache import SharedRope
 from .read import Block, attention_layers, find_blocks
@@ -151,6 +151,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     check_choice("method", method, METHODS)
     if getattr(getattr(model, "config", None), "tucker_attention", None):
         raise ValueError("this model's attention was already converted; convert the original model")
+    if hasattr(model, "config"):
+        converted_class(model)                      # a class we can save, checked before any change
     target = model if inplace else copy.deepcopy(model)
     blocks = find_blocks(target)
     rank_list = _per_block("ranks", ranks, blocks)
