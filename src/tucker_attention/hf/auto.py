@@ -202,19 +202,26 @@ def _resolve(model: nn.Module, path: str) -> str:
     raise ValueError(f"converted block {path!r} is not a module of {type(model).__name__}")
 
 
+def place_block(model: nn.Module, path: str, layer, facts: dict, rope_source: SharedRope) -> HFAttention:
+    """Put an :class:`HFAttention` running ``layer`` at block ``path`` of ``model`` (the one place a
+    converted block is installed, by ``convert`` and when a saved model is built). facts: the
+    block entries of the spec (kind, layer_idx, model_rope, resid_dropout, sliding_window, softcap)."""
+    parent_path, _, name = _resolve(model, path).rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    block = HFAttention(layer, kind=facts["kind"], layer_idx=facts["layer_idx"], model_rope=facts["model_rope"],
+                        resid_dropout=facts["resid_dropout"], sliding_window=facts.get("sliding_window"),
+                        softcap=facts.get("softcap"), config=model.config, rope_source=rope_source)
+    setattr(parent, name, block.train(parent.get_submodule(name).training))
+    if facts["kind"] == "bert":                           # the output projection is inside our layer
+        parent.output.dense = nn.Identity()
+    return block
+
+
 def install_blocks(model: nn.Module, spec: dict) -> None:
     """Put a fresh :class:`HFAttention` for every block of ``spec`` into ``model`` (weights to be loaded)."""
     rope_source = SharedRope()
-    for path, block in spec["blocks"].items():
-        parent_path, _, name = _resolve(model, path).rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = make_attention(**block["layer"])
-        setattr(parent, name, HFAttention(layer, kind=block["kind"], layer_idx=block["layer_idx"],
-                                          model_rope=block["model_rope"], resid_dropout=block["resid_dropout"],
-                                          sliding_window=block.get("sliding_window"), softcap=block.get("softcap"),
-                                          config=model.config, rope_source=rope_source))
-        if block["kind"] == "bert":                       # the output projection is inside our layer
-            parent.output.dense = nn.Identity()
+    for path, facts in spec["blocks"].items():
+        place_block(model, path, make_attention(**facts["layer"]), facts, rope_source)
 
 
 def converted_class(model: nn.Module) -> type:

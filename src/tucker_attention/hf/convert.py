@@ -28,7 +28,7 @@ from .._checks import check_choice
 from ..layers import Attention, make_attention
 from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
-from .auto import config_class, converted_class, model_class, to_converted_classes
+from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
 from .blocks import HFAttention
 from .cache import SharedRope
 from .read import Block, attention_layers, find_blocks
@@ -119,19 +119,6 @@ def _convert_block(source: Attention, method: str, ranks, value_ranks, hosvd: st
     return convert_layer(source, "mla", d if ranks is None else ranks, ignore_rope=rope)
 
 
-def _install(model: nn.Module, block: Block, layer: Attention, rope_source: SharedRope) -> None:
-    parent_path, _, name = block.path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    training = parent.get_submodule(name).training
-    head_rope = block.model_rope and layer.rope == "head"                 # takes the model's RoPE tables
-    setattr(parent, name, HFAttention(layer, kind=block.kind, layer_idx=block.layer_idx, model_rope=head_rope,
-                                      resid_dropout=block.resid_dropout, sliding_window=block.sliding_window,
-                                      softcap=block.softcap, config=model.config,
-                                      rope_source=rope_source).train(training))
-    if block.kind == "bert":                          # the output projection is now inside our layer
-        parent.output.dense = nn.Identity()
-
-
 def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, calibration=None,
             hosvd: str = "hosvd", n_iter: int = 10, inplace: bool = True, progress: bool = False) -> nn.Module:
     """Replace every supported attention block of a transformers model by ``method``.
@@ -179,7 +166,10 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
                       f"fine-tuning", stacklevel=2)
     rope_source = SharedRope()                                  # one table source for the model's blocks
     for block, layer in zip(blocks, layers):
-        _install(target, block, layer, rope_source)
+        facts = {"kind": block.kind, "layer_idx": block.layer_idx, "resid_dropout": block.resid_dropout,
+                 "model_rope": block.model_rope and layer.rope == "head",   # takes the model's RoPE tables
+                 "sliding_window": block.sliding_window, "softcap": block.softcap}
+        place_block(target, block.path, layer, facts, rope_source)
     if hasattr(target, "config"):
         spec = {"method": method, "model_class": type(target).__name__,
                 "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
