@@ -56,7 +56,7 @@ def test_train_from_a_config_file(corpus, tmp_path):
     (["--set", "model.attention.method=gqa", "--set", "model.attention.kv_rank=4"],
      "unknown argument.*'kv_rank'.*for attention method 'gqa'"),
     (["--set", "model.block_size=100000"], "too few for block_size=100000"),
-    (["--set", "train.lr=-1"], "train.lr must be > 0"),
+    (["--set", "train.lr=-1"], r"train\.lr must be a finite float > 0, got -1\.0"),
     (["--set", "data.tokenizer=word"], "tokenizer must be one of"),
 ])
 def test_bad_input_gives_a_clear_error(corpus, tmp_path, capsys, extra, message):
@@ -68,7 +68,8 @@ def test_bad_input_gives_a_clear_error(corpus, tmp_path, capsys, extra, message)
 
 def test_resume_errors(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
     assert main(["train", "--run-dir", str(tmp_path), "--set", "data.path=/does/not/exist.txt"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

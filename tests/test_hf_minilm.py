@@ -285,3 +285,21 @@ def test_distill_keeps_the_best_validated_state(minilm):
     with pytest.raises(ValueError, match="needs val_teacher"):
         distill(student, embed(model, tokenizer, train), tokenizer, train, steps=1, val_sentences=val,
                 progress=False)
+
+
+def test_distill_stops_on_a_non_finite_loss_without_applying_a_step(minilm):
+    from tucker_attention.hf import convert
+    from tucker_attention.training.guard import NonFiniteError
+
+    model, tokenizer = minilm
+    train = corpus_sentences(split="train", n=16)
+    student = convert(model, "gqa", inplace=False)
+    layer = next(m for m in student.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj"))
+    with torch.no_grad():
+        layer.o_proj.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in student.parameters()]
+    with pytest.raises(NonFiniteError, match=r"non-finite loss nan, grad_norm nan at step 3; stopped after 3 bad "
+                                             r"step\(s\) \(max_bad_steps=2"):
+        distill(student, model, tokenizer, train, steps=5, batch_size=4, max_bad_steps=2, progress=False)
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+               for a, b in zip(before, student.parameters()))   # no step was applied

@@ -98,7 +98,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     greedy = model.generate(prompt, 8, temperature=0)
     assert torch.equal(model.generate(prompt, 8, temperature=0.7, top_k=1), greedy)
     assert torch.equal(model.generate(prompt, 0), prompt)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite float >= 0, got -1.0"):
         model.generate(prompt, 2, temperature=-1.0)
 
 

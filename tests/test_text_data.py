@@ -229,7 +229,7 @@ def test_empty_corpus_raises(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "a.txt").write_text("some training text\n")
     (tmp_path / "folder" / "b.txt").write_text("\n")  # the held-out document is blank
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(ValueError, match=r"these \.txt files are empty .*\['b\.txt'\]"):
         load_corpus(tmp_path / "folder", val_fraction=0.5)
 
 

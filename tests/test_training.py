@@ -78,18 +78,19 @@ def test_relative_attention_lr_follows_the_init_scale():
 
 
 def test_overrides_parse_values_and_refuse_unknown_keys():
-    cfg = apply_overrides({}, ["train.lr=0.01", "train.progress=false", "model.attention.method=tucker",
-                               "model.attention.ranks=4,32,16", "data.path=some file.txt"],
-                          model_keys=list(GPTConfig.__dataclass_fields__))
+    """Values are parsed by the declared types; the attention method may come after its arguments."""
+    cfg = apply_overrides({}, ["train.lr=0.01", "train.progress=false", "model.attention.ranks=4,32,16",
+                               "model.attention.method=tucker", "data.path=some file.txt"], GPTConfig)
     assert cfg == {"train": {"lr": 0.01, "progress": False}, "data": {"path": "some file.txt"},
-                   "model": {"attention": {"method": "tucker", "ranks": [4, 32, 16]}}}
+                   "model": {"attention": {"method": "tucker", "ranks": (4, 32, 16)}}}
+    assert type(cfg["model"]["attention"]["ranks"]) is tuple  # parsed by TuckerAttention's annotation
     with pytest.raises(ValueError, match=r"unknown --set key 'train\.lrr'.*train\.lr"):
-        apply_overrides({}, ["train.lrr=1"], model_keys=["d_model"])
+        apply_overrides({}, ["train.lrr=1"], GPTConfig)
     with pytest.raises(ValueError, match="key=value"):
-        apply_overrides({}, ["train.lr"], model_keys=["d_model"])
+        apply_overrides({}, ["train.lr"], GPTConfig)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['train.bogus'\]"):
         RunConfig.from_dict({"train": {"bogus": 1}})
-    with pytest.raises(ValueError, match=r"train\.lr must be > 0"):
+    with pytest.raises(ValueError, match=r"train\.lr must be a finite float > 0, got 0"):
         RunConfig.from_dict({"train": {"lr": 0}})
 
 
@@ -108,7 +109,8 @@ def test_train_writes_run_files_and_learns(corpus, tmp_path):
     assert on_disk["kv_bytes_per_token"] == 2 * 32 * 2  # MHA, one layer, k and v, bf16
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 30
     latest = latest_checkpoint(run)
-    assert latest.name == "step-0000030" and sorted(p.name for p in latest.iterdir()) == ["model.safetensors",
+    assert latest.name == "step-0000030" and sorted(p.name for p in latest.iterdir()) == ["manifest.json",
+                                                                                          "model.safetensors",
                                                                                           "state.pt"]
     assert len(list((run / "checkpoints").glob("step-*"))) == 2  # the newest two are kept
 
@@ -154,9 +156,9 @@ def test_resume_refuses_corrupted_and_mismatching_checkpoints(corpus, tmp_path):
     other.model["d_model"] = 64
     with pytest.raises(ValueError, match="does not match the model"):  # weights are checked first
         train(other, run, resume=True)
-    latest = latest_checkpoint(run)
-    (latest / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="corrupted or unreadable"):
+    for path in ckpt_module.step_dirs(run):  # steps 8 and 4 (test_faults: one damaged, the other resumes)
+        (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"(?s)no intact checkpoint.*step-0000008/model.safetensors' has 22 bytes"):
         train(tiny_config(corpus), run, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         train(tiny_config(corpus), tmp_path / "empty", resume=True)
@@ -175,12 +177,12 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(corpus, tmp_p
     real_save = torch.save
     calls = {"n": 0}
 
-    def fail_second(obj, path, *args, **kwargs):
+    def fail_second(obj, file, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(path).write_bytes(b"half")  # a partial write, then the crash
+            file.write(b"half")  # a partial write, then the crash
             raise OSError("disk full")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_module.torch, "save", fail_second)
     with pytest.raises(OSError, match="disk full"):

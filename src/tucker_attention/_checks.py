@@ -11,15 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ._fields import Rule, check_value
+
 
 def check_int(name: str, value, *, low: int = 1, high: int | None = None) -> int:
-    """Return ``value`` if it is an int in ``[low, high]``; raise naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer in {allowed}, got {value}")
-    return value
+    """Return ``value`` if it is an int (not a bool) in ``[low, high]``; raise naming ``name`` otherwise."""
+    return check_value(name, value, int, Rule(low=low, high=high))
 
 
 def check_ranks(name: str, ranks, highs: Sequence[int]) -> tuple[int, ...]:
@@ -45,9 +42,7 @@ def check_choice(name: str, value, choices: Sequence) -> object:
 
 
 def check_probability(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
+    return check_value(name, value, float, Rule(low=0, high=1, high_open=True))
 
 
 def check_input(x, d_model: int) -> torch.Tensor:
@@ -59,6 +54,25 @@ def check_input(x, d_model: int) -> torch.Tensor:
     if x.shape[1] == 0:
         raise ValueError("x must hold at least one token (seq >= 1), got seq = 0")
     return x
+
+
+def check_ids(name: str, ids, size: int, *, bound: str, shape: tuple | None = None,
+              ignore_minus_one: bool = False) -> None:
+    """``ids`` must be an integer tensor (of ``shape``, if given) holding values in ``[0, size)``
+    (or -1 with ``ignore_minus_one``). The value check reads the tensor (one ``aminmax``) and is
+    skipped while ``torch.compile`` traces (it would break the graph)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    wrong_shape = shape is not None and tuple(ids.shape) != tuple(shape)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or wrong_shape:
+        want = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(f"{name} must be an integer tensor{want}, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < (-1 if ignore_minus_one else 0) or high >= size:
+        extra = " or -1 (ignored)" if ignore_minus_one else ""
+        raise ValueError(f"{name} must hold values in [0, {bound}={size}){extra}, got min {low}, max {high}")
 
 
 def resolve_head_dim(d_model: int, n_heads: int, head_dim: int | None) -> int:

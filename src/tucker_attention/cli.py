@@ -67,19 +67,21 @@ def _ranks_command(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    """The run config of ``train``: a run's stored config on --resume, else defaults < --config < --set."""
-    import json
-
+    """The run config of ``train``: a run's stored config on --resume, else defaults < --config < --set.
+    Every key and value is checked here, before ``train`` touches the run folder."""
     from .training import RunConfig, apply_overrides, load_config_file
     from .training.tasks import TASK_TYPES
 
     if args.resume:
-        stored = Path(args.run_dir) / "config.json"
-        if not stored.is_file():
-            raise FileNotFoundError(f"--resume needs a run folder with config.json, {str(stored)!r} does not exist")
         if args.config:
             raise ValueError("--resume continues a run with its stored config; --config is not allowed")
-        base = json.loads(stored.read_text())
+        stored = Path(args.run_dir) / "config.json"
+        if stored.is_file():
+            base = load_config_file(stored)
+        else:  # the config its newest intact checkpoint belongs to
+            from .training.checkpoint import latest_checkpoint, verify_checkpoint
+
+            base = verify_checkpoint(latest_checkpoint(args.run_dir))["config"]
     else:
         base = load_config_file(args.config) if args.config else {}
         base.setdefault("task", args.task)
@@ -89,7 +91,7 @@ def _run_config(args: argparse.Namespace):
     if task not in TASK_TYPES:
         raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {task!r}")
     return RunConfig.from_dict(apply_overrides(base, _data_override(args) + (args.set or []),
-                                               TASK_TYPES[task].model_keys()))
+                                               TASK_TYPES[task].config_cls))
 
 
 def _data_override(args: argparse.Namespace) -> list[str]:
@@ -240,8 +242,10 @@ def _generate_command(args: argparse.Namespace) -> int:
     import torch
 
     from .data.text import tokenizer_from_state
+    from .models.gpt import check_sampling
     from .training.checkpoint import load_trained_model
 
+    check_sampling(args.tokens, args.temperature, args.top_k, names=("--tokens", "--temperature", "--top-k"))
     model, extra = load_trained_model(args.run, task="lm")
     tokenizer = tokenizer_from_state(extra["tokenizer"])
     prompt = tokenizer.encode(args.prompt)[None]
@@ -294,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a trained language model (KV-cache decoding)")
     g.add_argument("run", help="a run folder, a checkpoint folder or its model.safetensors")
     g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    g.add_argument("--tokens", type=int, default=300, help="tokens to generate (default 300)")
+    g.add_argument("--tokens", type=int, default=300,
+                   help="tokens to generate (default 300); learned positions cover block_size tokens, prompt "
+                        "included; with RoPE generation goes on past block_size (every token still attends to "
+                        "the whole sequence, but positions beyond block_size were never seen in training, so "
+                        "quality may degrade)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -384,12 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (arguments, config, data, files), 3 a run stopped on a
+    non-finite loss, gradient norm or weight (its good checkpoints are kept)."""
+    from .training.guard import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"tucker-attn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"tucker-attn {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

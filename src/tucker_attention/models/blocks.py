@@ -8,11 +8,13 @@ An *attention spec* is a dict ``{"method": "mha"|"gqa"|"mqa"|"mla"|"tucker", **l
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_probability
+from .._checks import check_choice
+from .._fields import check_value, type_hints
 from ..accounting import attention_param_count, kv_cache_bytes_per_token
 from ..layers import ATTENTION_METHODS, Attention, KVCache, RopeTables, make_attention
 
@@ -21,32 +23,44 @@ NORMS = ("rmsnorm", "layernorm")
 MODEL_OWNED = ("d_model", "n_heads", "causal")
 
 
-def attention_spec(spec) -> dict:
-    """Normalize ``spec`` (a method name or a dict with ``method``) and check its keys.
+def attention_arguments(method, names=()) -> dict[str, object]:
+    """{argument: annotation} a spec of ``method`` may set (its constructor's, less the model-owned
+    ones; ``Any`` where unannotated). Raises for an unknown method or for unknown ``names``."""
+    method = check_choice("attention method", method, sorted(ATTENTION_METHODS))
+    cls = ATTENTION_METHODS[method]
+    hints = type_hints(cls.__init__)
+    allowed = {p.name: hints.get(p.name, Any) for p in inspect.signature(cls).parameters.values()
+               if p.name not in MODEL_OWNED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for attention method {method!r}; allowed: {list(allowed)}")
+    return allowed
 
-    Lists become tuples (JSON has no tuples). Unknown keys raise, naming the allowed ones.
-    """
+
+def attention_spec(spec, name: str = "attention") -> dict:
+    """Normalize ``spec`` (a method name or a dict with ``method``) and check its keys and the type
+    of each value against the layer constructor's annotation (lists become tuples: JSON has no
+    tuples). Unknown keys raise, naming the allowed ones; ``name`` prefixes a value's error."""
     if isinstance(spec, str):
         spec = {"method": spec}
     if not isinstance(spec, dict) or "method" not in spec:
-        raise ValueError(f"attention must be a method name or a dict with a 'method' key, got {spec!r}")
-    method = check_choice("attention method", spec["method"], sorted(ATTENTION_METHODS))
-    allowed = [p for p in inspect.signature(ATTENTION_METHODS[method]).parameters if p not in MODEL_OWNED]
-    unknown = sorted(set(spec) - {"method", *allowed})
-    if unknown:
-        raise ValueError(f"unknown argument(s) {unknown} for attention method {method!r}; allowed: {allowed}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+        raise ValueError(f"{name} must be a method name or a dict with a 'method' key, got {spec!r}")
+    arguments = {k: v for k, v in spec.items() if k != "method"}
+    annotations = attention_arguments(spec["method"], arguments)
+    return {"method": spec["method"],
+            **{k: check_value(f"{name}.{k}", v, annotations[k]) for k, v in arguments.items()}}
 
 
 def check_block_config(config) -> dict:
-    """Checks shared by the model configs (``d_model``, ``n_heads``, ``norm``, ``dropout``); returns
-    the normalized attention spec of ``config.attention``."""
+    """Cross-field checks shared by the model configs (``d_model``/``n_heads``, the MLP width);
+    returns the normalized attention spec of ``config.attention``."""
     if config.d_model % config.n_heads:
-        raise ValueError(f"d_model must be divisible by n_heads, got d_model={config.d_model}, "
+        raise ValueError(f"model.d_model must be divisible by n_heads, got d_model={config.d_model}, "
                          f"n_heads={config.n_heads}")
-    check_choice("norm", config.norm, NORMS)
-    check_probability("dropout", config.dropout)
-    return attention_spec(config.attention)
+    if int(config.mlp_ratio * config.d_model) < 1:
+        raise ValueError(f"model.mlp_ratio x model.d_model must give an MLP at least 1 wide, got "
+                         f"int({config.mlp_ratio} x {config.d_model}) = 0")
+    return attention_spec(config.attention, "model.attention")
 
 
 def build_attention(spec, d_model: int, n_heads: int, *, causal: bool, rope: bool, dropout: float = 0.0,

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_int
+from .._checks import check_ids
+from .._fields import Rule, check_fields, check_value, typed
 from ..layers import KVCache, RopeTables, frozen_weights
-from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
+from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POSITIONS = ("rope", "learned")
 
@@ -25,26 +26,34 @@ class GPTConfig:
         and Tucker) or ``"learned"`` (absolute embeddings, at most ``block_size`` tokens).
     """
 
-    vocab_size: int = 256
-    block_size: int = 256
-    n_layers: int = 4
-    d_model: int = 192
-    n_heads: int = 6
+    vocab_size: int = typed(256, low=1)
+    block_size: int = typed(256, low=1)
+    n_layers: int = typed(4, low=1)
+    d_model: int = typed(192, low=1)
+    n_heads: int = typed(6, low=1)
     attention: dict | str = field(default_factory=lambda: {"method": "mha"})
-    norm: str = "rmsnorm"
-    positions: str = "rope"
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    norm: str = typed("rmsnorm", choices=NORMS)
+    positions: str = typed("rope", choices=POSITIONS)
+    mlp_ratio: float = typed(4.0, low=0, low_open=True)
+    dropout: float = typed(0.0, low=0, high=1, high_open=True)
     bias: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layers", "d_model", "n_heads"):
-            check_int(name, getattr(self, name))
-        check_choice("positions", self.positions, POSITIONS)
+        check_fields(self, "model")
         self.attention = check_block_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, *,
+                   names: tuple[str, str, str] = ("max_new_tokens", "temperature", "top_k")) -> tuple:
+    """The decoding arguments of :meth:`GPT.generate`, checked: ``max_new_tokens`` an int >= 0,
+    ``temperature`` a finite float >= 0 (0 = greedy), ``top_k`` None or an int >= 1. ``names``:
+    what errors call them (the CLI passes its flags)."""
+    return (check_value(names[0], max_new_tokens, int, Rule(low=0)),
+            check_value(names[1], temperature, float, Rule(low=0)),
+            check_value(names[2], top_k, int | None, Rule(low=1)))
 
 
 class GPT(ModelStats, nn.Module):
@@ -65,6 +74,20 @@ class GPT(ModelStats, nn.Module):
         init_non_attention_(self, c.n_layers)
         self.lm_head.weight = self.wte.weight  # tied after init so both see the embedding's init
 
+    def _check_tokens(self, idx, targets=None) -> None:
+        """idx: (B, T >= 1) int64/int32 ids in [0, vocab_size); targets: idx's shape, ids or -1."""
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be an integer tensor of shape (batch, seq) (int64 or int32), got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        if idx.shape[1] == 0:
+            raise ValueError(f"idx must hold at least one token (seq >= 1), got shape {tuple(idx.shape)}")
+        check_ids("idx", idx, self.config.vocab_size, bound="vocab_size")
+        if targets is not None:
+            check_ids("targets", targets, self.config.vocab_size, bound="vocab_size", shape=idx.shape,
+                      ignore_minus_one=True)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 caches: list[KVCache] | None = None):
         """idx (B, T) -> (logits (B, T, V), loss or None).
@@ -72,9 +95,7 @@ class GPT(ModelStats, nn.Module):
         targets: (B, T) next tokens; the loss is their mean cross-entropy (-1 entries ignored).
         caches: one :class:`KVCache` per layer (:meth:`make_caches`); idx continues the cached tokens.
         """
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be an integer tensor of shape (batch, seq), got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
+        self._check_tokens(idx, targets)
         start = caches[0].length if caches else 0
         steps = idx.shape[1]
         if self.wpe is not None and start + steps > self.config.block_size:
@@ -91,7 +112,7 @@ class GPT(ModelStats, nn.Module):
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
         return logits, loss
 
     def make_caches(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -102,13 +123,19 @@ class GPT(ModelStats, nn.Module):
                  use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue idx (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
 
-        temperature 0 is greedy decoding. With ``use_cache`` each step feeds only the new token
-        through the layers' KV caches; without, each step re-reads the whole sequence. Both
-        attend to the full sequence, so greedy decoding gives the same tokens either way.
+        temperature 0 is greedy decoding; ``top_k`` samples among the k most likely tokens. With
+        ``use_cache`` each step feeds only the new token through the layers' KV caches; without,
+        each step re-reads the whole sequence. Both attend to the full sequence, so greedy
+        decoding gives the same tokens either way. Learned positions cover ``block_size`` tokens,
+        prompt and new tokens together. With RoPE generation continues past ``block_size``: every
+        token still attends to the whole sequence, but positions beyond ``block_size`` were never
+        seen in training, so quality may degrade there.
         """
-        check_int("max_new_tokens", max_new_tokens, low=0)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        max_new_tokens, temperature, top_k = check_sampling(max_new_tokens, temperature, top_k)
+        self._check_tokens(idx)
+        if self.wpe is not None and idx.shape[1] > self.config.block_size:
+            raise ValueError(f"the prompt has {idx.shape[1]} tokens but learned positions cover only "
+                             f"block_size={self.config.block_size} tokens")
         if self.wpe is not None and idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(f"learned positions cover block_size={self.config.block_size} tokens; the prompt "
                              f"({idx.shape[1]}) plus max_new_tokens ({max_new_tokens}) exceeds it")

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_int
+from .._checks import check_ids
+from .._fields import check_fields, typed
 from ..layers import RopeTables
-from .blocks import Block, ModelStats, check_block_config, init_non_attention_, make_norm
+from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, make_norm
 
 POOLS = ("cls", "mean")
 
@@ -23,27 +24,25 @@ class ViTConfig:
     pool: ``"cls"`` (a class token) or ``"mean"`` (mean of the patch tokens).
     """
 
-    image_size: int = 28
-    patch_size: int = 4
-    in_channels: int = 1
-    n_classes: int = 10
-    n_layers: int = 4
-    d_model: int = 64
-    n_heads: int = 4
+    image_size: int = typed(28, low=1)
+    patch_size: int = typed(4, low=1)
+    in_channels: int = typed(1, low=1)
+    n_classes: int = typed(10, low=1)
+    n_layers: int = typed(4, low=1)
+    d_model: int = typed(64, low=1)
+    n_heads: int = typed(4, low=1)
     attention: dict | str = field(default_factory=lambda: {"method": "mha"})
-    pool: str = "cls"
-    norm: str = "layernorm"
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
+    pool: str = typed("cls", choices=POOLS)
+    norm: str = typed("layernorm", choices=NORMS)
+    mlp_ratio: float = typed(2.0, low=0, low_open=True)
+    dropout: float = typed(0.0, low=0, high=1, high_open=True)
     bias: bool = False
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "in_channels", "n_classes", "n_layers", "d_model", "n_heads"):
-            check_int(name, getattr(self, name))
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size must be divisible by patch_size, got image_size={self.image_size}, "
-                             f"patch_size={self.patch_size}")
-        check_choice("pool", self.pool, POOLS)
+        check_fields(self, "model")
+        if self.patch_size > self.image_size or self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size must be divisible by patch_size (so patch_size <= image_size), got "
+                             f"image_size={self.image_size}, patch_size={self.patch_size}")
         self.attention = check_block_config(self)
 
     @property
@@ -76,13 +75,23 @@ class ViT(ModelStats, nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        """images (B, C, H, W) -> (logits (B, n_classes), mean cross-entropy with ``labels`` or None)."""
+        """images (B, C, H, W) float -> (logits (B, n_classes), mean cross-entropy with ``labels`` or None).
+
+        labels: (B,) integer class ids in [0, n_classes).
+        """
         c = self.config
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor, got {images.dtype}; normalize them to float "
+                             f"first (e.g. images.float() / 255, then the training mean/std)")
         expected = (c.in_channels, c.image_size, c.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) for this "
                              f"model (image_size={c.image_size}, in_channels={c.in_channels}), got "
                              f"{tuple(images.shape)}")
+        if labels is not None:
+            check_ids("labels", labels, c.n_classes, bound="n_classes", shape=images.shape[:1])
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, d)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, d)
@@ -92,5 +101,5 @@ class ViT(ModelStats, nn.Module):
             x = block(x, rope=rope)
         x = self.norm_f(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
         return logits, loss

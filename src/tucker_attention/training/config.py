@@ -1,19 +1,31 @@
 """Run configuration: dataclasses for the model, data and optimization, a JSON/TOML file, and
-``--set key=value`` overrides that refuse keys that do not exist."""
+``--set key=value`` overrides parsed by the declared field types.
+
+Every field declares its range or choices (:func:`tucker_attention._fields.typed`) and is checked
+when the config is built; :meth:`RunConfig.from_dict` checks everything, the model config
+included, before a run touches the disk.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .._checks import check_choice, check_int
+import torch
+
+from .._fields import NO_RULE, check_fields, check_keys, field_types, parse_text, typed
+from ..data.images import IMAGE_SOURCES
+from ..data.text import TOKENIZERS
+from ..models.blocks import attention_arguments, attention_spec
+from .tasks import TASK_TYPES
 
 TASKS = ("lm", "vit")
-
-
+ATTENTION_LRS = ("relative", "uniform")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_ATTENTION_LR = "relative"  # the one default of the per-parameter attention lr rule
+_ACCELERATORS = ("cuda", "xpu", "mps", "mtia")  # device types whose torch module says whether it is there
 
 
 @dataclass
@@ -23,16 +35,20 @@ class DataConfig:
     Text (``lm``): ``path`` (file or folder), ``hf_dataset``, ``hf_text_column``, ``tokenizer``.
     Images (``vit``): ``source`` (``fashion-mnist`` | ``idx`` | ``npz`` | ``folder`` | ``digits``)
     read from ``path``, ``augment`` (random crop with padding ``pad``; flips where they make sense).
+    ``val_fraction``: the held-out share, in (0, 1).
     """
 
     path: str | None = None
     hf_dataset: str | None = None
     hf_text_column: str = "text"
-    tokenizer: str = "char"
-    val_fraction: float = 0.1
-    source: str = "fashion-mnist"
+    tokenizer: str = typed("char", choices=TOKENIZERS)
+    val_fraction: float = typed(0.1, low=0, high=1, low_open=True, high_open=True)
+    source: str = typed("fashion-mnist", choices=IMAGE_SOURCES)
     augment: bool = True
-    pad: int = 2
+    pad: int = typed(2, low=0)
+
+    def __post_init__(self):
+        check_fields(self, "data")
 
 
 @dataclass
@@ -40,145 +56,218 @@ class TrainConfig:
     """Optimization and bookkeeping of one run.
 
     AdamW with decoupled weight decay on matrices (not on norms, biases or 1-D tensors), linear
-    warmup then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm.
+    warmup then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm
+    (``grad_clip`` 0: none).
     ``attention_lr="relative"`` scales each attention parameter's learning rate by its layer's
     ``lr_scales()`` (init std × sqrt(d_model): 1 for MHA/GQA weights, larger for Tucker's cores
     and head factors, which otherwise learn slowly in relative terms); ``"uniform"`` uses one
     rate. ``attention_lr_scale`` multiplies the learning rate of every attention parameter.
-    ``batch_size`` is the global batch (split across DDP processes). ``precision``: ``auto`` is
-    bf16 autocast on CUDA and float32 on CPU.
+    ``batch_size`` is the global batch (split across DDP processes). ``device``: ``auto`` or a
+    torch device string (checked against this machine by :func:`resolve_device` when a run
+    starts). ``precision``: ``auto`` is bf16 autocast on CUDA and float32 on CPU.
+    ``max_bad_steps``: how many steps with a non-finite loss or gradient norm are skipped before
+    the run stops. ``keep_checkpoints``: how many newest checkpoints rotation keeps.
     """
 
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    attention_lr_scale: float = 1.0
-    attention_lr: str = DEFAULT_ATTENTION_LR
-    eval_interval: int = 100
-    eval_windows: int = 256
-    checkpoint_interval: int = 250
-    log_interval: int = 10
-    seed: int = 0
+    steps: int = typed(1000, low=1)
+    batch_size: int = typed(32, low=1)
+    lr: float = typed(1e-3, low=0, low_open=True)
+    min_lr_ratio: float = typed(0.1, low=0, high=1)
+    warmup_steps: int = typed(100, low=0)
+    weight_decay: float = typed(0.1, low=0)
+    beta1: float = typed(0.9, low=0, high=1, high_open=True)
+    beta2: float = typed(0.95, low=0, high=1, high_open=True)
+    grad_clip: float = typed(1.0, low=0)
+    attention_lr_scale: float = typed(1.0, low=0, low_open=True)
+    attention_lr: str = typed(DEFAULT_ATTENTION_LR, choices=ATTENTION_LRS)
+    eval_interval: int = typed(100, low=1)
+    eval_windows: int = typed(256, low=1)
+    checkpoint_interval: int = typed(250, low=1)
+    log_interval: int = typed(10, low=1)
+    seed: int = typed(0, low=0, high=2**63 - 1)
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = typed("auto", choices=PRECISIONS)
     progress: bool = True
+    max_bad_steps: int = typed(0, low=0)
+    keep_checkpoints: int = typed(2, low=1)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_interval", "eval_windows", "checkpoint_interval", "log_interval"):
-            check_int(f"train.{name}", getattr(self, name))
-        check_int("train.warmup_steps", self.warmup_steps, low=0)
-        check_int("train.seed", self.seed, low=0)
-        for name in ("lr", "attention_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("min_lr_ratio", "beta1", "beta2"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0 = no clipping)")
-        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        check_choice("train.attention_lr", self.attention_lr, ("relative", "uniform"))
+        check_fields(self, "train")
+        _parse_device(self.device)  # the syntax only: a config written on a GPU machine still loads elsewhere
+
+
+def _parse_device(name: str) -> torch.device | None:
+    """``torch.device(name)``, None for ``auto``; a ValueError naming ``train.device`` if it does not parse."""
+    if name == "auto":
+        return None
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1' or "
+                         f"'mps', got {name!r}") from None
+
+
+def offered_devices() -> list[str]:
+    """The ``train.device`` values this torch build and machine offer: ``auto``, ``cpu`` and each
+    available accelerator, bare and by index (``cuda``, ``cuda:0``, ...)."""
+    names = ["auto", "cpu"]
+    for kind in _ACCELERATORS:
+        module = getattr(torch, kind, None)
+        if module is not None and hasattr(module, "is_available") and module.is_available():
+            count = module.device_count() if hasattr(module, "device_count") else 1
+            names += [kind] + [f"{kind}:{i}" for i in range(count)]
+    return names
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of ``train.device`` on this machine. ``auto``: ``cuda:local_rank`` when CUDA is
+    available, else cpu; an accelerator without index (``cuda``) is the one of ``local_rank``
+    (each DDP process its own). A name that does not parse, or a device this build or machine
+    does not offer (``cuda`` on a CPU build, ``cuda:7`` with one GPU), raises a ValueError."""
+    device = _parse_device(name)
+    if device is None:
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        return device
+    index = local_rank if device.index is None else device.index
+    offered = offered_devices()
+    if f"{device.type}:{index}" not in offered:
+        implied = f" (as {device.type}:{index} for local rank {local_rank})" if device.index is None else ""
+        raise ValueError(f"train.device={name!r}{implied} is not available with this torch build and machine; "
+                         f"it offers {offered}")
+    return torch.device(device.type, index)
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run: ``task``, ``model`` (the task's model config as a dict),
-    ``data`` and ``train``."""
+    """Everything that defines a run: ``task``, ``model`` (the task's model config as a dict; the
+    task fills the keys its data decides, e.g. ``vocab_size``), ``data`` and ``train``."""
 
-    task: str = "lm"
+    task: str = typed("lm", choices=TASKS)
     model: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check_choice("task", self.task, TASKS)
-        if isinstance(self.data, dict):
+        if not isinstance(self.data, DataConfig):
             self.data = _from_dict(DataConfig, self.data, "data")
-        if isinstance(self.train, dict):
+        if not isinstance(self.train, TrainConfig):
             self.train = _from_dict(TrainConfig, self.train, "train")
+        check_fields(self)
+        TASK_TYPES[self.task].check_model(self.model)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as JSON data (tuples become lists), as ``config.json`` and checkpoints store it."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """The config of a dict such as a ``config.json``; every key and value is checked here."""
         return _from_dict(cls, d, "")
 
 
 def _from_dict(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {d!r}")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; allowed: "
-                         f"{[prefix + n for n in names]}")
+    check_keys(cls, d, where)
     return cls(**copy.deepcopy(d))
 
 
-def parse_value(text: str):
-    """A ``--set`` value: JSON (numbers, true/false/null, lists, objects), a comma-separated
-    list of numbers (``8,32,16``), or else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        if "," not in text:
-            return text
-    try:
-        return [json.loads(v) for v in text.split(",")]
-    except json.JSONDecodeError:
-        return text
+def _assignment_target(key: str, sections: dict[str, type]):
+    """(annotation, rule) of the ``--set`` key ``key``; None for ``model.attention.<name>``."""
+    parts = key.split(".")
+    if parts == ["task"]:
+        return field_types(RunConfig)["task"]
+    if len(parts) >= 2 and parts[0] in sections and parts[1] in field_types(sections[parts[0]]):
+        if len(parts) == 2:
+            return field_types(sections[parts[0]])[parts[1]]
+        if parts[:2] == ["model", "attention"] and len(parts) == 3:
+            return None
+        raise ValueError(f"unknown --set key {key!r}: only model.attention.<argument> goes three levels deep")
+    allowed = ["task"] + [f"{s}.{k}" for s, cls in sections.items() for k in field_types(cls)]
+    raise ValueError(f"unknown --set key {key!r}; allowed: {allowed}")
 
 
-def apply_overrides(config: dict, assignments: list[str], model_keys: list[str]) -> dict:
+def _section(config: dict, name: str) -> dict:
+    section = config.setdefault(name, {})
+    if not isinstance(section, dict):
+        raise TypeError(f"{name} must be a mapping, got {section!r}")
+    return section
+
+
+def _attention(config: dict) -> dict:
+    """The attention spec of ``config`` as a (new) dict: ``{"method": ...}`` for a bare name, default mha."""
+    spec = _section(config, "model").get("attention", "mha")
+    if isinstance(spec, str):
+        return {"method": spec}
+    if isinstance(spec, dict):
+        return dict(spec)
+    return attention_spec(spec, "model.attention")  # raises: neither a name nor a dict
+
+
+def apply_overrides(config: dict, assignments: list[str], model_config_cls: type) -> dict:
     """Apply ``key=value`` assignments (dotted keys) to a config dict; returns a new dict.
 
-    Keys must exist: ``task``, ``data.*``, ``train.*``, ``model.<field>`` (``model_keys``), and
-    ``model.attention.<argument>`` (checked against the attention method when the model is built).
+    Keys must exist: ``task``, ``data.<field>``, ``train.<field>``, ``model.<field>`` (of
+    ``model_config_cls``, e.g. :class:`~tucker_attention.models.GPTConfig`) and
+    ``model.attention.<argument>`` of the attention method (set in the same list, before or
+    after, or in ``config``; default ``mha``). Each value is parsed by its field's declared type,
+    an attention argument by its annotation in the method's constructor (:func:`parse_text`).
     """
     config = copy.deepcopy(config)
-    sections = {"data": [f.name for f in fields(DataConfig)], "train": [f.name for f in fields(TrainConfig)],
-                "model": model_keys}
+    sections = {"data": DataConfig, "train": TrainConfig, "model": model_config_cls}
+    arguments = []  # model.attention.<argument>: applied last, once the method is known
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
+        target = _assignment_target(key, sections)
         parts = key.split(".")
-        value = parse_value(raw)
-        if parts == ["task"]:
-            config["task"] = value
-            continue
-        if parts[0] not in sections or len(parts) < 2 or parts[1] not in sections[parts[0]]:
-            allowed = ["task"] + [f"{s}.{k}" for s, keys in sections.items() for k in keys]
-            raise ValueError(f"unknown --set key {key!r}; allowed: {allowed}")
-        if len(parts) == 2:
-            config.setdefault(parts[0], {})[parts[1]] = value
-        elif parts[:2] == ["model", "attention"] and len(parts) == 3:
-            spec = config.setdefault("model", {}).get("attention", "mha")
-            spec = {"method": spec} if isinstance(spec, str) else dict(spec)
-            spec[parts[2]] = value
-            config["model"]["attention"] = spec
+        if target is None and parts[2] == "method":
+            config["model"]["attention"] = {**_attention(config), "method": raw}
+        elif target is None:
+            arguments.append((key, parts[2], raw))
+        elif parts == ["task"]:
+            config["task"] = parse_text(key, raw, *target)
         else:
-            raise ValueError(f"unknown --set key {key!r}: only model.attention.<argument> goes three levels deep")
+            _section(config, parts[0])[parts[1]] = parse_text(key, raw, *target)
+    if arguments:
+        spec = _attention(config)
+        annotations = attention_arguments(spec.get("method"), [name for _, name, _ in arguments])
+        for key, name, raw in arguments:
+            spec[name] = parse_text(key, raw, annotations[name], NO_RULE)
+        config["model"]["attention"] = spec
     return config
 
 
+def _json_kind(value) -> str:
+    return {dict: "a JSON object", list: "a JSON list", str: "a JSON string", bool: "a JSON boolean",
+            type(None): "JSON null"}.get(type(value), "a JSON number")
+
+
 def load_config_file(path: str | Path) -> dict:
-    """A run config from a ``.json`` or ``.toml`` file (TOML needs Python >= 3.11)."""
+    """A run config (a mapping) from a ``.json`` or ``.toml`` file (TOML needs Python >= 3.11);
+    every error names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config file must end in .json or .toml, got {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({err})") from None
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(path.read_text())
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    raise ValueError(f"config file must end in .json or .toml, got {str(path)!r}")
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, "
+                         f"column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping ({{task, model, data, train}}) at the top "
+                         f"level, got {_json_kind(data)}")
+    return data

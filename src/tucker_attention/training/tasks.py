@@ -3,13 +3,18 @@ draws training batches, computes the loss and evaluates; the trainer does the re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+from .._fields import check_values
 from ..data.images import ImageDataset, augment, load_images
 from ..data.text import TextCorpus, load_corpus
 from ..models import GPT, GPTConfig, ViT, ViTConfig
-from .config import RunConfig
+
+if TYPE_CHECKING:  # config.py imports this module
+    from .config import RunConfig
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -29,8 +34,19 @@ class Task:
     config_cls: type
 
     @classmethod
-    def model_keys(cls) -> list[str]:
-        return list(cls.config_cls.__dataclass_fields__)
+    def check_model(cls, model: dict) -> None:
+        """Refuse an invalid ``model`` dict (``RunConfig.model``) before any data is read or folder
+        made: each given key by its field's type and range, then the config (the keys the data
+        decides at stand-in values where not given) and the model itself, built on the meta device
+        (no memory), so cross-field and layer checks (e.g. Tucker ranks <= d_model) run too."""
+        config = cls.config_cls(**{**cls.stand_ins(check_values(cls.config_cls, model, "model")), **model})
+        with torch.device("meta"):
+            cls.model_cls(config)
+
+    @staticmethod
+    def stand_ins(model: dict) -> dict:
+        """Values of the model keys the data decides, for :meth:`check_model` (defaults fit)."""
+        return {}
 
     def build_model(self) -> nn.Module:
         return self.model_cls(self.model_config)
@@ -108,6 +124,11 @@ class VisionTask(Task):
     unit = "images"
     metric = "val_accuracy"
     higher_is_better = True
+
+    @staticmethod
+    def stand_ins(model: dict) -> dict:
+        """image_size is decided by the data: stand in one patch when only patch_size is given."""
+        return {"image_size": model["patch_size"]} if "patch_size" in model else {}
 
     def __init__(self, config: RunConfig, data: ImageDataset | None = None):
         d = self.data_config = config.data

@@ -9,10 +9,8 @@ trains on its slice, so N processes follow the single-process run with the same 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import Attention
-from .checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
-from .config import DEFAULT_ATTENTION_LR, RunConfig
+from .checkpoint import save_run_checkpoint, write_json_atomic
+from .config import DEFAULT_ATTENTION_LR, RunConfig, resolve_device
+from .guard import NonFiniteError, NonFiniteGuard
+from .lock import RunLock
+from .run_folder import MetricsLog, prepare, resume_from, say, set_aside
 from .tasks import all_reduce_sum, make_task
 
 
@@ -62,69 +63,84 @@ def _distributed() -> tuple[int, int, int, bool]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), started
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
-class _Metrics:
-    """``metrics.jsonl`` on rank 0; on resume, records after the resumed step are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        elif enabled and resume_step is None:
-            path.write_text("")
-
-    def log(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+def _on_rank0(world: int, rank: int, work):
+    """``work()`` on rank 0; every process raises if it failed there (rank 0 with its own error)."""
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # passed on to the other ranks below
+            error = err
+    if world > 1:
+        message = [repr(error) if error is not None else None]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            raise RuntimeError(f"rank 0 could not start the run: {message[0]}")
+    if error is not None:
+        raise error
+    return result
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           task=None, init_state: dict | None = None) -> dict:
     """Train ``config`` in ``run_dir``; returns the summary (also written to ``summary.json``).
 
-    resume: continue from the latest checkpoint in ``run_dir`` (same config; ``train.steps`` may grow).
+    resume: continue from the newest intact checkpoint in ``run_dir`` (same config; ``train.steps``
+        may grow); damaged newer checkpoints are passed over and named.
     overwrite: start afresh in a ``run_dir`` that holds an earlier run (its checkpoints and
         metrics are deleted); without it such a folder is refused.
     task: a prebuilt task (tests and ``compare`` pass one to share a loaded corpus).
     init_state: weights to start from (a state dict of the config's model), e.g. a converted
         model to fine-tune; a resumed run reads its checkpoint instead.
+
+    Everything is checked (config, device, data, model, ``init_state``) before the folder is
+    touched; then ``RUN_DIR/.lock`` keeps out a second writer for the whole run. A step with a
+    non-finite loss or gradient norm is skipped, and after ``train.max_bad_steps`` of them the
+    run stops with :class:`~tucker_attention.training.guard.NonFiniteError`; checkpoints hold
+    finite values only.
     """
     rank, world, local_rank, started_group = _distributed()
     tc = config.train
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
-    device = _device(tc.device, local_rank)
+    device = resolve_device(tc.device, local_rank)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "checkpoints").exists():
-        if not overwrite:
-            raise ValueError(f"run folder {str(run_dir)!r} already holds a run; continue it with --resume, "
-                             f"choose another --run-dir, or pass --overwrite to start it afresh")
-        if rank == 0:
-            shutil.rmtree(run_dir / "checkpoints")
-            for name in ("metrics.jsonl", "summary.json"):
-                (run_dir / name).unlink(missing_ok=True)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from in {str(run_dir)!r} (it has no checkpoints/ folder)")
     task = task or make_task(config)
     torch.manual_seed(tc.seed)
     model = task.build_model()
     if init_state is not None and not resume:
         model.load_state_dict(init_state)
-    model = model.to(device)
+    lock = RunLock(run_dir)
+
+    def start() -> list[str]:
+        lock.acquire()
+        try:
+            return ([lock.took_over] if lock.took_over else []) + prepare(run_dir, resume=resume, overwrite=overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    for note in _on_rank0(world, rank, start) or []:
+        say(note)
+    try:
+        return _train(config, run_dir, task, model, device, autocast, use_bf16, resume, rank, world)
+    finally:
+        lock.release()
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: torch.device, autocast, use_bf16: bool,
+           resume: bool, rank: int, world: int) -> dict:
+    """The training loop of :func:`train`, in a run folder this process holds."""
+    tc = config.train
     optimizer = torch.optim.AdamW(param_groups(model, lr=tc.lr, weight_decay=tc.weight_decay,
                                                attention_lr_scale=tc.attention_lr_scale,
                                                attention_lr=tc.attention_lr),
@@ -137,9 +153,11 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     generator = torch.Generator().manual_seed(tc.seed + 1)
     better = max if task.higher_is_better else min
     step, best, train_time, units_done = 0, -math.inf if task.higher_is_better else math.inf, 0.0, 0
+    loss_sum, loss_count, bad_steps = 0.0, 0, 0
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        state = load_run_checkpoint(ckpt, model)
+        ckpt, state, notes = resume_from(run_dir, model)
+        for note in notes if rank == 0 else []:
+            say(note)
         if _fixed_part(state["config"]) != _fixed_part(config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} was written by a different config; resume it with "
                              f"its own config (only train.steps and train.progress may change)")
@@ -151,10 +169,17 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, best = state["step"], state["best_metric"]
         train_time, units_done = state["train_time"], state["units"]
+        loss_sum, loss_count, bad_steps = state.get("loss_sum", 0.0), state.get("loss_count", 0), state.get("bad", 0)
+        if world > 1:
+            torch.distributed.barrier()  # every rank has read its checkpoint
+        for note in set_aside(run_dir, step) if rank == 0 else []:
+            say(note)
     elif rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        write_json_atomic(run_dir / "config.json", config.to_dict())
+    model = model.to(device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    metrics = _Metrics(run_dir / "metrics.jsonl", rank == 0, step if resume else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", rank == 0, step if resume else None)
+    guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=bad_steps)
     extra = {"task": config.task, "config": config.to_dict(), **task.extra_state()}
     if rank == 0:
         print(model.summary())
@@ -163,50 +188,71 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         model.eval()
         result = task.evaluate(model, device, rank, world, tc.batch_size, autocast)
         model.train()
+        bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+        if bad:
+            stop(NonFiniteError(f"non-finite validation {bad} at step {step}; the run stopped"))
         return result
 
     def checkpoint():
         state = {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "data": generator.get_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                 "best_metric": best, "train_time": train_time, "units": units_done, "config": config.to_dict()}
+                 "best_metric": best, "train_time": train_time, "units": units_done, "config": config.to_dict(),
+                 "loss_sum": loss_sum, "loss_count": loss_count, "bad": guard.bad_steps}
         if rank == 0:
-            save_run_checkpoint(run_dir, step, model, state, extra=extra)
+            try:
+                save_run_checkpoint(run_dir, step, model, state, extra=extra, keep=tc.keep_checkpoints)
+            except NonFiniteError as err:
+                stop(err)
         if world > 1:
             torch.distributed.barrier()
+
+    def stop(err: NonFiniteError):
+        metrics.log({"step": step, "stopped": str(err)})
+        bar.close()
+        raise err
 
     model.train()
     bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress or rank != 0, desc=run_dir.name,
                dynamic_ncols=True)
-    final, loss_sum, loss_count = None, torch.zeros((), device=device), 0
+    final = None
     while step < tc.steps:
         t0 = time.perf_counter()
         batch = task.sample_batch(generator, tc.batch_size, rank, world)
         with autocast():
             loss = task.loss(net, batch, device)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-        optimizer.step()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        loss_value, norm_value = NonFiniteGuard.values(loss, grad_norm)
+        (loss_value,) = all_reduce_sum([loss_value], device)  # a NaN on any rank stays NaN
+        try:
+            good = guard.check(step + 1, loss=loss_value, grad_norm=norm_value)
+        except NonFiniteError as err:
+            step += 1
+            stop(err)
+        if good:
+            optimizer.step()
+            loss_sum += loss_value / world
+            loss_count += 1
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         step += 1
+        if not good:
+            metrics.log({"step": step, "skipped": f"loss {loss_value}, grad_norm {norm_value}"})
+            bar.write(f"step {step}: skipped (loss {loss_value}, grad norm {norm_value}); "
+                      f"{guard.bad_steps} of train.max_bad_steps={tc.max_bad_steps} used")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
         units_done += task.batch_units(batch) * world
-        loss_sum += loss.detach()
-        loss_count += 1
         if step % tc.log_interval == 0 or step == tc.steps:
-            (mean_loss,) = all_reduce_sum([float(loss_sum) / loss_count / world], device)
-            loss_sum.zero_()
-            loss_count = 0
+            mean_loss = loss_sum / loss_count if loss_count else None
+            loss_sum, loss_count = 0.0, 0
             speed = units_done / max(train_time, 1e-9)
-            record = {"step": step, "train_loss": mean_loss, "lr": tc.lr * lr_at(step - 1),
-                      f"{task.unit}_per_s": speed}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            metrics.log(record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"{task.unit}/s": f"{speed:.0f}"})
+            metrics.log({"step": step, "train_loss": mean_loss, "lr": tc.lr * lr_at(step - 1),
+                         f"{task.unit}_per_s": speed, "grad_norm": norm_value})
+            bar.set_postfix(loss=f"{mean_loss:.4f}" if mean_loss is not None else "skipped",
+                            **{f"{task.unit}/s": f"{speed:.0f}"})
         if step % tc.eval_interval == 0 or step == tc.steps:
             result = evaluate()
             best = better(best, result[task.metric])
@@ -225,11 +271,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
                "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16),
                f"{task.unit}_per_s": units_done / max(train_time, 1e-9), "train_time_s": train_time,
                "world_size": world, "device": str(device), "precision": "bf16" if use_bf16 else "fp32",
-               **task.baselines()}
+               "skipped_steps": guard.bad_steps, **task.baselines()}
     if rank == 0:
-        _write_json(run_dir / "summary.json", summary)
-    if started_group:
-        torch.distributed.destroy_process_group()
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 
@@ -237,9 +281,3 @@ def _fixed_part(config: dict) -> dict:
     """A config without the keys a resumed run may change."""
     train = {k: v for k, v in config["train"].items() if k not in ("steps", "progress")}
     return {**config, "train": train}
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
