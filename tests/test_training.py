@@ -150,12 +150,15 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path, monkeypatch, attention):
 def test_resume_refuses_corrupted_and_mismatching_checkpoints(corpus, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(corpus), run)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"another config \(train\.lr differ\)"):  # before the folder is touched
         train(tiny_config(corpus, lr=1e-2), run, resume=True)
     other = tiny_config(corpus)
     other.model["d_model"] = 64
-    with pytest.raises(ValueError, match="does not match the model"):  # weights are checked first
+    with pytest.raises(ValueError, match=r"another config \(model\.d_model differ\)"):
         train(other, run, resume=True)
+    (run / "config.json").unlink()                       # then the checkpoint's own config decides
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_config(corpus, lr=1e-2), run, resume=True)
     for path in ckpt_module.step_dirs(run):  # steps 8 and 4 (test_faults: one damaged, the other resumes)
         (path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"(?s)no intact checkpoint.*step-0000008/model.safetensors' has 22 bytes"):

@@ -19,7 +19,7 @@ import torch
 
 from .._table import text_table
 from ..layers import Attention
-from ..models.blocks import MODEL_OWNED
+from ..models.blocks import layer_spec
 from ..tensors.convert import CONVERSIONS, convert_layer
 from ..training import RunConfig, make_task, train
 from ..training.checkpoint import load_trained_model
@@ -78,7 +78,7 @@ def convert_model(model: torch.nn.Module, spec: dict) -> tuple[torch.nn.Module, 
     model = copy.deepcopy(model)
     for block in model.blocks:
         block.attn = _convert(block.attn, spec)
-    new_spec = {k: v for k, v in model.blocks[0].attn.config().items() if k not in MODEL_OWNED}
+    new_spec = layer_spec(model.blocks[0].attn)
     model.config.attention = new_spec
     return model, new_spec
 

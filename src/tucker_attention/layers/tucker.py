@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._checks import check_even, check_int, check_ranks
+from . import tucker_ranks
 from .base import Attention
 from .factors import AttentionFactors, HeadFactors
 from .rope import apply_rope
@@ -182,6 +183,32 @@ class TuckerAttention(Attention):
             values["out_bias"] = out_bias if out_bias is not None else torch.zeros(source.d_model,
                                                                                    dtype=torch.float64)
         return layer.assign_parameters(values, like=source)
+
+    def mode_spectra(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
+        """Singular values of the mode-k unfoldings of W and W_tilde, from the factors alone.
+
+        Returns ``{"ranks": (s1, s2, s3), "value_ranks": (t1, t2, t3)}``: s_k (r_k,) float64 (CPU),
+        descending, zero-padded to the current rank r_k (the unfolding has no further nonzero
+        singular values). A mode whose basis cannot change is None: mode 3 of W under latent RoPE,
+        and of W_tilde too with ``shared_kv``. With ``shared_kv`` and no RoPE both modes 3 share U3
+        and report the spectrum of the joint unfolding [unfold_3(W), unfold_3(W_tilde)] (its
+        squares sum to ||W||^2 + ||W_tilde||^2). See :mod:`.tucker_ranks`.
+        """
+        return tucker_ranks.mode_spectra(self)
+
+    def truncated(self, ranks: tuple[int, int, int], value_ranks: tuple[int, int, int]) -> TuckerAttention:
+        """A new layer holding the truncated HOSVD of W and W_tilde at ``ranks`` / ``value_ranks``.
+
+        Factors Q_k P_k (orthonormal), core C x_k (P_k^T R_k) with P_k the leading left singular
+        vectors of unfold_k(C') (:meth:`mode_spectra`); computed from the factors, exact at the
+        current ranks. Each rank must be in [1, current]; modes that :meth:`mode_spectra` reports
+        as None keep their rank, basis and latent coordinates (RoPE then applies exactly). The
+        query bias follows the new key latent (q_bias_i -> P3^T R3 q_bias_i), the output bias is
+        copied. Same d_model, n_heads, causal, rope (and its frequencies), rope_base, dropout,
+        bias, shared_kv, dtype, device and train/eval mode; ``scale`` is fixed to this layer's
+        effective scale (so the default 1/sqrt(r3) does not follow the new r3). Fresh parameters.
+        """
+        return tucker_ranks.truncated(self, ranks, value_ranks)
 
     def native_setting(self, method: str):
         return self.ranks if method == "tucker" else None

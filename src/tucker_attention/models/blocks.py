@@ -51,16 +51,33 @@ def attention_spec(spec, name: str = "attention") -> dict:
             **{k: check_value(f"{name}.{k}", v, annotations[k]) for k, v in arguments.items()}}
 
 
-def check_block_config(config) -> dict:
+def check_block_config(config) -> dict | list[dict]:
     """Cross-field checks shared by the model configs (``d_model``/``n_heads``, the MLP width);
-    returns the normalized attention spec of ``config.attention``."""
+    returns the normalized ``config.attention``: one spec for every layer, or a list of
+    ``n_layers`` specs, one per layer (what rank-adaptive training ends with)."""
     if config.d_model % config.n_heads:
         raise ValueError(f"model.d_model must be divisible by n_heads, got d_model={config.d_model}, "
                          f"n_heads={config.n_heads}")
     if int(config.mlp_ratio * config.d_model) < 1:
         raise ValueError(f"model.mlp_ratio x model.d_model must give an MLP at least 1 wide, got "
                          f"int({config.mlp_ratio} x {config.d_model}) = 0")
+    if isinstance(config.attention, (list, tuple)):
+        if len(config.attention) != config.n_layers:
+            raise ValueError(f"model.attention as a list needs one spec per layer (n_layers={config.n_layers}), got "
+                             f"{len(config.attention)}")
+        return [attention_spec(spec, f"model.attention[{i}]") for i, spec in enumerate(config.attention)]
     return attention_spec(config.attention, "model.attention")
+
+
+def layer_specs(config) -> list[dict]:
+    """The attention spec of each of a model config's ``n_layers`` layers."""
+    specs = config.attention
+    return list(specs) if isinstance(specs, list) else [specs] * config.n_layers
+
+
+def layer_spec(layer: Attention) -> dict:
+    """The attention spec that rebuilds ``layer`` in a model (its config less the model-owned arguments)."""
+    return {k: v for k, v in layer.config().items() if k not in MODEL_OWNED}
 
 
 def build_attention(spec, d_model: int, n_heads: int, *, causal: bool, rope: bool, dropout: float = 0.0,

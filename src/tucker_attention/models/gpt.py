@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from .._checks import check_ids
 from .._fields import Rule, check_fields, check_value, typed
 from ..layers import KVCache, RopeTables, frozen_weights
-from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, make_norm
+from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, layer_specs, make_norm
 
 POSITIONS = ("rope", "learned")
 
@@ -21,7 +21,8 @@ class GPTConfig:
     """Shapes and choices of :class:`GPT`.
 
     attention: the attention spec, e.g. ``"mha"`` or ``{"method": "tucker", "ranks": (8, 32, 16)}``
-        (see :func:`tucker_attention.models.blocks.attention_spec`).
+        (see :func:`tucker_attention.models.blocks.attention_spec`), or a list of ``n_layers``
+        specs, one per layer (rank-adaptive training ends with per-layer ranks).
     positions: ``"rope"`` (each method's RoPE: head-dimension for MHA/GQA/MQA, latent for MLA
         and Tucker) or ``"learned"`` (absolute embeddings, at most ``block_size`` tokens).
     """
@@ -31,7 +32,7 @@ class GPTConfig:
     n_layers: int = typed(4, low=1)
     d_model: int = typed(192, low=1)
     n_heads: int = typed(6, low=1)
-    attention: dict | str = field(default_factory=lambda: {"method": "mha"})
+    attention: dict | str | list = field(default_factory=lambda: {"method": "mha"})
     norm: str = typed("rmsnorm", choices=NORMS)
     positions: str = typed("rope", choices=POSITIONS)
     mlp_ratio: float = typed(4.0, low=0, low_open=True)
@@ -67,8 +68,8 @@ class GPT(ModelStats, nn.Module):
         self.wpe = nn.Embedding(c.block_size, c.d_model) if c.positions == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_heads, c.attention, causal=True, rope=c.positions == "rope", mlp_ratio=c.mlp_ratio,
-                  norm=c.norm, dropout=c.dropout, bias=c.bias) for _ in range(c.n_layers))
+            Block(c.d_model, c.n_heads, spec, causal=True, rope=c.positions == "rope", mlp_ratio=c.mlp_ratio,
+                  norm=c.norm, dropout=c.dropout, bias=c.bias) for spec in layer_specs(c))
         self.norm_f = make_norm(c.norm, c.d_model)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_non_attention_(self, c.n_layers)

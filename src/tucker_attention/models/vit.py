@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from .._checks import check_ids
 from .._fields import check_fields, typed
 from ..layers import RopeTables
-from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, make_norm
+from .blocks import NORMS, Block, ModelStats, check_block_config, init_non_attention_, layer_specs, make_norm
 
 POOLS = ("cls", "mean")
 
@@ -31,7 +31,7 @@ class ViTConfig:
     n_layers: int = typed(4, low=1)
     d_model: int = typed(64, low=1)
     n_heads: int = typed(4, low=1)
-    attention: dict | str = field(default_factory=lambda: {"method": "mha"})
+    attention: dict | str | list = field(default_factory=lambda: {"method": "mha"})
     pool: str = typed("cls", choices=POOLS)
     norm: str = typed("layernorm", choices=NORMS)
     mlp_ratio: float = typed(2.0, low=0, low_open=True)
@@ -64,8 +64,8 @@ class ViT(ModelStats, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, c.n_patches + (c.pool == "cls"), c.d_model))
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_heads, c.attention, causal=False, rope=False, mlp_ratio=c.mlp_ratio, norm=c.norm,
-                  dropout=c.dropout, bias=c.bias) for _ in range(c.n_layers))
+            Block(c.d_model, c.n_heads, spec, causal=False, rope=False, mlp_ratio=c.mlp_ratio, norm=c.norm,
+                  dropout=c.dropout, bias=c.bias) for spec in layer_specs(c))
         self.norm_f = make_norm(c.norm, c.d_model)
         self.head = nn.Linear(c.d_model, c.n_classes)
         init_non_attention_(self, c.n_layers)

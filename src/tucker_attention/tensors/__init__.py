@@ -13,7 +13,16 @@ from .algebra import (
     tucker_to_tensor,
     unfold,
 )
-from .budget import RankPlan, SettingPlan, converted_cost, plan_ranks, plan_setting, tucker_param_count
+from .budget import (
+    RankPlan,
+    SettingPlan,
+    allocate_ranks,
+    converted_cost,
+    layer_cost,
+    plan_ranks,
+    plan_setting,
+    tucker_param_count,
+)
 from .convert import (
     CONVERSIONS,
     compress,
@@ -28,8 +37,8 @@ from .convert import (
 from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, check_finite, factored_hosvd
 
 __all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "SettingPlan", "TuckerTensor",
-           "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer", "converted_cost",
-           "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "mha_to_gqa", "mha_to_mla",
-           "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank", "plan_ranks", "plan_setting",
-           "relative_error", "to_tucker", "top_eigenvectors", "tucker_param_count", "tucker_to_tensor", "unfold",
-           "whitening"]
+           "allocate_ranks", "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer",
+           "converted_cost", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "layer_cost",
+           "mha_to_gqa", "mha_to_mla", "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank",
+           "plan_ranks", "plan_setting", "relative_error", "to_tucker", "top_eigenvectors", "tucker_param_count",
+           "tucker_to_tensor", "unfold", "whitening"]

@@ -11,24 +11,26 @@ W_tilde (exact: the truncation is an orthogonal projection, so ||T - T_hat||^2 =
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .._checks import check_choice
 from .._table import text_table
-from ..layers import Attention, make_attention
+from ..layers import Attention, TuckerAttention, make_attention
 from .algebra import energy_rank
 from .view import attention_factors, factored_hosvd
 
 BUDGETS = ("params", "kv")
 
 
-def tucker_param_count(n_heads: int, d_model: int, ranks, value_ranks, *, bias: bool) -> int:
-    """Parameters of a TuckerAttention with these ranks (separate key and value latents)."""
+def tucker_param_count(n_heads: int, d_model: int, ranks, value_ranks, *, bias: bool, shared_kv: bool = False) -> int:
+    """Parameters of a TuckerAttention with these ranks (``shared_kv``: no U3~ of its own)."""
     (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks
-    count = r1 * r2 * r3 + n_heads * r1 + d_model * (r2 + r3) + v1 * v2 * v3 + n_heads * v1 + d_model * (v2 + v3)
-    return count + (n_heads * r3 + d_model if bias else 0)
+    count = r1 * r2 * r3 + n_heads * r1 + d_model * (r2 + r3) + v1 * v2 * v3 + n_heads * v1 + d_model * v2
+    return count + (0 if shared_kv else d_model * v3) + (n_heads * r3 + d_model if bias else 0)
 
 
 @dataclass
@@ -243,5 +245,121 @@ def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=N
     return SettingPlan(method, valid[low], name, limit, n_params, source_params, n_kv, source_kv, valid)
 
 
-__all__ = ["BUDGETS", "SETTING_METHODS", "RankPlan", "SettingPlan", "converted_cost", "plan_ranks", "plan_setting",
-           "tucker_param_count"]
+
+def layer_cost(layer: TuckerAttention, ranks, value_ranks) -> tuple[int, int]:
+    """(parameters, KV-cache floats per token) of ``layer`` at ``ranks`` / ``value_ranks``: what
+    ``layer.truncated(ranks, value_ranks)`` holds (its bias and ``shared_kv`` as ``layer``'s)."""
+    params = tucker_param_count(layer.n_heads, layer.d_model, ranks, value_ranks, bias=layer.q_bias is not None,
+                                shared_kv=layer.shared_kv)
+    return params, ranks[2] + (0 if layer.shared_kv else value_ranks[2])
+
+
+#: Relative energies s^2 / ||T||^2 at or below this are numerical zero (s <= 1e-6 ||T||; spectra come from
+#: Gram eigenvalues, accurate to ~1e-15 of ||T||^2).
+NEGLIGIBLE_ENERGY = 1e-12
+
+
+def _energy_chains(layer: TuckerAttention) -> list[list[float] | None]:
+    """Relative energies s_k[j]^2 / ||T||^2 of the 6 modes (W modes 1-3, W_tilde modes 1-3), None when
+    fixed. A joint mode 3 (``shared_kv`` without RoPE) sits at index 2 with 2 s^2 / (||W||^2 + ||W~||^2),
+    so its energies sum to 2 like the two modes it serves; index 5 is then None (tied to index 2)."""
+    spectra = layer.mode_spectra()
+    norms = [float(spectra[side][0].square().sum()) for side in ("ranks", "value_ranks")]
+    chains = []
+    for side, norm in zip(("ranks", "value_ranks"), norms):
+        for s in spectra[side]:
+            chains.append(None if s is None else (s.square() / norm if norm > 0 else 0 * s).tolist())
+    if layer.shared_kv and layer.rope is None:
+        total = sum(norms)
+        chains[2] = (2 * spectra["ranks"][2].square() / total if total > 0 else 0 * spectra["ranks"][2]).tolist()
+        chains[5] = None
+    return chains
+
+
+def allocate_ranks(layers, *, params: int | None = None,
+                   kv: int | None = None) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """Per-layer (ranks, value_ranks) for truncating Tucker layers (``layer.truncated``) to one budget.
+
+    layers: TuckerAttention layers (a sequence, or a dict's values in order). Give exactly one of
+    params: total parameters of the truncated layers, or kv: their total KV-cache floats per token
+    (sum of ``cache_spec()`` widths), both absolute ints (:func:`layer_cost` counts a setting).
+
+    Greedy water-filling on the spectra of :meth:`TuckerAttention.mode_spectra`: every mode starts at
+    rank 1 (a mode reported None at its current rank; with ``shared_kv`` r3 == r3~ move together),
+    then the (layer, side, mode) increment with the largest relative energy s_k[r]^2 / ||T||^2 per
+    unit of added cost is taken, among those that keep the total within the budget and add energy
+    above :data:`NEGLIGIBLE_ENERGY`, until none fits. Ranks never exceed the current ones. With a kv
+    budget only the modes 3 cost anything: modes 1 and 2 stay at their current ranks. Ties go to the
+    earlier layer, then W before W_tilde, then the lower mode. As a larger budget first differs by
+    taking an increment the smaller one could not afford, and every later increment has a lower
+    ratio, the kept energy never decreases with the budget.
+
+    Raises ValueError when even the smallest setting exceeds the budget.
+    """
+    if (params is None) == (kv is None):
+        raise ValueError("give exactly one budget: params=... (attention parameters) or kv=... (KV floats per token)")
+    name, budget = ("params", params) if params is not None else ("kv", kv)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"{name} must be a positive int (an absolute count), got {budget!r}")
+    layers = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: no Tucker layers to allocate ranks for")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, TuckerAttention):
+            raise TypeError(f"layers[{i}] must be a TuckerAttention (allocate_ranks truncates Tucker layers), "
+                            f"got {type(layer).__name__}")
+    which = 0 if name == "params" else 1
+    chains = [_energy_chains(layer) for layer in layers]
+    current = [list(layer.ranks) + list(layer.value_ranks) for layer in layers]
+    state = []                                                        # per layer: (r1, r2, r3, r1~, r2~, r3~)
+    for layer, layer_chains, now in zip(layers, chains, current):
+        low = [1 if chain is not None and (name == "params" or k % 3 == 2) else now[k]
+               for k, chain in enumerate(layer_chains)]
+        if layer.shared_kv:
+            low[5] = low[2]                                           # one latent: r3~ == r3
+        state.append(low)
+
+    def cost(i: int, r: list[int]) -> int:
+        return layer_cost(layers[i], tuple(r[:3]), tuple(r[3:]))[which]
+
+    def raised(i: int, k: int) -> list[int]:
+        r = list(state[i])
+        r[k] += 1
+        if k == 2 and layers[i].shared_kv:
+            r[5] += 1
+        return r
+
+    costs = [cost(i, r) for i, r in enumerate(state)]
+    total = sum(costs)
+    if total > budget:
+        raise ValueError(f"{name} budget {budget:,} is below the smallest setting's {total:,} (rank 1 in every "
+                         f"mode that can be truncated)")
+    heap, version, dead = [], [0] * len(layers), set()
+
+    def push(i: int) -> None:
+        for k, chain in enumerate(chains[i]):
+            r = state[i][k]
+            if chain is None or r >= current[i][k] or (i, k) in dead:
+                continue
+            energy = chain[r]
+            if energy > NEGLIGIBLE_ENERGY:
+                delta = cost(i, raised(i, k)) - costs[i]
+                heapq.heappush(heap, (-energy / delta, i, k, version[i], delta))
+
+    for i in range(len(layers)):
+        push(i)
+    while heap:
+        _, i, k, seen, delta = heapq.heappop(heap)
+        if seen != version[i]:
+            continue                                                  # stale: layer i changed since
+        if total + delta > budget:
+            dead.add((i, k))                                          # costs only grow: it never fits again
+            continue
+        state[i], costs[i], total = raised(i, k), costs[i] + delta, total + delta
+        version[i] += 1
+        push(i)
+    return [(tuple(r[:3]), tuple(r[3:])) for r in state]
+
+
+__all__ = ["BUDGETS", "SETTING_METHODS", "RankPlan", "SettingPlan", "allocate_ranks", "converted_cost", "layer_cost",
+           "plan_ranks", "plan_setting", "tucker_param_count"]

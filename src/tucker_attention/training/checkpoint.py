@@ -197,13 +197,15 @@ def newest_intact(run_dir: str | Path) -> tuple[Path, list[str]]:
     raise CheckpointError(f"no intact checkpoint in {str(run_dir)!r}: " + "; ".join(skipped))
 
 
-def load_run_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Verify checkpoint folder ``path``, load its weights into ``model`` (strictly) and return its state.
+def load_run_checkpoint(path: str | Path, model: torch.nn.Module, *, verified: bool = False) -> dict:
+    """Verify checkpoint folder ``path`` (unless ``verified``), load its weights into ``model``
+    (strictly) and return its state.
 
-    Raises :class:`CheckpointError` for a damaged or non-finite checkpoint and for one of another model.
+    Raises :class:`CheckpointError` for a damaged or non-finite checkpoint, ValueError for one of another model.
     """
     path = Path(path)
-    verify_checkpoint(path)
+    if not verified:
+        verify_checkpoint(path)
     try:
         weights = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")

@@ -67,6 +67,10 @@ class TrainConfig:
     starts). ``precision``: ``auto`` is bf16 autocast on CUDA and float32 on CPU.
     ``max_bad_steps``: how many steps with a non-finite loss or gradient norm are skipped before
     the run stops. ``keep_checkpoints``: how many newest checkpoints rotation keeps.
+    Rank-adaptive Tucker (:mod:`~tucker_attention.training.ranks`): ``rank_budget_params`` or
+    ``rank_budget_kv`` (a fraction <= 1 of MHA's attention parameters / KV floats per token, or
+    a count) with a Tucker spec without ranks; the run starts at ``rank_start`` x the budget and
+    reaches it in ``rank_cuts`` truncations by ``rank_until`` x ``steps``.
     """
 
     steps: int = typed(1000, low=1)
@@ -90,6 +94,11 @@ class TrainConfig:
     progress: bool = True
     max_bad_steps: int = typed(0, low=0)
     keep_checkpoints: int = typed(2, low=1)
+    rank_budget_params: float | None = typed(None, low=0, low_open=True)
+    rank_budget_kv: float | None = typed(None, low=0, low_open=True)
+    rank_start: float = typed(4.0, low=1)
+    rank_until: float = typed(0.5, low=0, high=1, low_open=True)
+    rank_cuts: int = typed(4, low=1)
 
     def __post_init__(self):
         check_fields(self, "train")
@@ -154,7 +163,7 @@ class RunConfig:
         if not isinstance(self.train, TrainConfig):
             self.train = _from_dict(TrainConfig, self.train, "train")
         check_fields(self)
-        TASK_TYPES[self.task].check_model(self.model)
+        TASK_TYPES[self.task].check_model(self.model, self.train)
 
     def to_dict(self) -> dict:
         """The config as JSON data (tuples become lists), as ``config.json`` and checkpoints store it."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_step, load_run_checkpoint, step_dirs
+from ..io import read_metadata
+from .checkpoint import CheckpointError, checkpoint_step, load_run_checkpoint, step_dirs, verify_checkpoint
 from .lock import LOCK, RunFolderError
 
 
@@ -95,12 +96,14 @@ def prepare(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
     return done
 
 
-def resume_from(run_dir: Path, model: torch.nn.Module) -> tuple[Path, dict, list[str]]:
-    """(checkpoint folder, its state, notes) of the newest intact checkpoint, loaded into ``model``.
+def resume_from(run_dir: Path, build) -> tuple[Path, dict, torch.nn.Module, list[str]]:
+    """(checkpoint folder, its state, its model, notes) of the newest intact checkpoint.
 
-    Damaged checkpoints (files that fail their manifest, non-finite values) are passed over,
-    newest first, and each is named in the notes; ``latest.json`` is not needed. Raises when
-    none is intact. A checkpoint of another model is an error, not damage.
+    ``build(model_config)`` makes the model of a checkpoint's recorded model config (a
+    rank-adaptive run's shapes change while it trains); the weights are loaded into it. Damaged
+    checkpoints (files that fail their manifest, non-finite values) are passed over, newest
+    first, and each is named in the notes; ``latest.json`` is not needed. Raises when none is
+    intact. A checkpoint of another model is an error, not damage.
     """
     candidates = step_dirs(run_dir)
     if not candidates:
@@ -109,14 +112,16 @@ def resume_from(run_dir: Path, model: torch.nn.Module) -> tuple[Path, dict, list
     notes, damaged = [], []
     for path in candidates:
         try:
-            state = load_run_checkpoint(path, model)
+            verify_checkpoint(path)
+            model = build(read_metadata(path / "model.safetensors")["extra"].get("model_config"))
+            state = load_run_checkpoint(path, model, verified=True)
         except CheckpointError as err:
             damaged.append(path)
             notes.append(f"passing over a damaged checkpoint: {err}")
             continue
         if damaged:
             notes.append(f"resuming from the newest intact checkpoint, {path.name}")
-        return path, state, notes
+        return path, state, model, notes
     raise CheckpointError(f"no intact checkpoint in {str(run_dir)!r}:\n  " + "\n  ".join(notes))
 
 

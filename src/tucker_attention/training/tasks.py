@@ -12,6 +12,7 @@ from .._fields import check_values
 from ..data.images import ImageDataset, augment, load_images
 from ..data.text import TextCorpus, load_corpus
 from ..models import GPT, GPTConfig, ViT, ViTConfig
+from . import ranks
 
 if TYPE_CHECKING:  # config.py imports this module
     from .config import RunConfig
@@ -34,14 +35,31 @@ class Task:
     config_cls: type
 
     @classmethod
-    def check_model(cls, model: dict) -> None:
+    def check_model(cls, model: dict, train) -> None:
         """Refuse an invalid ``model`` dict (``RunConfig.model``) before any data is read or folder
         made: each given key by its field's type and range, then the config (the keys the data
         decides at stand-in values where not given) and the model itself, built on the meta device
-        (no memory), so cross-field and layer checks (e.g. Tucker ranks <= d_model) run too."""
-        config = cls.config_cls(**{**cls.stand_ins(check_values(cls.config_cls, model, "model")), **model})
+        (no memory), so cross-field and layer checks (e.g. Tucker ranks <= d_model) and the
+        rank-adaptive budget (``train.rank_budget_*``) are checked too."""
+        config = cls.model_config_of({**cls.stand_ins(check_values(cls.config_cls, model, "model")), **model}, train)
         with torch.device("meta"):
             cls.model_cls(config)
+
+    @classmethod
+    def model_config_of(cls, model: dict, train):
+        """The model config of a complete ``model`` dict; a rank-adaptive run's attention spec gets
+        its starting ranks (:func:`~tucker_attention.training.ranks.starting_spec`)."""
+        if not ranks.adaptive(train):
+            return cls.config_cls(**model)
+        base = cls.config_cls(**{**model, "attention": "mha"})   # the shapes, checked
+        spec = ranks.starting_spec(model.get("attention", "mha"), train, d_model=base.d_model, n_heads=base.n_heads,
+                                   n_layers=base.n_layers, rope=cls.rope(base), bias=base.bias)
+        return cls.config_cls(**{**model, "attention": spec})
+
+    @staticmethod
+    def rope(config) -> bool:
+        """Whether the model's attention layers use their positional RoPE."""
+        return False
 
     @staticmethod
     def stand_ins(model: dict) -> dict:
@@ -69,6 +87,10 @@ class LMTask(Task):
     metric = "val_loss"
     higher_is_better = False
 
+    @staticmethod
+    def rope(config) -> bool:
+        return config.positions == "rope"
+
     def __init__(self, config: RunConfig, data: TextCorpus | None = None):
         d = self.data_config = config.data
         self.corpus = self.data = data or load_corpus(d.path, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
@@ -77,7 +99,7 @@ class LMTask(Task):
         vocab = self.corpus.tokenizer.vocab_size
         if model.setdefault("vocab_size", vocab) < vocab:
             raise ValueError(f"model.vocab_size={model['vocab_size']} is smaller than the tokenizer's {vocab}")
-        self.model_config = GPTConfig(**model)
+        self.model_config = self.model_config_of(model, config.train)
         self.block_size = self.model_config.block_size
         self.corpus.check_block_size(self.block_size)
         self.eval_windows = config.train.eval_windows
@@ -142,7 +164,7 @@ class VisionTask(Task):
             if model.setdefault(key, value) != value:
                 raise ValueError(f"model.{key}={model[key]} does not fit the data ({self.data.source}: "
                                  f"{key} {value})")
-        self.model_config = ViTConfig(**model)
+        self.model_config = self.model_config_of(model, config.train)
 
     def sample_batch(self, generator: torch.Generator, batch_size: int, rank: int, world: int):
         """This process's share of a global batch: (images (B/world, C, H, W) float, labels)."""

@@ -9,6 +9,7 @@ trains on its slice, so N processes follow the single-process run with the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import Attention
+from . import ranks
 from .checkpoint import save_run_checkpoint, write_json_atomic
 from .config import DEFAULT_ATTENTION_LR, RunConfig, resolve_device
 from .guard import NonFiniteError, NonFiniteGuard
@@ -35,21 +37,30 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, attention_lr_scale: float = 1.0,
-                 attention_lr: str = DEFAULT_ATTENTION_LR) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; attention parameters at ``attention_lr_scale·lr``,
-    times each layer's :meth:`~tucker_attention.layers.Attention.lr_scales` when
-    ``attention_lr == "relative"``."""
+def attention_lr_scales(model: nn.Module, *, attention_lr_scale: float = 1.0,
+                        attention_lr: str = DEFAULT_ATTENTION_LR) -> dict[str, float]:
+    """{parameter name: lr multiplier} of every attention parameter: ``attention_lr_scale``, times
+    each layer's :meth:`~tucker_attention.layers.Attention.lr_scales` when ``attention_lr == "relative"``."""
     scales = {}
-    for m in model.modules():
+    for module_name, m in model.named_modules():
         if isinstance(m, Attention):
             rule = m.lr_scales() if attention_lr == "relative" else {}
-            for name, p in m.named_parameters():
-                scales[id(p)] = attention_lr_scale * rule.get(name, 1.0)
+            for name, _ in m.named_parameters():
+                scales[f"{module_name}.{name}" if module_name else name] = attention_lr_scale * rule.get(name, 1.0)
+    return scales
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, attention_lr_scale: float = 1.0,
+                 attention_lr: str = DEFAULT_ATTENTION_LR, scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; attention parameters at their
+    :func:`attention_lr_scales` (``scales``: those of another model with the same parameter
+    names, e.g. the starting model of a rank-adaptive run, whose scales every rank keeps)."""
+    if scales is None:
+        scales = attention_lr_scales(model, attention_lr_scale=attention_lr_scale, attention_lr=attention_lr)
     groups: dict[tuple[bool, float], list] = {}
-    for p in model.parameters():  # unique parameters (tied weights once)
+    for name, p in model.named_parameters():  # unique parameters (tied weights once)
         if p.requires_grad:
-            groups.setdefault((p.dim() >= 2, scales.get(id(p), 1.0)), []).append(p)
+            groups.setdefault((p.dim() >= 2, scales.get(name, 1.0)), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
             for (decay, scale), ps in sorted(groups.items())]
 
@@ -110,11 +121,11 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     run_dir = Path(run_dir)
-    if resume and not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoint to resume from in {str(run_dir)!r} (it has no checkpoints/ folder)")
+    if resume:
+        _check_resumable(run_dir, config)
     task = task or make_task(config)
     torch.manual_seed(tc.seed)
-    model = task.build_model()
+    model = None if resume else task.build_model()   # a resumed run builds its checkpoint's model
     if init_state is not None and not resume:
         model.load_state_dict(init_state)
     lock = RunLock(run_dir)
@@ -141,26 +152,35 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
            resume: bool, rank: int, world: int) -> dict:
     """The training loop of :func:`train`, in a run folder this process holds."""
     tc = config.train
-    optimizer = torch.optim.AdamW(param_groups(model, lr=tc.lr, weight_decay=tc.weight_decay,
-                                               attention_lr_scale=tc.attention_lr_scale,
-                                               attention_lr=tc.attention_lr),
-                                  betas=(tc.beta1, tc.beta2), fused=device.type == "cuda" or None)
+    with torch.device("meta"):  # lr scales by parameter name, from the starting model (kept through rank cuts)
+        scales = attention_lr_scales(task.build_model(), attention_lr_scale=tc.attention_lr_scale,
+                                     attention_lr=tc.attention_lr)
 
     def lr_at(s: int) -> float:
         return lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio)
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    def make_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(model, lr=tc.lr, weight_decay=tc.weight_decay, scales=scales),
+                                 betas=(tc.beta1, tc.beta2), fused=device.type == "cuda" or None)
+
+    def build(model_config: dict | None) -> nn.Module:
+        return task.model_cls(task.config_cls(**model_config)) if model_config else task.build_model()
+
     generator = torch.Generator().manual_seed(tc.seed + 1)
     better = max if task.higher_is_better else min
     step, best, train_time, units_done = 0, -math.inf if task.higher_is_better else math.inf, 0.0, 0
     loss_sum, loss_count, bad_steps = 0.0, 0, 0
     if resume:
-        ckpt, state, notes = resume_from(run_dir, model)
+        ckpt, state, model, notes = resume_from(run_dir, build)
         for note in notes if rank == 0 else []:
             say(note)
         if _fixed_part(state["config"]) != _fixed_part(config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} was written by a different config; resume it with "
                              f"its own config (only train.steps and train.progress may change)")
+    model = model.to(device)
+    optimizer = make_optimizer()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    if resume:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -176,13 +196,37 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
             say(note)
     elif rank == 0:
         write_json_atomic(run_dir / "config.json", config.to_dict())
-    model = model.to(device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", rank == 0, step if resume else None)
     guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=bad_steps)
-    extra = {"task": config.task, "config": config.to_dict(), **task.extra_state()}
+    extra = {"task": config.task, "config": config.to_dict(), **task.extra_state(),
+             "model_config": model.config.to_dict()}
+    plan = ranks.schedule(tc, model)
+    if plan is not None and not resume:
+        metrics.log({"step": 0, **ranks.rank_record(model)})
     if rank == 0:
         print(model.summary())
+
+    def cut_ranks(budget: int):
+        """Truncate to ``budget``; a new optimizer keeps every other parameter's state and the lrs."""
+        saved = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+        lrs = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+        replaced = set(ranks.cut(model, budget, plan.kind))
+        new = make_optimizer()
+        if [len(g["params"]) for g in new.param_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise RuntimeError("a rank cut changed the optimizer's parameter groups")  # cannot happen: same names
+        for group, (lr, initial) in zip(new.param_groups, lrs):
+            group["lr"], group["initial_lr"] = lr, initial
+        for name, p in model.named_parameters():
+            if name in saved and name not in replaced:
+                new.state[p] = saved[name]
+        extra["model_config"] = model.config.to_dict()
+        record = {"step": step, **ranks.rank_record(model)}
+        metrics.log(record)
+        if rank == 0:
+            bar.write(f"step {step}: ranks cut to {plan.kind} budget {budget:,}: attention params "
+                      f"{record['attention_params']:,}, KV floats/token {record['kv_floats_per_token']}")
+        return new, torch.optim.lr_scheduler.LambdaLR(new, lr_at, last_epoch=step - 1)
 
     def evaluate() -> dict:
         model.eval()
@@ -237,6 +281,9 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         step += 1
+        if plan is not None and plan.budget_at(step) is not None:
+            optimizer, schedule = cut_ranks(plan.budget_at(step))
+            net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         if not good:
             metrics.log({"step": step, "skipped": f"loss {loss_value}, grad_norm {norm_value}"})
             bar.write(f"step {step}: skipped (loss {loss_value}, grad norm {norm_value}); "
@@ -272,9 +319,32 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
                f"{task.unit}_per_s": units_done / max(train_time, 1e-9), "train_time_s": train_time,
                "world_size": world, "device": str(device), "precision": "bf16" if use_bf16 else "fp32",
                "skipped_steps": guard.bad_steps, **task.baselines()}
+    if plan is not None:
+        summary.update(rank_budget={"kind": plan.kind, "budget": plan.final, "mha": plan.reference},
+                       **ranks.rank_record(model))
     if rank == 0:
         write_json_atomic(run_dir / "summary.json", summary)
+        if plan is not None:
+            records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "ranks" in r]
+            ranks.plot_ranks(records, run_dir / "ranks.png")
     return summary
+
+
+def _check_resumable(run_dir: Path, config: RunConfig) -> None:
+    """Errors a resume can know before it touches the folder: no checkpoints, another config."""
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from in {str(run_dir)!r} (it has no checkpoints/ folder)")
+    stored = run_dir / "config.json"
+    try:
+        fixed = _fixed_part(json.loads(stored.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # missing or damaged: the checkpoint's own config is compared after loading
+    if fixed != _fixed_part(config.to_dict()):
+        changed = sorted(f"{section}.{k}" for section in ("model", "data", "train") for k in
+                         set(fixed.get(section, {})) | set(config.to_dict()[section])
+                         if fixed.get(section, {}).get(k) != _fixed_part(config.to_dict())[section].get(k))
+        raise ValueError(f"run folder {str(run_dir)!r} was trained with another config ({', '.join(changed) or 'task'}"
+                         f" differ); resume it with its own config (only train.steps and train.progress may change)")
 
 
 def _fixed_part(config: dict) -> dict:

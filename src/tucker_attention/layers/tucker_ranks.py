@@ -1,0 +1,140 @@
+"""Mode spectra and rank truncation of a :class:`~.tucker.TuckerAttention`, from its factors alone.
+
+A reduced QR of every factor, U_k = Q_k R_k, moves its non-orthonormal part into the core::
+
+    C' = C x1 R1 x2 R2 x3 R3   (r1, r2, r3),     W = C' x1 Q1 x2 Q2 x3 Q3   (Q_k orthonormal)
+
+so unfold_k(W) and unfold_k(C') have the same singular values, and the truncated HOSVD of W is
+that of C' mapped back: with P_k the leading left singular vectors of unfold_k(C'), every
+truncated mode gets the factor Q_k P_k and the core C x_k (P_k^T R_k), i.e. W_hat = W x1 Pi1 x2 Pi2
+x3 Pi3 with the orthogonal projections Pi_k = Q_k P_k P_k^T Q_k^T. All P_k come from the
+unfoldings of the whole C' (classic, not sequential, HOSVD), so each kept mode holds the energy
+its spectrum says and ||W - W_hat||^2 = ||W||^2 - ||W_hat||^2. Nothing larger than a factor
+(d, r) or the core is formed; an unfolding's singular vectors and values come from its
+(r_k, r_k) Gram matrix.
+
+Fixed modes: latent RoPE rotates the r3 latent coordinates defined by U3's columns with
+frequencies set by its width r3 (PAPER.md §5), so mode 3 of W (and of W_tilde when it shares U3)
+can be neither rotated nor truncated: it keeps U3 and the core's mode-3 coordinates exactly. A
+shared latent without RoPE serves both tensors, so both modes 3 are truncated by one basis, the
+leading left singular vectors of the joint unfolding [unfold_3(C'), unfold_3(C~')]
+(r3, r1 r2 + r1~ r2~), whose singular values both modes report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_ranks
+
+SIDES = ("ranks", "value_ranks")      # W (pre-softmax) and W_tilde (post-softmax)
+
+
+def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-(mode+1) unfolding (I_mode, prod of the others), mode 0-based."""
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def _times(core: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
+    """core x_(mode+1) matrix, matrix (p, I_mode), mode 0-based."""
+    return torch.tensordot(matrix, core, dims=([1], [mode])).movedim(0, mode)
+
+
+def _left_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P (r, r), s (r,)): all left singular vectors and the singular values (descending) of matrix
+    (r, m), from the eigendecomposition of its Gram (r, r), whose eigenvalues s^2 are the energies
+    (several times faster than an SVD of the wide matrix; s below ~1e-8 of the largest is not resolved)."""
+    energies, P = torch.linalg.eigh(matrix @ matrix.T)
+    return P.flip(-1), energies.flip(0).clamp(min=0).sqrt()
+
+
+def fixed_modes(layer) -> tuple[tuple[bool, bool, bool], tuple[bool, bool, bool]]:
+    """Which modes of (W, W_tilde) must keep their basis: mode 3 of W under latent RoPE, and of
+    W_tilde too when it shares U3."""
+    rope = layer.rope is not None
+    return (False, False, rope), (False, False, rope and layer.shared_kv)
+
+
+def _joint(layer) -> bool:
+    """Whether both modes 3 are truncated by one joint basis (a shared latent without RoPE)."""
+    return layer.shared_kv and layer.rope is None
+
+
+def _decompose(layer):
+    """Per side: the float64 CPU parameters, their QR pieces and C', plus every free mode's (P, s)."""
+    p = {name: t.detach().to("cpu", torch.float64) for name, t in layer.named_parameters()}
+    sides = []
+    for core, factors in ((p["core"], (p["U1"], p["U2"], p["U3"])),
+                          (p["core_tilde"], (p["U1_tilde"], p["U2_tilde"], p.get("U3_tilde", p["U3"])))):
+        qr = [torch.linalg.qr(U) for U in factors]                     # reduced: Q (n, r), R (r, r)
+        reduced = core
+        for mode, (_, R) in enumerate(qr):
+            reduced = _times(reduced, mode, R)
+        sides.append({"core": core, "factors": factors, "Q": [q for q, _ in qr], "R": [r for _, r in qr],
+                      "reduced": reduced})
+    for side, fixed in zip(sides, fixed_modes(layer)):
+        side["svd"] = [None if fixed[m] else _left_svd(_unfold(side["reduced"], m)) for m in range(3)]
+    if _joint(layer):
+        joint = _left_svd(torch.cat([_unfold(side["reduced"], 2) for side in sides], dim=1))
+        sides[0]["svd"][2] = sides[1]["svd"][2] = joint
+    return p, sides
+
+
+def mode_spectra(layer) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """See :meth:`TuckerAttention.mode_spectra`."""
+    _, sides = _decompose(layer)
+    return {name: tuple(None if svd is None else svd[1] for svd in side["svd"])
+            for name, side in zip(SIDES, sides)}
+
+
+def _check_truncation(layer, ranks, value_ranks) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    out = []
+    for name, given, current, fixed in zip(SIDES, (ranks, value_ranks), (layer.ranks, layer.value_ranks),
+                                           fixed_modes(layer)):
+        new = check_ranks(name, given, (None, None, None))          # ints >= 1; the bounds below
+        for mode, (r, now, keep) in enumerate(zip(new, current, fixed)):
+            label = f"{name}[{mode}] (r{mode + 1}{'~' if name == 'value_ranks' else ''})"
+            if keep and r != now:
+                why = "it shares U3 with W" if name == "value_ranks" else "W's r3 latent"
+                raise ValueError(f"{label} must stay {now}: latent RoPE rotates {why} with frequencies set by "
+                                 f"its width, so this mode cannot be truncated; got {r}")
+            if r > now:
+                raise ValueError(f"{label} must be in [1, {now}] (truncated() keeps or lowers the current "
+                                 f"{name}={current}), got {r}")
+        out.append(new)
+    if layer.shared_kv and out[1][2] != out[0][2]:
+        raise ValueError(f"shared_kv=True ties the value latent to the key latent, so value_ranks[2] must equal "
+                         f"ranks[2]={out[0][2]}, got {out[1][2]}")
+    return out[0], out[1]
+
+
+def truncated(layer, ranks, value_ranks):
+    """See :meth:`TuckerAttention.truncated`."""
+    ranks, value_ranks = _check_truncation(layer, ranks, value_ranks)
+    p, sides = _decompose(layer)
+    values, key_maps = {}, []
+    names = (("core", "U1", "U2", "U3"), ("core_tilde", "U1_tilde", "U2_tilde", "U3_tilde"))
+    for side, new_ranks, side_names in zip(sides, (ranks, value_ranks), names):
+        core, factors, key_map = side["core"], list(side["factors"]), None
+        for mode, svd in enumerate(side["svd"]):
+            if svd is None:                                            # fixed: basis and coordinates as they are
+                continue
+            P = svd[0][:, :new_ranks[mode]]
+            step = P.T @ side["R"][mode]                               # (new r_k, r_k): old -> new coordinates
+            core, factors[mode] = _times(core, mode, step), side["Q"][mode] @ P
+            key_map = step if mode == 2 else key_map
+        values.update(zip(side_names, (core, *factors)))
+        key_maps.append(key_map)
+    if layer.shared_kv:
+        del values["U3_tilde"]                                         # U3 serves both (same P3 when joint)
+    if layer.q_bias is not None:                                       # q_i . k = q_i^T R3^T P3 . (x Q3 P3)
+        values["q_bias"] = p["q_bias"] if key_maps[0] is None else p["q_bias"] @ key_maps[0].T
+        values["out_bias"] = p["out_bias"]
+    with torch.device("meta"):                                         # no init work, no draw from the RNG
+        new = type(layer)(layer.d_model, layer.n_heads, ranks, value_ranks=value_ranks, shared_kv=layer.shared_kv,
+                          causal=layer.causal, rope=layer.rope, dropout=layer.dropout, bias=layer.q_bias is not None,
+                          scale=layer.scale, rope_base=layer.rope_base)
+    new = new.to_empty(device="cpu")
+    if layer.rotary is not None and len(layer.rotary.signature) == 3:  # custom frequencies (e.g. scaled RoPE)
+        new.rotary.set_frequencies(layer.rotary.inv_freq)
+    return new.assign_parameters(values, like=layer).train(layer.training)
