@@ -95,18 +95,19 @@ def test_the_final_model_loads_and_generates(adaptive_run):
     assert out.shape == (1, 8)
 
 
-def test_resume_across_rank_cuts_is_bit_for_bit(corpus, adaptive_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash", [6, 11])  # between cuts 1 and 2 (resumes from step 5), after cut 2 (step 10)
+def test_resume_across_rank_cuts_is_bit_for_bit(corpus, adaptive_run, tmp_path, monkeypatch, crash):
     run, _ = adaptive_run
     real = tasks_module.LMTask.sample_batch
     calls = {"n": 0}
 
-    def crash_at_eleven(self, *args):
+    def crash_at(self, *args):
         calls["n"] += 1
-        if calls["n"] == 11:  # after the cuts of steps 4 and 8 and the checkpoint of step 10
+        if calls["n"] == crash:
             raise KeyboardInterrupt
         return real(self, *args)
 
-    monkeypatch.setattr(tasks_module.LMTask, "sample_batch", crash_at_eleven)
+    monkeypatch.setattr(tasks_module.LMTask, "sample_batch", crash_at)
     with pytest.raises(KeyboardInterrupt):
         train(config(corpus), tmp_path / "resumed")
     monkeypatch.undo()

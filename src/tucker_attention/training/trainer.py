@@ -152,9 +152,10 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
            resume: bool, rank: int, world: int) -> dict:
     """The training loop of :func:`train`, in a run folder this process holds."""
     tc = config.train
-    with torch.device("meta"):  # lr scales by parameter name, from the starting model (kept through rank cuts)
-        scales = attention_lr_scales(task.build_model(), attention_lr_scale=tc.attention_lr_scale,
-                                     attention_lr=tc.attention_lr)
+    with torch.device("meta"):  # the starting model: lr scales by parameter name and the rank cuts come from it
+        start = task.build_model()
+    scales = attention_lr_scales(start, attention_lr_scale=tc.attention_lr_scale, attention_lr=tc.attention_lr)
+    plan = ranks.schedule(tc, start)
 
     def lr_at(s: int) -> float:
         return lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio)
@@ -201,7 +202,6 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
     guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=bad_steps)
     extra = {"task": config.task, "config": config.to_dict(), **task.extra_state(),
              "model_config": model.config.to_dict()}
-    plan = ranks.schedule(tc, model)
     if plan is not None and not resume:
         metrics.log({"step": 0, **ranks.rank_record(model)})
     if rank == 0:
