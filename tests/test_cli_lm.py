@@ -79,19 +79,35 @@ def test_compare_tiny_writes_table_plot_and_results(tmp_path, capsys):
     assert main(["compare", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     records = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in records] == ["mha", "gqa", "mla", "tucker", "tucker", "tucker"]
+    assert [r["method"] for r in records] == ["mha", "gqa", "mla", "tucker", "tucker", "tucker", "tucker"]
     for r in records:
         for key in ("method", "attention_params", "kv_bytes_per_token", "val_loss", "tokens_per_s",
                     "attention_param_ratio"):
             assert key in r
-    assert records[3]["ranks"] == [4, 16, 8] and records[1]["n_kv_heads"] == 2 and records[2]["kv_rank"] == 8
+    assert records[1]["n_kv_heads"] == 2 and records[2]["kv_rank"] == 8
+    assert records[3]["ranks"] == [4, 8, 8] and records[3]["shared_kv"] is True
+    assert records[3]["kv_bytes_per_token"] == records[2]["kv_bytes_per_token"]  # one latent of MLA's width
     assert records[0]["attention_param_ratio"] == 1.0
     assert all(r["attention_params"] < records[0]["attention_params"] for r in records[1:])
+    auto = records[6]
+    assert auto["label"] == "Tucker auto 10%" and auto["train_settings"] == {"rank_budget_params": 0.1}
+    assert auto["rank_budget"] == {"kind": "params", "budget": 409, "mha": 4096}
+    assert auto["attention_params"] <= 409 and len(auto["ranks"]) == 1  # one layer: [[r1,r2,r3],[r1~,r2~,r3~]]
+    assert [len(side) for side in auto["ranks"][0]] == [3, 3]
+    assert (out / "runs" / "tucker-auto-10" / "ranks.png").is_file()
     assert (out / "compare.png").stat().st_size > 10_000
-    assert "unigram baseline" in printed and "Tucker [2,8,4]" in printed
-    # a second call reuses every finished run
+    assert "unigram baseline" in printed and "Tucker [2,3,2]" in printed
+    assert "parameter ratio at matched quality: " in printed
+    assert "Tucker auto 10%: budget 409 attention params (10.0% of MHA's)" in printed
+    assert "<= 25% of MHA's attention parameters within 3%" in printed
+    assert "<= 10% of MHA's attention parameters within 5%" in printed
+    claim = json.loads((out / "claim.json").read_text())
+    assert claim["task"] == "lm" and claim["preset"] == "tiny"
+    assert claim["matched_quality"]["text"] in printed
+    assert [c["max_ratio"] for c in claim["claim_checks"]] == [0.25, 0.1]
+    # a second call reuses every finished run, the rank-adaptive one too
     assert main(["compare", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("finished earlier") == 6
+    assert capsys.readouterr().out.count("finished earlier") == 7
 
 
 def test_compare_on_user_data_retrains_when_the_budget_changes(corpus, tmp_path, capsys):
@@ -146,7 +162,7 @@ def test_claim_check_reads_the_records():
     records = [rec("MHA", "mha", 100, 2.0), rec("GQA", "gqa", 75, 2.1), rec("T big", "tucker", 40, 2.0),
                rec("T", "tucker", 25, 2.05), rec("T small", "tucker", 10, 2.2)]
     lines = claim_check(records)
-    assert lines[0].startswith("T (25% of MHA") and "+2.5%" in lines[0] and lines[0].endswith("yes")
+    assert lines[0].startswith("T (25.0% of MHA") and "+2.5%" in lines[0] and lines[0].endswith("yes")
     assert "GQA (3.0x its size)" in lines[1] and lines[1].endswith("yes")
     records[3]["val_loss"] = 2.15
     lines = claim_check(records)

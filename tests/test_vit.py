@@ -95,13 +95,19 @@ def test_compare_vit_tiny(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--task", "vit", "--preset", "tiny", "--out", str(out), "--steps", "4",
                  "--no-progress"]) == 0
+    printed = capsys.readouterr().out
     records = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in records] == ["mha", "gqa", "mla", "tucker", "tucker", "tucker"]
+    assert [r["method"] for r in records] == ["mha", "gqa", "mla", "tucker", "tucker", "tucker", "tucker"]
     for r in records:
         assert {"val_accuracy", "attention_params", "kv_bytes_per_token", "images_per_s"} <= set(r)
         assert "val_loss" in r and 0 <= r["val_accuracy"] <= 1
+    auto = records[-1]
+    assert auto["rank_budget"]["budget"] == 409 and auto["attention_params"] <= 409 and len(auto["ranks"]) == 1
     assert (out / "compare.png").stat().st_size > 10_000
-    assert "majority-class baseline" in capsys.readouterr().out
+    assert "majority-class baseline" in printed
+    assert "parameter ratio at matched quality: " in printed and "accuracy" in printed
+    claim = json.loads((out / "claim.json").read_text())
+    assert claim["matched_quality"]["metric"] == "val_accuracy" and "claim_checks" not in claim
 
 
 def test_finetune_compare_tiny(tmp_path, capsys):

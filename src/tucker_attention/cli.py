@@ -113,27 +113,32 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from .experiments.compare import PRESETS as COMPARE_PRESETS
-    from .experiments.compare import claim_check, format_compare_table, make_task_type, run_compare
+    from .experiments import compare
 
-    task_type = make_task_type(args.task)
+    COMPARE_PRESETS = compare.PRESETS
+    task_type = compare.make_task_type(args.task)
     if args.preset not in COMPARE_PRESETS[args.task]:
         raise ValueError(f"--preset must be one of {sorted(COMPARE_PRESETS[args.task])} for --task {args.task}, "
                          f"got {args.preset!r}")
     print(f"compare --task {args.task} --preset {args.preset}: {COMPARE_PRESETS[args.task][args.preset].description}")
-    records = run_compare(args.preset, args.out, steps=args.steps, overrides=_data_override(args) + (args.set or []),
-                          task=args.task, progress=not args.no_progress)
-    print(format_compare_table(records, task_type.metric, task_type.unit))
-    if args.task == "lm":
-        print("claim (a Tucker setting <= 1/4 of MHA's attention parameters within 3% of MHA's val loss; "
-              "GQA/MLA no better):")
-        for line in claim_check(records):
+    overrides = _data_override(args) + (args.set or [])
+    records = compare.run_compare(args.preset, args.out, steps=args.steps, overrides=overrides, task=args.task,
+                                  progress=not args.no_progress)
+    print(compare.format_compare_table(records, task_type.metric, task_type.unit))
+    for line in compare.format_adaptive_ranks(records):
+        print(line)
+    claim = compare.compare_claim(records, args.task)
+    print(claim["matched_quality"]["text"])
+    for check in claim.get("claim_checks", []):
+        print(check["title"])
+        for line in check["lines"]:
             print("  " + line)
     for key, text in (("unigram_val_loss", "unigram baseline (context-free model) val loss: {:.4f} nats/token"),
                       ("majority_val_accuracy", "majority-class baseline val accuracy: {:.4f}")):
         if records[0].get(key) is not None:
             print(text.format(records[0][key]))
-    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'compare.png'}")
+    out = Path(args.out)
+    print(f"wrote {out / 'results.json'}, {out / 'claim.json'} and {out / 'compare.png'}")
     return 0
 
 
@@ -311,13 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train MHA, GQA, MLA and Tucker with one budget; table + plot (main job)")
     c.add_argument("--task", default="lm", choices=sorted(COMPARE_PRESETS), help="lm (default) or vit")
     c.add_argument("--preset", default="default",
-                   help="shared shapes, budget and attention settings: default (lm: ~12 min, vit: ~10 min on 2 CPU "
-                        "cores), tiny, gpt2-small (lm, for a GPU)")
+                   help="shared shapes, budget and attention settings: default (lm: ~15 min, vit: ~13 min on 2 CPU "
+                        "cores; MHA, GQA, MLA, a shared-latent Tucker with MLA's KV cache, Tucker at <= 1/5 of MLA "
+                        "and <= 1/10 of MHA, fixed and rank-adaptive), study (more settings, ~2x as long), tiny, "
+                        "gpt2-small (lm, for a GPU)")
     c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
     c.add_argument("--steps", type=int, help="override the shared number of training steps")
     c.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a shared config key (train.*, data.*, model.* except attention)")
+                   help="override a shared config key for every model (train.*, data.*, model.* except attention; "
+                        "not the rank budgets or other train keys a preset entry sets itself)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_compare_command)
 
