@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from ddp import assert_two_processes_match_one  # tests/ddp.py (conftest puts tests/ on sys.path)
 from safetensors.torch import load_file
 
 from tucker_attention.cli import main
@@ -172,20 +170,6 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
              "--set=train.progress=false", "--set=train.eval_interval=3", "--set=train.log_interval=1",
              "--set=train.eval_windows=8", "--set=train.checkpoint_interval=3", "--set=train.rank_budget_params=0.3",
              "--set=train.rank_cuts=2", "--set=train.rank_until=0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, launcher in (("one", [sys.executable, "-m", "tucker_attention.cli"]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2", "-m", "tucker_attention.cli"])):
-        proc = subprocess.run(launcher + args + ["--run-dir", str(tmp_path / name)], env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").open()] for n in ("one", "two"))
-    assert [m["step"] for m in one] == [m["step"] for m in two]
+    one, two = assert_two_processes_match_one(args, tmp_path)
     assert [m["ranks"] for m in one if "ranks" in m] == [m["ranks"] for m in two if "ranks" in m]
-    for a, b in zip(one, two):
-        for key in ("train_loss", "val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5)
-    wa = load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors"))
-    wb = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert len([m for m in one if "ranks" in m]) == 3  # the start and 2 cuts
