@@ -48,7 +48,7 @@ def summarize(per_seed: dict[int, list[dict]], metric: str, higher_is_better: bo
     lines = []
     for label, runs in by_label.items():
         for seed, r in zip(per_seed, runs):
-            if r.get("ranks"):
+            if r.get("rank_budget"):  # a rank-adaptive run (fixed-rank records hold their one ranks triple)
                 ranks = "; ".join(f"L{i}: {tuple(w)} / {tuple(v)}" for i, (w, v) in enumerate(r["ranks"]))
                 lines.append(f"{label}, seed {seed}: {ranks}")
     return table, "\n".join(lines)

@@ -19,14 +19,16 @@ def study():
 
 
 def record(label, method, params, value, ranks=None):
+    adaptive = ranks is not None and isinstance(ranks[0], list)
     return {"label": label, "method": method, "attention_params": params, "kv_bytes_per_token": 64,
-            "val_loss": value, "ranks": ranks}
+            "val_loss": value, "ranks": ranks, **({"rank_budget": {"kind": "params"}} if adaptive else {})}
 
 
 def test_mean_std_and_change_against_mha(study):
     found = {0: [[[2, 4, 4], [2, 4, 4]]], 1: [[[2, 3, 4], [1, 4, 4]]]}
     per_seed = {seed: [record("MHA", "mha", 1000, 2.0 + 0.2 * seed),
-                       record("Tucker auto", "tucker", 100, 2.2 + 0.2 * seed, found[seed])] for seed in (0, 1)}
+                       record("Tucker auto", "tucker", 100, 2.2 + 0.2 * seed, found[seed]),
+                       record("Tucker [2,4,4]", "tucker", 90, 2.5, [2, 4, 4])] for seed in (0, 1)}
     table, ranks = study.summarize(per_seed, "val_loss", higher_is_better=False)
     lines = table.splitlines()
     assert lines[2].split()[0] == "MHA" and "2.1000 ± 0.1414" in lines[2] and "+0.0%" in lines[2]
