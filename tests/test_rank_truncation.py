@@ -406,7 +406,8 @@ def test_allocation_errors():
         allocate_ranks(layers)
     with pytest.raises(ValueError, match=r"params must be a positive int .*got 0.5"):
         allocate_ranks(layers, params=0.5)
-    with pytest.raises(TypeError, match=r"layers\[1\] must be a TuckerAttention.*MultiHeadAttention"):
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a layer with mode_spectra\(\) and truncated\(\)"
+                                        r".*MultiHeadAttention"):
         allocate_ranks([layers[0], make_attention("mha", 24, 4)], params=10 ** 6)
     with pytest.raises(ValueError, match="layers is empty"):
         allocate_ranks([], params=10)

@@ -305,8 +305,8 @@ def allocate_ranks(layers, *, params: int | None = None,
     if not layers:
         raise ValueError("layers is empty: no Tucker layers to allocate ranks for")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, TuckerAttention):
-            raise TypeError(f"layers[{i}] must be a TuckerAttention (allocate_ranks truncates Tucker layers), "
+        if not (hasattr(layer, "mode_spectra") and hasattr(layer, "truncated")):  # the layer owns its truncation
+            raise TypeError(f"layers[{i}] must be a layer with mode_spectra() and truncated() (a TuckerAttention), "
                             f"got {type(layer).__name__}")
     which = 0 if name == "params" else 1
     chains = [_energy_chains(layer) for layer in layers]
