@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="default")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, help="override the preset's steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every model, as in `tucker-attn compare --set` (e.g. data.path=DIR)")
     p.add_argument("--out", default="rank-study")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         print(f"== seed {seed}", flush=True)
         per_seed[seed] = run_compare(args.preset, out / f"seed-{seed}", steps=args.steps, task=args.task,
-                                     overrides=[f"train.seed={seed}"], progress=False)
+                                     overrides=[*args.overrides, f"train.seed={seed}"], progress=False)
     metric, higher = ("val_loss", False) if args.task == "lm" else ("val_accuracy", True)
     table, ranks = summarize(per_seed, metric, higher)
     text = (f"{args.task} --preset {args.preset}, seeds {args.seeds}\n\n{table}\n\nranks found (W / W~ per layer):\n"

@@ -98,6 +98,36 @@ def test_study_presets_extend_the_defaults(task):
     compare_configs("study", task=task)  # every entry is a valid run config
 
 
+@pytest.mark.parametrize("task", ["lm", "vit"])
+def test_budgets_presets_hold_the_study_budgets(task):
+    """25 % of MHA's parameters and fractions of MLA's KV, each with a fixed Tucker, a rank-adaptive
+    Tucker (where the budget is above the smallest Tucker) and an MLA at or just above it."""
+    default, budgets = PRESETS[task]["default"], PRESETS[task]["budgets"]
+    assert default.attention.items() <= budgets.attention.items()
+    assert (budgets.model, budgets.data, budgets.train) == (default.model, default.data, default.train)
+    configs = compare_configs("budgets", task=task)
+    p = PRESETS[task]["budgets"]
+    mha = sizes(task, p.model, {"method": "mha"})[0]
+    mla_kv = next(sizes(task, p.model, e)[1] for e in default.attention.values() if e["method"] == "mla")
+    extra = {k: split_entry(e) for k, e in p.attention.items() if k not in default.attention}
+    fixed = {k: sizes(task, p.model, spec) for k, (spec, train) in extra.items() if not train}
+    auto = {k: train for k, (spec, train) in extra.items() if train}
+    assert any(spec["method"] == "tucker" and 0.2 * mha < fixed[k][0] <= 0.25 * mha for k, (spec, _) in extra.items()
+               if k in fixed)
+    assert any(t.get("rank_budget_params") == 0.25 for t in auto.values())
+    quarter = mla_kv // 4
+    assert any(t.get("rank_budget_kv") == quarter for t in auto.values())
+    for method in ("tucker", "mla"):  # a fixed setting of each at exactly a quarter of MLA's KV
+        assert any(extra[k][0]["method"] == method and kv == quarter for k, (_, kv) in fixed.items()), method
+    tenth = mla_kv // 10
+    smallest = configs["MHA"].model["n_layers"] * 2  # r3 = r3~ = 1 in every layer
+    if tenth >= smallest:
+        assert any(t.get("rank_budget_kv") == tenth for t in auto.values())
+        assert any(extra[k][0]["method"] == "tucker" and kv == tenth for k, (_, kv) in fixed.items())
+    assert any(extra[k][0]["method"] == "mla" and max(tenth, smallest) <= kv <= 2 * max(tenth, smallest)
+               for k, (_, kv) in fixed.items())
+
+
 def test_per_model_train_settings_reach_only_their_run_config():
     configs = compare_configs("tiny", steps=7, overrides=["train.lr=0.01"])
     auto = configs["Tucker auto 10%"]

@@ -65,6 +65,20 @@ _LM_STUDY = {
     "Tucker [4,16,16]": {"method": "tucker", "ranks": [4, 16, 16]},
     "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
 }
+# the study's budgets (docs/rank-study.md): 25 % of MHA's attention parameters, and 1/4 and 1/10 of
+# MLA's KV floats per token (128: 32 and 12), each as fixed-rank Tucker, rank-adaptive Tucker and the
+# nearest MLA. MLA cannot go near 25 % of MHA's parameters: its d x d output projection alone is 25 %.
+_LM_BUDGETS = {
+    **_LM_DEFAULT,
+    "Tucker [4,30,16]": {"method": "tucker", "ranks": [4, 30, 16]},    # 62,592: 23.9% of MHA
+    "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
+    "MLA dc=8": {"method": "mla", "kv_rank": 8},                       # KV 32 floats: 1/4 of MLA dc=32
+    "Tucker [4,16,4]": {"method": "tucker", "ranks": [4, 16, 4]},      # KV 32 floats
+    "Tucker auto KV 1/4 MLA": {"method": "tucker", "train": {"rank_budget_kv": 32}},
+    "MLA dc=4": {"method": "mla", "kv_rank": 4},   # KV 16 floats: the nearest above 1/10 (RoPE needs an even d_c)
+    "Tucker [4,16,2]+[4,16,1]": {"method": "tucker", "ranks": [4, 16, 2], "value_ranks": [4, 16, 1]},  # KV 12
+    "Tucker auto KV 1/10 MLA": {"method": "tucker", "train": {"rank_budget_kv": 12}},
+}
 # ViT (d_model 64, 4 layers): MHA 65,536, GQA kv=2 49,152, MLA dc=16 45,056 (a fifth: 9,011),
 # MLA's KV floats per token 64 (16 a layer).
 _VIT_DEFAULT = {
@@ -77,6 +91,17 @@ _VIT_DEFAULT = {
     "Tucker auto 1/5 MLA": {"method": "tucker", "train": {"rank_budget_params": 9011}},
     "Tucker auto 10%": {"method": "tucker", "train": {"rank_budget_params": 0.1}},
 }
+# as _LM_BUDGETS, for MLA dc=16's 64 KV floats (1/4: 16; 1/8: 8, the smallest Tucker's)
+_VIT_BUDGETS = {
+    **_VIT_DEFAULT,
+    "Tucker [4,16,7]": {"method": "tucker", "ranks": [4, 16, 7]},      # <= 25% of MHA
+    "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
+    "MLA dc=4": {"method": "mla", "kv_rank": 4},                       # KV 16 floats: 1/4 of MLA dc=16
+    "Tucker [4,8,2]": {"method": "tucker", "ranks": [4, 8, 2]},        # KV 16 floats
+    "Tucker auto KV 1/4 MLA": {"method": "tucker", "train": {"rank_budget_kv": 16}},
+    "MLA dc=2": {"method": "mla", "kv_rank": 2},                       # KV 8 floats: the nearest above 1/10
+    "Tucker [4,8,1]": {"method": "tucker", "ranks": [4, 8, 1]},        # KV 8 floats
+}  # 1/10 of MLA's KV (6 floats) is below the smallest Tucker (8: r3 = r3~ = 1 in 4 layers): no adaptive run
 # tiny (d_model 32, 1 layer): MHA 4,096, GQA kv=2 3,072, MLA dc=8 2,816 (a fifth: 563), MLA's KV 8 floats
 _TINY = {
     "MHA": {"method": "mha"},
@@ -103,6 +128,13 @@ LM_PRESETS = {
         model={"d_model": 128, "n_heads": 4, "n_layers": 4, "block_size": 128},
         train=_CPU_TRAIN,
         attention=_LM_STUDY),
+    "budgets": ComparePreset(
+        "the default and the rank study's budgets (docs/rank-study.md): 25% of MHA's attention parameters, 1/4 "
+        "and 1/10 of MLA's KV floats, each as fixed Tucker, rank-adaptive Tucker and the nearest MLA; ~33 min on "
+        "2 CPU cores",
+        model={"d_model": 128, "n_heads": 4, "n_layers": 4, "block_size": 128},
+        train=_CPU_TRAIN_DEFAULT,
+        attention=_LM_BUDGETS),
     "tiny": ComparePreset(
         "a smoke test: d_model 32, 1 layer, 20 steps",
         model={"d_model": 32, "n_heads": 4, "n_layers": 1, "block_size": 32},
@@ -147,6 +179,14 @@ VIT_PRESETS = {
                    "Tucker [4,8,8]": {"method": "tucker", "ranks": [4, 8, 8]},
                    "Tucker shared [4,16,16]": {"method": "tucker", "ranks": [4, 16, 16], "shared_kv": True},
                    "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}}},
+        data={"source": "fashion-mnist"}),
+    "budgets": ComparePreset(
+        "the default and the rank study's budgets (docs/rank-study.md): 25% of MHA's attention parameters, 1/4 "
+        "and 1/10 of MLA's KV floats, each as fixed Tucker, rank-adaptive Tucker and the nearest MLA; ~26 min on "
+        "2 CPU cores",
+        model={"d_model": 64, "n_heads": 4, "n_layers": 4, "patch_size": 4},
+        train=_VIT_TRAIN,
+        attention=_VIT_BUDGETS,
         data={"source": "fashion-mnist"}),
     "tiny": ComparePreset(
         "a smoke test on scikit-learn's 8x8 digits: d_model 32, 1 layer, patch 2",
