@@ -108,6 +108,13 @@ def test_compare_tiny_writes_table_plot_and_results(tmp_path, capsys):
     # a second call reuses every finished run, the rank-adaptive one too
     assert main(["compare", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("finished earlier") == 7
+    # so does a run whose config.json predates a train option (written without it: its default)
+    path = out / "runs" / "mha" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["train"]["grad_accum_steps"], stored["train"]["compile"]
+    path.write_text(json.dumps(stored))
+    assert main(["compare", "--preset", "tiny", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 7
 
 
 def test_compare_on_user_data_retrains_when_the_budget_changes(corpus, tmp_path, capsys):

@@ -306,6 +306,7 @@ BAD_FIELDS = [
     (TrainConfig, {"rank_start": 0.5}, "train.rank_start must be a finite float >= 1, got 0.5"),
     (TrainConfig, {"rank_until": 1.5}, "train.rank_until must be a finite float in (0, 1], got 1.5"),
     (TrainConfig, {"rank_cuts": 0}, "train.rank_cuts must be an integer >= 1, got 0"),
+    (TrainConfig, {"grad_accum_steps": 0}, "train.grad_accum_steps must be an integer >= 1, got 0"),
     (DataConfig, {"tokenizer": "word"}, "data.tokenizer must be one of ['byte', 'char'], got 'word'"),
     (DataConfig, {"val_fraction": 0.0}, "data.val_fraction must be a finite float in (0, 1), got 0.0"),
     (DataConfig, {"val_fraction": 1}, "data.val_fraction must be a finite float in (0, 1), got 1"),

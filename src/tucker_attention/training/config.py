@@ -62,7 +62,13 @@ class TrainConfig:
     ``lr_scales()`` (init std × sqrt(d_model): 1 for MHA/GQA weights, larger for Tucker's cores
     and head factors, which otherwise learn slowly in relative terms); ``"uniform"`` uses one
     rate. ``attention_lr_scale`` multiplies the learning rate of every attention parameter.
-    ``batch_size`` is the global batch (split across DDP processes). ``device``: ``auto`` or a
+    ``batch_size`` is the global batch of one forward/backward (split across DDP processes);
+    ``grad_accum_steps`` k: one optimizer step accumulates the gradients of k such micro-batches
+    (each loss scaled by 1/k: the gradient of the mean loss over all k·batch_size examples), so a
+    step trains on batch_size × grad_accum_steps examples (LM: × block_size tokens) whatever the
+    number of processes; it equals one step with batch_size × k. ``compile``: ``torch.compile``
+    the training forward/backward (checkpoints and evaluation use the plain module; a rank cut
+    recompiles). ``device``: ``auto`` or a
     torch device string (checked against this machine by :func:`resolve_device` when a run
     starts). ``precision``: ``auto`` is bf16 autocast on CUDA and float32 on CPU.
     ``max_bad_steps``: how many steps with a non-finite loss or gradient norm are skipped before
@@ -75,6 +81,7 @@ class TrainConfig:
 
     steps: int = typed(1000, low=1)
     batch_size: int = typed(32, low=1)
+    grad_accum_steps: int = typed(1, low=1)
     lr: float = typed(1e-3, low=0, low_open=True)
     min_lr_ratio: float = typed(0.1, low=0, high=1)
     warmup_steps: int = typed(100, low=0)
@@ -92,6 +99,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = typed("auto", choices=PRECISIONS)
     progress: bool = True
+    compile: bool = False
     max_bad_steps: int = typed(0, low=0)
     keep_checkpoints: int = typed(2, low=1)
     rank_budget_params: float | None = typed(None, low=0, low_open=True)

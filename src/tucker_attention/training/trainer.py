@@ -4,6 +4,16 @@ periodic validation, metrics, atomic checkpoints and bit-for-bit resume.
 Distributed data parallel is switched on by ``torchrun`` (its ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
 environment): every process draws the same global batch from the same seeded generator and
 trains on its slice, so N processes follow the single-process run with the same global batch.
+
+Gradient accumulation (``train.grad_accum_steps`` k): a step draws one global batch of
+k × ``batch_size`` examples and trains on it in k micro-batches of ``batch_size`` (rows
+j·B:(j+1)·B of the global batch make micro-batch j; each process takes its slice of every
+micro-batch), each loss scaled by 1/k, with DDP's all-reduce only after the last one
+(``no_sync``). All micro-batches have the same number of examples and the losses are means
+(the LM's training windows hold no ignored ``-1`` targets), so the step's gradient is the
+gradient of the mean loss over the k·B examples: the step equals one without accumulation
+and ``batch_size`` k·B. Tokens per step: batch_size × grad_accum_steps × block_size, for any
+number of processes (``batch_size`` is global).
 """
 
 from __future__ import annotations
@@ -197,7 +207,7 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
             say(note)
     elif rank == 0:
         write_json_atomic(run_dir / "config.json", config.to_dict())
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net, ddp = _training_net(model, world, tc.compile)
     metrics = MetricsLog(run_dir / "metrics.jsonl", rank == 0, step if resume else None)
     guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=bad_steps)
     extra = {"task": config.task, "config": config.to_dict(), **task.extra_state(),
@@ -260,12 +270,20 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
     bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress or rank != 0, desc=run_dir.name,
                dynamic_ncols=True)
     final = None
+    accum = tc.grad_accum_steps
     while step < tc.steps:
         t0 = time.perf_counter()
-        batch = task.sample_batch(generator, tc.batch_size, rank, world)
-        with autocast():
-            loss = task.loss(net, batch, device)
-        loss.backward()
+        batch = task.sample_batch(generator, tc.batch_size * accum, rank, world)  # this process's share
+        step_loss = None  # the sum of the micro-batches' losses
+        for j, micro in enumerate(_micro_batches(batch, accum)):
+            # DDP all-reduces the accumulated gradients once, in the backward of the last micro-batch
+            sync = ddp is None or j == accum - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with autocast():
+                    loss = task.loss(net, micro, device)
+                (loss / accum if accum > 1 else loss).backward()
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        loss = step_loss / accum if accum > 1 else step_loss  # the mean over the step's micro-batches
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         loss_value, norm_value = NonFiniteGuard.values(loss, grad_norm)
         (loss_value,) = all_reduce_sum([loss_value], device)  # a NaN on any rank stays NaN
@@ -283,7 +301,7 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
         step += 1
         if plan is not None and plan.budget_at(step) is not None:
             optimizer, schedule = cut_ranks(plan.budget_at(step))
-            net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+            net, ddp = _training_net(model, world, tc.compile)  # new layers: a new DDP (and a new compile)
         if not good:
             metrics.log({"step": step, "skipped": f"loss {loss_value}, grad_norm {norm_value}"})
             bar.write(f"step {step}: skipped (loss {loss_value}, grad norm {norm_value}); "
@@ -330,6 +348,34 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
     return summary
 
 
+def _micro_batches(batch, k: int) -> list:
+    """``batch`` (a tuple of tensors whose first dimension is the examples) in ``k`` equal parts."""
+    if k == 1:
+        return [batch]
+    n = len(batch[0])
+    if n % k or any(len(t) != n for t in batch):
+        raise RuntimeError(f"a batch of {[len(t) for t in batch]} examples does not split into {k} micro-batches")
+    return [type(batch)(t[j * (n // k):(j + 1) * (n // k)] for t in batch) for j in range(k)]
+
+
+def _training_net(model: nn.Module, world: int, compile: bool) -> tuple[nn.Module, nn.Module | None]:
+    """(what the training forward calls, the DDP wrapper or None): ``model``, compiled when
+    ``compile`` and wrapped in DDP when ``world > 1``. The compiled module is the inner one
+    (PyTorch's advice for DDP: compile the module DDP wraps); ``model`` itself stays plain, so
+    checkpoints, evaluation and rank cuts use it and its parameter names (no ``_orig_mod.``)."""
+    net = model
+    if compile:
+        # A fresh compile per run and after each rank cut (whose layers have new shapes): the old
+        # graphs are dropped rather than piling up towards dynamo's recompile limit, beyond which
+        # it would fall back to eager (compare trains several models in one process).
+        torch.compiler.reset()
+        net = torch.compile(model)
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(net)
+        return ddp, ddp
+    return net, None
+
+
 def _check_resumable(run_dir: Path, config: RunConfig) -> None:
     """Errors a resume can know before it touches the folder: no checkpoints, another config."""
     if not (run_dir / "checkpoints").is_dir():
@@ -347,7 +393,11 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
                          f" differ); resume it with its own config (only train.steps and train.progress may change)")
 
 
+# train keys added after runs were written without them, at the values those runs trained with
+_LATER_TRAIN_KEYS = {"grad_accum_steps": 1, "compile": False}
+
+
 def _fixed_part(config: dict) -> dict:
-    """A config without the keys a resumed run may change."""
-    train = {k: v for k, v in config["train"].items() if k not in ("steps", "progress")}
+    """A config without the keys a resumed run may change (and with the keys added since it was written)."""
+    train = {k: v for k, v in {**_LATER_TRAIN_KEYS, **config["train"]}.items() if k not in ("steps", "progress")}
     return {**config, "train": train}
