@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tucker_attention import make_attention
 from tucker_attention.accounting import attention_param_count, kv_cache_floats_per_token
-from tucker_attention.layers import Attention, frozen_weights
+from tucker_attention.layers import Attention, KVCache, frozen_weights
 
 LAYERS: tuple[tuple[str, str, dict], ...] = (
     ("MHA", "mha", {}),
@@ -171,12 +171,24 @@ def run_training(layers: list[tuple[str, Attention]], args: argparse.Namespace, 
             for (label, layer), (fwd, total), timing in zip(layers, flops, timings, strict=True)]
 
 
+def fill_cache(cache: KVCache, context: int) -> None:
+    """Random entries in the first ``context`` slots, standing in for an (untimed) prefill.
+
+    The first sequence is drawn from N(0, 1) and copied into the others (the values do not
+    change a decode step's cost, and a copy is much faster than drawing every sequence);
+    positions 0..context-1 are recorded and ``cache.length`` is set to ``context``.
+    """
+    for tensor in cache.tensors.values():
+        tensor[:1, :, :context].normal_()
+        tensor[1:, :, :context] = tensor[:1, :, :context]
+    cache.positions[:context] = torch.arange(context, device=cache.positions.device)
+    cache.length = context
+
+
 def decode_step(layer: Attention, context: int, args: argparse.Namespace) -> Callable[[], None]:
     """One decode step against ``context`` cached tokens; each call rewrites the same next slot."""
     cache = layer.make_cache(1, context + 1)
-    for tensor in cache.tensors.values():  # random latents stand in for an (untimed) prefill
-        tensor[:, :, :context].normal_()
-    cache.positions[:context] = torch.arange(context, device=args.device)
+    fill_cache(cache, context)
     x = torch.randn(1, 1, args.d_model, device=args.device, dtype=args.dtype)
 
     @torch.no_grad()
