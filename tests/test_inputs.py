@@ -181,6 +181,25 @@ def test_generate_checks_the_prompt():
     assert "positions beyond ``block_size`` were never" in GPT.generate.__doc__
 
 
+def test_generate_reads_the_ids_once_not_every_step(monkeypatch):
+    """The value check reads the ids (a device sync on a GPU): generate checks the prompt once; the
+    tokens it samples are in range by construction. forward still checks every call."""
+    from tucker_attention.models import gpt as gpt_module
+
+    calls = []
+    monkeypatch.setattr(gpt_module, "check_ids", lambda name, ids, *a, **k: calls.append(name) or check_ids(
+        name, ids, *a, **k))
+    model = gpt()
+    for use_cache in (True, False):
+        calls.clear()
+        out = model.generate(torch.tensor([[1, 2]]), 6, use_cache=use_cache)
+        assert out.shape == (1, 8) and calls == ["idx"]
+    calls.clear()
+    model(torch.tensor([[1, 2]]))
+    model(torch.tensor([[1, 2]]))
+    assert calls == ["idx", "idx"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-k", "0"], "--top-k must be an integer >= 1 or None, got 0"),
     (["--temperature", "-1"], "--temperature must be a finite float >= 0, got -1.0"),

@@ -97,6 +97,11 @@ class GPT(ModelStats, nn.Module):
         caches: one :class:`KVCache` per layer (:meth:`make_caches`); idx continues the cached tokens.
         """
         self._check_tokens(idx, targets)
+        return self._forward(idx, targets, caches)
+
+    def _forward(self, idx, targets, caches):
+        """:meth:`forward` after its input checks (``generate`` checks the prompt once: the ids it
+        samples are in range by construction, and checking them would sync the device every step)."""
         start = caches[0].length if caches else 0
         steps = idx.shape[1]
         if self.wpe is not None and start + steps > self.config.block_size:
@@ -144,7 +149,7 @@ class GPT(ModelStats, nn.Module):
         step_input = idx
         with frozen_weights(self):               # the weights stay fixed while decoding
             for _ in range(max_new_tokens):
-                logits, _ = self(step_input if use_cache else idx, caches=caches)
+                logits, _ = self._forward(step_input if use_cache else idx, None, caches)
                 logits = logits[:, -1, :].float()
                 if temperature == 0:
                     token = logits.argmax(dim=-1, keepdim=True)
