@@ -88,9 +88,14 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the last dimension of ``x`` (..., T, D) by tables ``cos``/``sin`` of shape (T, D)."""
+    # x * cos + cat(-x2, x1) * sin, written into one new tensor: the shared latent's keys are
+    # rotated on every decode step over the whole cache, where each temporary is a full pass
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    out = x * cos
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out
 
 
 class RopeTables:
