@@ -126,6 +126,9 @@ def test_budgets_presets_hold_the_study_budgets(task):
         assert any(extra[k][0]["method"] == "tucker" and kv == tenth for k, (_, kv) in fixed.items())
     assert any(extra[k][0]["method"] == "mla" and max(tenth, smallest) <= kv <= 2 * max(tenth, smallest)
                for k, (_, kv) in fixed.items())
+    for k, (_, kv) in fixed.items():  # beside every MLA, a shared-latent Tucker with its KV cache
+        if extra[k][0]["method"] == "mla":
+            assert any(extra[j][0].get("shared_kv") and w == kv for j, (_, w) in fixed.items()), k
 
 
 def test_per_model_train_settings_reach_only_their_run_config():

@@ -66,16 +66,18 @@ _LM_STUDY = {
     "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
 }
 # the study's budgets (docs/rank-study.md): 25 % of MHA's attention parameters, and 1/4 and 1/10 of
-# MLA's KV floats per token (128: 32 and 12), each as fixed-rank Tucker, rank-adaptive Tucker and the
-# nearest MLA. MLA cannot go near 25 % of MHA's parameters: its d x d output projection alone is 25 %.
+# MLA's KV floats per token (128: 32 and 12), each as fixed-rank Tucker (separate and shared latents), rank-adaptive
+# Tucker and the nearest MLA. MLA cannot go near 25 % of MHA's parameters: its d x d output projection alone is 25 %.
 _LM_BUDGETS = {
     **_LM_DEFAULT,
     "Tucker [4,30,16]": {"method": "tucker", "ranks": [4, 30, 16]},    # 62,592: 23.9% of MHA
     "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
     "MLA dc=8": {"method": "mla", "kv_rank": 8},                       # KV 32 floats: 1/4 of MLA dc=32
     "Tucker [4,16,4]": {"method": "tucker", "ranks": [4, 16, 4]},      # KV 32 floats
+    "Tucker shared [4,16,8]": {"method": "tucker", "ranks": [4, 16, 8], "shared_kv": True},  # KV 32: MLA dc=8's
     "Tucker auto KV 1/4 MLA": {"method": "tucker", "train": {"rank_budget_kv": 32}},
     "MLA dc=4": {"method": "mla", "kv_rank": 4},   # KV 16 floats: the nearest above 1/10 (RoPE needs an even d_c)
+    "Tucker shared [4,16,4]": {"method": "tucker", "ranks": [4, 16, 4], "shared_kv": True},  # KV 16: MLA dc=4's
     "Tucker [4,16,2]+[4,16,1]": {"method": "tucker", "ranks": [4, 16, 2], "value_ranks": [4, 16, 1]},  # KV 12
     "Tucker auto KV 1/10 MLA": {"method": "tucker", "train": {"rank_budget_kv": 12}},
 }
@@ -98,9 +100,11 @@ _VIT_BUDGETS = {
     "Tucker auto 25%": {"method": "tucker", "train": {"rank_budget_params": 0.25}},
     "MLA dc=4": {"method": "mla", "kv_rank": 4},                       # KV 16 floats: 1/4 of MLA dc=16
     "Tucker [4,8,2]": {"method": "tucker", "ranks": [4, 8, 2]},        # KV 16 floats
+    "Tucker shared [4,8,4]": {"method": "tucker", "ranks": [4, 8, 4], "shared_kv": True},  # KV 16: MLA dc=4's
     "Tucker auto KV 1/4 MLA": {"method": "tucker", "train": {"rank_budget_kv": 16}},
     "MLA dc=2": {"method": "mla", "kv_rank": 2},                       # KV 8 floats: the nearest above 1/10
     "Tucker [4,8,1]": {"method": "tucker", "ranks": [4, 8, 1]},        # KV 8 floats
+    "Tucker shared [4,8,2]": {"method": "tucker", "ranks": [4, 8, 2], "shared_kv": True},  # KV 8: MLA dc=2's
 }  # 1/10 of MLA's KV (6 floats) is below the smallest Tucker (8: r3 = r3~ = 1 in 4 layers): no adaptive run
 # tiny (d_model 32, 1 layer): MHA 4,096, GQA kv=2 3,072, MLA dc=8 2,816 (a fifth: 563), MLA's KV 8 floats
 _TINY = {
@@ -130,8 +134,8 @@ LM_PRESETS = {
         attention=_LM_STUDY),
     "budgets": ComparePreset(
         "the default and the rank study's budgets (docs/rank-study.md): 25% of MHA's attention parameters, 1/4 "
-        "and 1/10 of MLA's KV floats, each as fixed Tucker, rank-adaptive Tucker and the nearest MLA; ~33 min on "
-        "2 CPU cores",
+        "and 1/10 of MLA's KV floats, each as fixed Tucker (separate and shared latents), rank-adaptive Tucker and "
+        "the nearest MLA; ~40 min on 2 CPU cores",
         model={"d_model": 128, "n_heads": 4, "n_layers": 4, "block_size": 128},
         train=_CPU_TRAIN_DEFAULT,
         attention=_LM_BUDGETS),
@@ -192,8 +196,8 @@ VIT_PRESETS = {
         data={"source": "fashion-mnist"}),
     "budgets": ComparePreset(
         "the default and the rank study's budgets (docs/rank-study.md): 25% of MHA's attention parameters, 1/4 "
-        "and 1/10 of MLA's KV floats, each as fixed Tucker, rank-adaptive Tucker and the nearest MLA; ~26 min on "
-        "2 CPU cores",
+        "and 1/10 of MLA's KV floats, each as fixed Tucker (separate and shared latents), rank-adaptive Tucker and "
+        "the nearest MLA; ~30 min on 2 CPU cores",
         model={"d_model": 64, "n_heads": 4, "n_layers": 4, "patch_size": 4},
         train=_VIT_TRAIN,
         attention=_VIT_BUDGETS,
