@@ -32,6 +32,12 @@ def test_train_then_resume_with_more_steps(corpus, tmp_path, capsys):
     assert main(["train", "--run-dir", run, "--resume", "--set", "train.steps=6", "--set", "train.progress=false"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["attention"] == {"method": "tucker", "ranks": [2, 16, 8]}
+    # `ranks` reads a run folder (its newest checkpoint) or a checkpoint folder, as generate does
+    capsys.readouterr()
+    for where in (run, str(tmp_path / "run" / "checkpoints" / "step-0000004")):
+        assert main(["ranks", where, "--out", str(tmp_path / "spectra")]) == 0
+        printed = capsys.readouterr().out
+        assert "blocks.0.attn  tucker" in printed and (tmp_path / "spectra" / "spectra.png").is_file()
 
 
 def test_train_from_a_config_file(corpus, tmp_path):

@@ -53,7 +53,9 @@ def _ranks_command(args: argparse.Namespace) -> int:
         layers = attention_layers(load_model(args.hf, with_tokenizer=False)[0])
         print(f"{args.hf}: {len(layers)} attention blocks")
     else:
-        layers = load_attention_layers(args.checkpoint)
+        from .training.checkpoint import checkpoint_file
+
+        layers = load_attention_layers(checkpoint_file(args.checkpoint))
         if not layers:
             raise ValueError(f"checkpoint {args.checkpoint!r} holds no attention layers")
     records = rank_report(layers, rtol=args.rtol)
@@ -321,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("ranks", help="energy and numerical multilinear ranks of every attention layer of a checkpoint "
                                      "or a Hugging Face model")
-    r.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint written by this package")
+    r.add_argument("checkpoint", nargs="?", help="a run folder (its newest checkpoint), a checkpoint folder or a "
+                                                 ".safetensors checkpoint written by this package")
     r.add_argument("--hf", metavar="MODEL", help="a transformers model instead: minilm (bundled all-MiniLM-L6-v2) "
                                                   "or a local model folder")
     r.add_argument("--out", default=".", help="folder for spectra.png (default: current folder)")

@@ -225,6 +225,20 @@ def load_run_checkpoint(path: str | Path, model: torch.nn.Module, *, verified: b
     return state
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The verified ``model.safetensors`` of a run folder (its newest intact checkpoint), of a
+    checkpoint folder, or ``path`` itself (verified when its manifest is beside it)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path)
+    if path.is_dir():
+        verify_checkpoint(path)
+        return path / "model.safetensors"
+    if (path.parent / MANIFEST).is_file():
+        verify_checkpoint(path.parent)
+    return path
+
+
 def load_trained_model(path: str | Path, task: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, checkpoint extra) from a run folder (its newest intact checkpoint), a
     checkpoint folder (verified) or a ``model.safetensors`` (verified when its manifest is beside
@@ -232,14 +246,7 @@ def load_trained_model(path: str | Path, task: str | None = None) -> tuple[torch
     normalization). ``task``: refuse checkpoints of another task."""
     from ..models import GPT, GPTConfig, ViT, ViTConfig
 
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = latest_checkpoint(path)
-    if path.is_dir():
-        verify_checkpoint(path)
-        path = path / "model.safetensors"
-    elif (path.parent / MANIFEST).is_file():
-        verify_checkpoint(path.parent)
+    path = checkpoint_file(path)
     extra = read_metadata(path)["extra"]
     models = {"lm": (GPT, GPTConfig), "vit": (ViT, ViTConfig)}
     if extra.get("task") not in models or "model_config" not in extra:
