@@ -9,14 +9,13 @@ its last ``val_fraction`` of characters; a dataset's validation/valid/test split
 transformers tokenizer's EOS (else SEP) id follows every document. Memory stays bounded: text
 is read and tokenized in chunks of ~CHUNK_CHARS characters ended at whitespace
 (:func:`~tucker_attention.data.text.safe_cut`), ids are appended to the shard files, and the
-folder is built as ``OUT.tmp-PID`` and renamed into place when complete.
+folder is built in a hidden sibling ``.OUT.tmp-<random>`` and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._files import write_folder
 from . import text as text_module
 from .prepared import FORMAT, SPLITS, VERSION, is_prepared
 from .text import document_files, empty_files_error
@@ -321,10 +321,8 @@ def prepare_data(src: str | os.PathLike, tokenizer: str, out: str | os.PathLike,
     if chars is not None:
         encoder = _Encoder("char", "".join(sorted(chars)))
     dtype = choose_dtype(encoder.vocab_size)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> dict:
         meta_tokenizer = encoder.save(tmp)
         writers = {split: _SplitWriter(tmp, split, dtype) for split in SPLITS}
         separator = None if encoder.separator is None else np.array([encoder.separator["id"]], np.int64)
@@ -353,17 +351,10 @@ def prepare_data(src: str | os.PathLike, tokenizer: str, out: str | os.PathLike,
             f.write(json.dumps(meta, indent=1))
             f.flush()
             os.fsync(f.fileno())
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
+        return meta
+
+    # an empty existing folder (allowed by _check_out) is replaced as with --overwrite
+    return write_folder(out, write, overwrite=overwrite or out.exists(), error=PrepareError)
 
 
 __all__ = ["PrepareError", "choose_dtype", "prepare_data"]

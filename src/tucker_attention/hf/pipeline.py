@@ -22,9 +22,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import os
-import secrets
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._files import write_folder
 from .._table import text_table
 from ..accounting import attention_param_count, kv_cache_floats_per_token
 from .source import (  # noqa: F401  (re-exported: importable from here as before)
@@ -149,44 +147,6 @@ def _check_out(out, src: Path, overwrite: bool) -> Path:
             raise ConvertError("out", f"{str(out)!r} exists and is not a folder; remove it or choose another path")
         if not overwrite:
             raise ConvertError("out", f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
-    return out
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = out.parent / f".{out.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def write_folder(out: Path, write, *, overwrite: bool) -> Path:
-    """Run ``write(tmp)`` on a fresh sibling folder of ``out``, then move it into place; an existing
-    ``out`` (only with ``overwrite``) is renamed aside first and removed after the move (restored
-    if the move fails). A failed ``write`` leaves ``out`` as it was."""
-    tmp = _sibling(out, "tmp")
-    try:
-        write(tmp)
-        if out.exists():
-            if not overwrite:
-                raise ConvertError("out", f"{str(out)!r} appeared while converting; pass --overwrite to replace it")
-            old = _sibling(out, "old")
-            old.rmdir()
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -342,7 +302,8 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     if target_dtype != torch.float32:
         converted = converted.to(target_dtype)
     generation_config = source["generation_config"]
-    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite)
+    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
+                 error=ConvertError)
     from .models import BUNDLED
 
     shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
