@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="default",
                    help="shared shapes, budget and attention settings: default (lm: ~15 min, vit: ~13 min on 2 CPU "
                         "cores; MHA, GQA, MLA, a shared-latent Tucker with MLA's KV cache, Tucker at <= 1/5 of MLA "
-                        "and <= 1/10 of MHA, fixed and rank-adaptive), study (more settings, ~2x as long), tiny, "
-                        "gpt2-small (lm, for a GPU)")
+                        "and <= 1/10 of MHA, fixed and rank-adaptive), study (more settings, ~2x as long), "
+                        "budgets (the rank study's budgets, docs/rank-study.md), tiny, gpt2-small (lm, the paper's "
+                        "recipe, for a GPU)")
     c.add_argument("--out", default="compare-out", help="folder for results.json, compare.png and runs/")
     c.add_argument("--steps", type=int, help="override the shared number of training steps")
     c.add_argument("--data", help="your own data: a text file, a folder of .txt files, or a folder written by "
