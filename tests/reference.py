@@ -8,22 +8,23 @@ import torch
 from tucker_attention import GroupedQueryAttention, MultiHeadLatentAttention, TuckerAttention
 
 
-def rotation(width: int, position: int, base: float = 10000.0) -> torch.Tensor:
-    """The (width x width) RoPE rotation for one position (pairs j and j + width/2)."""
+def rotation(width: int, position: int, base: float = 10000.0, inv_freq=None) -> torch.Tensor:
+    """The (width x width) RoPE rotation for one position (pairs j and j + width/2; pair j's inverse
+    frequency ``inv_freq[j]``, default base ** (-2j / width))."""
     half = width // 2
     R = torch.zeros(width, width, dtype=torch.float64)
     for j in range(half):
-        angle = position * base ** (-2.0 * j / width)
+        angle = position * (base ** (-2.0 * j / width) if inv_freq is None else float(inv_freq[j]))
         c, s = torch.cos(torch.tensor(angle, dtype=torch.float64)), torch.sin(torch.tensor(angle, dtype=torch.float64))
         R[j, j], R[j, j + half], R[j + half, j], R[j + half, j + half] = c, -s, s, c
     return R
 
 
-def rotate(rows: torch.Tensor, positions) -> torch.Tensor:
+def rotate(rows: torch.Tensor, positions, base: float = 10000.0, inv_freq=None) -> torch.Tensor:
     """rows (..., T, width): row t rotated by R(positions[t])."""
     out = torch.empty_like(rows)
     for t, pos in enumerate(positions):
-        out[..., t, :] = rows[..., t, :] @ rotation(rows.shape[-1], int(pos)).T
+        out[..., t, :] = rows[..., t, :] @ rotation(rows.shape[-1], int(pos), base, inv_freq).T
     return out
 
 
@@ -65,8 +66,9 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
             q = torch.einsum("bta,iac->bitc", x @ p["U2"], G)
             if "q_bias" in p:
                 q = q + p["q_bias"][:, None, :]
-            k = (x @ p["U3"])[:, None]
-            logits = rotate(q, positions) @ rotate(k, positions).transpose(-1, -2)
+            k = (x @ p["U3"] + p.get("k_bias", 0.0))[:, None]
+            freqs = (layer.rope_base, layer.rope_freqs)
+            logits = rotate(q, positions, *freqs) @ rotate(k, positions, *freqs).transpose(-1, -2)
         values = torch.einsum("bsq,ipq->bisp", x, Wt)            # (B, H, S, d): W_tilde[i] x_s
         out = _softmax_attention(layer.scale * logits, values, layer.causal, mask).sum(1)
         return out + p["out_bias"] if "out_bias" in p else out

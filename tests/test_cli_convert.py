@@ -130,7 +130,8 @@ def test_gqa_with_the_sources_own_heads_is_exact(folders, tmp_path, capsys):
     rc, printed, err = run([folders["llama"], "--method", "gqa", "--ranks", "2", "--out", out, *FAST], capsys)
     assert rc == 0, err
     rows = table(printed)
-    assert rows["head"] == ["attention params", "KV bytes/token", "next-token KL", "top-1 agreement"]
+    assert rows["head"] == ["attention params", "KV bytes/token", "next-token KL", "top-1 agreement",
+                            "held-out perplexity"]
     assert number(rows["converted"][0]) == number(rows["source"][0])
     assert number(rows["converted"][1]) == number(rows["source"][1]) == LAYERS * 2 * 2 * 8 * 4   # k, v: 2 heads x 8
     assert 0 <= number(rows["converted"][2]) < 1e-8 and number(rows["converted"][3]) == 1.0

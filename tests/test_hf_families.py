@@ -38,6 +38,7 @@ from tucker_attention.layers import (  # noqa: E402
     MultiHeadLatentAttention,
     RopeTables,
 )
+from tucker_attention.tensors import to_tucker  # noqa: E402
 
 SEQ = 7
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -356,8 +357,8 @@ def test_partial_rope_matches_an_explicit_float64_reference():
         GroupedQueryAttention(D, HEADS, 2, head_dim=12, rope=True, rope_dim=3)
     with pytest.raises(ValueError, match="rope_dim"):
         GroupedQueryAttention(D, HEADS, 2, head_dim=12, rope=True, rope_dim=14)
-    with pytest.raises(ValueError, match="partial"):
-        layer.exact_tucker()
+    tucker = to_tucker(layer)                                   # partial RoPE: unrotated dims are pairs of frequency 0
+    torch.testing.assert_close(tucker(x), _partial_rope_reference(layer, x, torch.arange(9)), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("options", [{"qk_norm": True}, {"rope_dim": 4}, {"qk_norm": True, "rope_dim": 2}])

@@ -225,13 +225,14 @@ def test_multi_mode_error_between_hosvd_bounds(rope, shared_kv):
 
 # -- truncated: argument checks ---------------------------------------------------------------
 
-def test_truncated_refuses_fixed_larger_and_untied_ranks():
+def test_truncated_refuses_odd_rope_larger_and_untied_ranks():
     rope = _layer(rope="latent")
-    with pytest.raises(ValueError, match=r"ranks\[2\] \(r3\) must stay 6: latent RoPE"):
-        rope.truncated((3, 10, 4), rope.value_ranks)
-    rope.truncated((3, 10, 6), (4, 8, 2))                                   # values are not rotated: free
+    with pytest.raises(ValueError, match=r"ranks\[2\] \(r3\) must be even: latent RoPE rotates pairs"):
+        rope.truncated((3, 10, 5), rope.value_ranks)
+    rope.truncated((3, 10, 4), rope.value_ranks)                            # by whole pairs
+    rope.truncated((3, 10, 6), (4, 8, 3))                                   # values are not rotated: free
     shared_rope = _layer(rope="latent", shared_kv=True)
-    with pytest.raises(ValueError, match=r"value_ranks\[2\] \(r3~\) must stay 6"):
+    with pytest.raises(ValueError, match=r"value_ranks\[2\] must equal ranks\[2\]=6"):
         shared_rope.truncated((3, 10, 6), (4, 8, 4))
     layer = _layer()
     with pytest.raises(ValueError, match=r"ranks\[1\] \(r2\) must be in \[1, 10\].*got 11"):
@@ -265,6 +266,7 @@ def _params(layer, r, v):
     shapes = [(r[0], r[1], r[2]), (h, r[0]), (d, r[1]), (d, r[2]), (v[0], v[1], v[2]), (h, v[0]), (d, v[1])]
     shapes += [] if layer.shared_kv else [(d, v[2])]
     shapes += [(h, r[2]), (d,)] if layer.q_bias is not None else []
+    shapes += [(r[2],)] if layer.k_bias is not None else []               # the latent key bias under RoPE
     return sum(torch.Size(s).numel() for s in shapes)
 
 
@@ -400,9 +402,9 @@ def test_allocation_errors():
     min_kv = sum(_kv(layer, s[:3], s[3:]) for layer in layers for s in [_lowest(layer, "kv")])
     with pytest.raises(ValueError, match=f"kv budget {min_kv - 1} is below the smallest setting's {min_kv}"):
         allocate_ranks(layers, kv=min_kv - 1)
-    with pytest.raises(ValueError, match="exactly one budget"):
-        allocate_ranks(layers, params=10, kv=10)
-    with pytest.raises(ValueError, match="exactly one budget"):
+    with pytest.raises(ValueError, match="params budget 10 is below"):          # both budgets must hold
+        allocate_ranks(layers, params=10, kv=10 ** 6)
+    with pytest.raises(ValueError, match="give a budget"):
         allocate_ranks(layers)
     with pytest.raises(ValueError, match=r"params must be a positive int .*got 0.5"):
         allocate_ranks(layers, params=0.5)

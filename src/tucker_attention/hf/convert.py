@@ -8,9 +8,12 @@ Without ``ranks`` (full rank) the model's outputs are unchanged, biases included
 The converted model is an instance of ``Tucker<Base>`` (see :mod:`.auto`): ``save_pretrained``
 writes a standard folder that ``from_pretrained`` loads exactly.
 
-Sources with head-dimension RoPE (Llama) have no exact Tucker or MLA form: the converted
-layer uses latent RoPE (PAPER.md §3), so outputs change and the model needs fine-tuning.
-Only GQA with the source's own key heads stays exact for them.
+Sources with head-dimension RoPE (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-NeoX) keep it exactly:
+Tucker and MLA get latent RoPE whose pairs carry the heads' frequencies, GQA merges key heads
+pair by pair (:mod:`tucker_attention.tensors.rope`), so at full rank the converted model's
+outputs equal the original's. DeepSeek's decoupled RoPE becomes latent RoPE exactly for Tucker.
+What stays inexact (norms inside the attention, a RoPE type whose frequencies change with the
+sequence length) is warned about once per reason.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from .._checks import check_choice
 from ..layers import Attention, make_attention
 from ..tensors import RankPlan, convert_layer, input_transform, whitening
 from ..tensors import plan_ranks as tensor_plan_ranks
+from ..tensors import plan_uniform as tensor_plan_uniform
 from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
 from .blocks import HFAttention
 from .cache import SharedRope
+from .calibration import BlockStatistics
 from .read import Block, attention_layers, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
@@ -48,6 +53,13 @@ def _with_rope(layer: Attention, source: Attention) -> Attention:
     return new
 
 
+def _ignores_rope(source: Attention, method: str) -> bool:
+    """Whether converting ``source`` to ``method`` cannot keep its RoPE exactly (then its weights at
+    offset 0 are converted and the result gets ``method``'s own RoPE): GQA and MLA keep head RoPE,
+    Tucker keeps every kind."""
+    return source.rope is not None and method != "tucker" and source.rope != "head"
+
+
 def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
     """Why converting ``source`` to ``method`` at ``ranks`` changes its outputs beyond truncation
     (empty when the conversion is exact at full rank)."""
@@ -57,9 +69,10 @@ def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
     reasons = []
     if source.nonlinearity():
         reasons.append(f"{source.nonlinearity()} has no linear tensor form: each norm becomes its gain times "
-                       f"the 1/rms its inputs had (Attention.linearized)")
-    if source.rope is not None and method != "gqa":
-        reasons.append(f"{source.rope} RoPE becomes latent RoPE (PAPER.md §3): a different positional scheme")
+                       f"the 1/rms its inputs had on the calibration inputs (Attention.linearized)")
+    if _ignores_rope(source, method):
+        reasons.append(f"{source.rope} RoPE becomes {method}'s own RoPE on the weights at offset 0 (only head "
+                       f"RoPE converts exactly to {method}): a different positional scheme")
     return reasons
 
 
@@ -81,55 +94,68 @@ def _per_block(name: str, value, blocks: list[Block]) -> list:
     return [value] * len(blocks)
 
 
+def _whitenings(input_cov, method: str) -> tuple[tuple, tuple] | None:
+    """((S, S_value), (S^-1, S_value^-1)) for :func:`~tucker_attention.tensors.input_transform` from a
+    block's statistics (a (d, d) second moment or :class:`~.calibration.BlockStatistics`); S_value is
+    None without mixed statistics, and for MLA, whose one latent serves keys and values alike."""
+    if input_cov is None:
+        return None
+    stats = input_cov if isinstance(input_cov, BlockStatistics) else BlockStatistics(input_cov)
+    S, S_inv = whitening(stats.inputs)
+    V, V_inv = whitening(stats.mixed) if stats.mixed is not None and method != "mla" else (None, None)
+    return (S, V), (S_inv, V_inv)
+
+
 def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, *, input_cov=None,
-                  hosvd: str = "hosvd", n_iter: int = 10) -> Attention:
+                  hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0) -> Attention:
     """Our layer for ``method`` from a block's layer (from :func:`~.read.read_block`).
 
-    tucker: ``ranks`` (r1, r2, r3), ``value_ranks`` (default ``ranks``); None = (H, d, d).
-    gqa: ``ranks`` = n_kv_heads (None: the source's). mla: ``ranks`` = kv_rank or
-    (kv_rank, q_rank) (None: d_model, full-rank queries; an MLA source's own kv_rank: a copy).
-    input_cov: the second moment (d, d) of the block's inputs (:func:`~.calibration.input_statistics`):
-    the truncation then minimizes the error on such inputs instead of on the weights alone,
-    and a non-linear source (q/k norms) is linearized with the norms' scales on such inputs.
+    tucker: ``ranks`` (r1, r2, r3), ``value_ranks`` (default ``ranks``); None = (H, d, d), or the
+    exact latent-RoPE form of a RoPE source. gqa: ``ranks`` = n_kv_heads (None: the source's).
+    mla: ``ranks`` = kv_rank or (kv_rank, q_rank) (None: d_model, full-rank queries; every key pair
+    and value direction of a head-RoPE source; an MLA source's own kv_rank: a copy). RoPE is
+    kept exactly where :func:`_ignores_rope` says so (see the module docstring).
+    input_cov: the second moment (d, d) of the block's inputs (:func:`~.calibration.input_statistics`)
+    or its :class:`~.calibration.BlockStatistics` (:func:`~.calibration.attention_statistics`): the
+    truncation then minimizes the error on such inputs instead of on the weights alone (values on
+    the attention-mixed inputs when measured), and a non-linear source (q/k norms) is linearized
+    with the norms' scales on such inputs. nope_fraction: partial RoPE for Tucker / MLA of a RoPE
+    source (:func:`tucker_attention.tensors.rope.derotated`).
     A source that already has the target structure and setting is copied (exact, norms kept).
     """
     check_choice("method", method, METHODS)
     native = source.native_setting(method)
-    if native is not None and ranks in (None, native):
+    if native is not None and ranks in (None, native) and not nope_fraction:
         return copy.deepcopy(source)
-    linear = source.linearized(input_cov)
-    if input_cov is None:
-        layer = _convert_block(linear, method, ranks, value_ranks, hosvd, n_iter)
+    whiten = _whitenings(input_cov, method)
+    linear = source.linearized(input_cov.inputs if isinstance(input_cov, BlockStatistics) else input_cov)
+    ignore = _ignores_rope(source, method)
+    options = {"value_ranks": value_ranks, "hosvd": hosvd, "n_iter": n_iter, "ignore_rope": ignore,
+               "nope_fraction": nope_fraction}
+    if whiten is None:
+        layer = convert_layer(linear, method, ranks, **options)
     else:
-        S, S_inv = whitening(input_cov)
-        layer = _convert_block(input_transform(linear, S), method, ranks, value_ranks, hosvd, n_iter)
-        layer = input_transform(layer, S_inv)
-    layer = _with_rope(layer, source) if source.rope is not None else layer
+        forward, back = whiten
+        layer = input_transform(convert_layer(input_transform(linear, *forward), method, ranks, **options), *back)
+    layer = _with_rope(layer, source) if ignore else layer
     return layer.train(source.training)
 
 
-def _convert_block(source: Attention, method: str, ranks, value_ranks, hosvd: str, n_iter: int) -> Attention:
-    h, d = source.n_heads, source.d_model
-    rope = source.rope is not None
-    if method == "tucker":
-        return convert_layer(source, "tucker", (h, d, d) if ranks is None else ranks, value_ranks=value_ranks,
-                             hosvd=hosvd, n_iter=n_iter, ignore_rope=rope)
-    if method == "gqa":
-        return convert_layer(source, "gqa", h if ranks is None else ranks, ignore_rope=rope)
-    return convert_layer(source, "mla", d if ranks is None else ranks, ignore_rope=rope)
-
-
 def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, calibration=None,
-            hosvd: str = "hosvd", n_iter: int = 10, inplace: bool = True, progress: bool = False) -> nn.Module:
+            hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0, inplace: bool = True,
+            progress: bool = False) -> nn.Module:
     """Replace every supported attention block of a transformers model by ``method``.
 
     ranks: one setting for every block (a tuple or int), a list (one per block, in module
         order) or a {block path: setting} dict; see :func:`convert_block` (None = full rank, exact
         without RoPE). value_ranks: Tucker's W_tilde ranks, same forms.
     calibration: {block path: input second moment (d, d)} from
-        :func:`~.calibration.input_statistics` (activation-aware truncation; much closer
+        :func:`~.calibration.input_statistics`, or {block path: BlockStatistics} from
+        :func:`~.calibration.attention_statistics` (activation-aware truncation; much closer
         outputs on real inputs, measured on MiniLM in the README). None: weights only.
-    hosvd: 'hosvd' | 'hooi' for Tucker. inplace: convert ``model`` itself (default) or a copy.
+    hosvd: 'hosvd' | 'hooi' for Tucker. nope_fraction: partial RoPE for Tucker / MLA (the lowest
+        frequencies stop rotating, see :func:`tucker_attention.tensors.rope.derotated`; 0: exact RoPE).
+    inplace: convert ``model`` itself (default) or a copy.
     progress: a progress bar over the blocks.
 
     All new layers are built before the model is touched: on any error the model is
@@ -153,12 +179,19 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     for block, r, vr, cov in tqdm(list(zip(blocks, rank_list, value_list, covs)), desc=f"convert to {method}",
                                   unit="block", disable=not progress, leave=False):
         try:
-            layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter))
+            layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter,
+                                        nope_fraction=nope_fraction))
         except (ValueError, TypeError) as err:
             raise type(err)(f"block {block.path}: {err}") from None
     reasons: dict[str, int] = {}
-    for block, r in zip(blocks, rank_list):
-        for reason in inexact_reasons(block.layer, method, r):
+    for block, r, layer in zip(blocks, rank_list, layers):
+        found = inexact_reasons(block.layer, method, r)
+        if nope_fraction and layer.rope is not None:
+            found.append(f"partial RoPE (nope_fraction={nope_fraction}) stops the lowest RoPE frequencies rotating")
+        if not block.rope_exact and layer.rope is not None and not (block.model_rope and layer.rope == "head"):
+            found.append("the model's rope_type changes its frequencies with the sequence length, which the "
+                         "converted layer's fixed RoPE frequencies do not")
+        for reason in found:
             reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in reasons.items():                    # once per reason, not per block
         warnings.warn(f"{type(model).__name__} -> {method}: in {count} of {len(blocks)} blocks {reason}, so the "
@@ -250,11 +283,24 @@ def plan_ranks(model: nn.Module, *, params=None, kv=None, calibration=None) -> R
     >>> plan = plan_ranks(model, params=0.25)                                 # doctest: +SKIP
     >>> convert(model, "tucker", ranks=plan.ranks, value_ranks=plan.value_ranks)  # doctest: +SKIP
     """
+    return tensor_plan_ranks(_planning_layers(model, calibration), params=params, kv=kv)
+
+
+def plan_uniform(model: nn.Module, *, params=None, kv=None, calibration=None, r3: int | None = None) -> RankPlan:
+    """One Tucker setting for every block of a transformers model within a budget (see
+    :func:`tucker_attention.tensors.plan_uniform`; r3 given or the largest that fits); errors as
+    for :func:`plan_ranks`."""
+    return tensor_plan_uniform(_planning_layers(model, calibration), params=params, kv=kv, r3=r3)
+
+
+def _planning_layers(model: nn.Module, calibration) -> dict[str, Attention]:
+    """The model's layers as a conversion sees them: linearized, and whitened by the calibration."""
     layers = attention_layers(model)
     if calibration is None:
-        layers = {path: layer.linearized() for path, layer in layers.items()}
-    else:
-        covs = _per_block("calibration", calibration, find_blocks(model))
-        layers = {path: input_transform(layer.linearized(cov), whitening(cov)[0])
-                  for (path, layer), cov in zip(layers.items(), covs)}
-    return tensor_plan_ranks(layers, params=params, kv=kv)
+        return {path: layer.linearized() for path, layer in layers.items()}
+    covs = _per_block("calibration", calibration, find_blocks(model))
+    whitened = {}
+    for (path, layer), cov in zip(layers.items(), covs):
+        inputs = cov.inputs if isinstance(cov, BlockStatistics) else cov
+        whitened[path] = input_transform(layer.linearized(inputs), *_whitenings(cov, "tucker")[0])
+    return whitened

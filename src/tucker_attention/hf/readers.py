@@ -53,15 +53,17 @@ def _partial_rotary_factor(config, layer_type: str | None) -> float:
 def _rope_frequencies(config, rope_dim: int, layer_type: str | None = None, *, attention_factor: bool = False):
     """(inverse frequencies (rope_dim/2,) or None, attention factor, whether a fixed table reproduces them).
 
-    None: the default type, our tables from ``rope_theta`` match. Static types (linear,
+    The default type: transformers' formula from ``rope_theta``, rounded to float32 as the model's
+    own buffer is (so a float32 model's tables match bit for bit). Static types (linear,
     llama3, YaRN, LongRoPE at its short factor...) give their frequencies. An attention factor
     != 1 (YaRN, LongRoPE) scales cos and sin: it is returned when ``attention_factor`` (the
     caller folds it into weights), otherwise the table is marked inexact. Dynamic NTK: inexact.
     """
     params, kind = _rope_params(config, layer_type)
     rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        return None, 1.0, True
+    if rope_type == "default":                          # transformers' own formula, in float32 as its buffer
+        base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        return 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float) / rope_dim)), 1.0, True
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":

@@ -9,7 +9,9 @@ text pieces, random token ids or random images), the fidelity of a converted cop
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def _source_dtype(config: dict) -> torch.dtype:
 
 def load_source(src) -> dict:
     """{'path', 'model' (float32, eval), 'tokenizer' (or None), 'kind', 'class', 'dtype' (stored),
-    'generation_config' (or None)} of a local model folder or a bundled name, offline."""
+    'generation_config' (or None)} of a local model folder, a GGUF file or a bundled name, offline."""
     from .models import _require_transformers, model_path
 
     transformers = _require_transformers()
@@ -92,6 +94,8 @@ def load_source(src) -> dict:
         path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
         raise ConvertError("src", str(err)) from None
+    if path.is_file():
+        return _load_gguf(path, transformers)
     config = _read_config(path)
     if config.get("tucker_attention"):
         raise ConvertError("src", f"{str(path)!r} is already a converted model (its config has tucker_attention); "
@@ -126,6 +130,37 @@ def load_source(src) -> dict:
         generation_config = transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
     return {"path": path, "model": model.eval(), "tokenizer": tokenizer, "kind": kind,
             "class": type(model).__name__, "dtype": _source_dtype(config), "generation_config": generation_config}
+
+
+def _load_gguf(path: Path, transformers) -> dict:
+    """A causal LM from a GGUF file (transformers' reader dequantizes it to float32), as a plain
+    model of its transformers class (no quantization config: it saves and converts as any other),
+    with the tokenizer and generation config the file describes."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConvertError("src", f"reading the GGUF file {str(path)!r} needs the package gguf: pip install gguf "
+                                  f"accelerate")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
+        raise ConvertError("src", f"could not read a causal LM from the GGUF file {str(path)!r}: {err}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config                    # the weights are float now
+    with torch.device("meta"):
+        model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    for name, buffer in loaded.named_buffers():           # non-persistent ones too (RoPE frequencies)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    return {"path": path, "model": model.float().eval(), "tokenizer": tokenizer, "kind": "decoder",
+            "class": type(model).__name__, "dtype": torch.float32, "generation_config": model.generation_config}
 
 
 def check_weights(model: nn.Module, where: str = "the model") -> None:
@@ -286,16 +321,26 @@ def _run(model: nn.Module, batch, kind: str):
 
 
 @torch.no_grad()
-def fidelity(source: nn.Module, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
+def reference_outputs(source: nn.Module, batches, kind: str) -> list[torch.Tensor]:
+    """The source's outputs on ``batches`` (what :func:`fidelity` compares against), to measure several
+    converted models without running the source again."""
+    return [_run(source, batch, kind).detach() for batch in batches]
+
+
+@torch.no_grad()
+def fidelity(source: nn.Module | list, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
     """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
-    positions), classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled
-    last hidden states)."""
+    positions) and each model's perplexity of the text itself ('ppl' converted, 'source_ppl'),
+    classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled last hidden
+    states). ``source``: the model, or its :func:`reference_outputs` on ``batches``."""
     from tqdm.auto import tqdm
 
-    sums = {"kl": 0.0, "top1": 0.0, "cosine": 0.0}
-    count = 0
-    for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-        a, b = _run(source, batch, kind).double(), _run(converted, batch, kind).double()
+    sums = {"kl": 0.0, "top1": 0.0, "cosine": 0.0, "nll": 0.0, "source_nll": 0.0}
+    count = tokens = 0
+    given = isinstance(source, list)
+    for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
+        a = (source[i] if given else _run(source, batch, kind)).double()
+        b = _run(converted, batch, kind).double()
         mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"].bool()
         if kind == "encoder":
             weights = (torch.ones(a.shape[:2], dtype=a.dtype) if mask is None else mask.to(a.dtype)).unsqueeze(-1)
@@ -303,17 +348,33 @@ def fidelity(source: nn.Module, converted: nn.Module, batches, kind: str, *, pro
             sums["cosine"] += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).sum())
             count += pa.shape[0]
             continue
-        if kind == "decoder" and mask is not None:
-            a, b = a[mask], b[mask]                               # (tokens, vocab)
-        else:
-            a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        if kind == "decoder":
+            for key, logp in (("source_nll", la), ("nll", lb)):
+                nll, n = _next_token_nll(logp, batch)
+                sums[key] += nll
+            tokens += n
+        if kind == "decoder" and mask is not None:
+            la, lb = la[mask], lb[mask]                           # (tokens, vocab)
+        else:
+            la, lb = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
         sums["kl"] += float((la.exp() * (la - lb)).sum(-1).clamp(min=0).sum())
-        sums["top1"] += float((a.argmax(-1) == b.argmax(-1)).sum())
-        count += a.shape[0]
+        sums["top1"] += float((la.argmax(-1) == lb.argmax(-1)).sum())
+        count += la.shape[0]
     if kind == "encoder":
         return {"cosine": sums["cosine"] / count}
-    return {"kl": sums["kl"] / count, "top1": sums["top1"] / count}
+    scores = {"kl": sums["kl"] / count, "top1": sums["top1"] / count}
+    if kind == "decoder" and tokens:
+        scores.update(ppl=math.exp(sums["nll"] / tokens), source_ppl=math.exp(sums["source_nll"] / tokens))
+    return scores
+
+
+def _next_token_nll(logp: torch.Tensor, batch) -> tuple[float, int]:
+    """(summed negative log-likelihood of each next token, their count) over non-padding positions;
+    logp (B, T, vocab) log-probabilities."""
+    targets, keep = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+    picked = logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(-picked[keep].sum()), int(keep.sum())
 
 
 # -- accounting ------------------------------------------------------------------------------------

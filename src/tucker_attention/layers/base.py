@@ -81,6 +81,9 @@ class Attention(nn.Module, ABC):
       :meth:`nonlinearity` says why, :meth:`linearized` folds each norm into its projection.
     - ``rope_dim``: the width RoPE rotates (GQA: the first ``rope_dim`` dims of each head,
       partial rotary; MLA: the decoupled RoPE branch).
+    - ``rope_freqs``: the inverse frequency of each rotated pair (rope_dim/2 floats), default
+      ``rope_base ** (-2j / rope_dim)``: a scaled RoPE's, or those a converted latent's pairs
+      carry from the source's heads (0: a pair that is not rotated). ``config()`` has it when set.
     - ``bias``: biases on every projection whose bias is not redundant (see each class).
     - Learning-rate scales (:meth:`lr_scales`) follow from :meth:`init_stds`, i.e. from the
       configuration alone; the trainer's ``attention_lr`` default lives in one place,
@@ -117,7 +120,7 @@ class Attention(nn.Module, ABC):
             ATTENTION_METHODS[name] = cls
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool, dropout: float, scale: float | None,
-                 default_scale: float, rope, rope_dim: int | None, rope_base: float):
+                 default_scale: float, rope, rope_dim: int | None, rope_base: float, rope_freqs=None):
         super().__init__()
         self.d_model = check_int("d_model", d_model)
         self.n_heads = check_int("n_heads", n_heads)
@@ -127,7 +130,10 @@ class Attention(nn.Module, ABC):
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
         self.scale = float(scale) if scale is not None else default_scale
         self.rope = self.rope_mode(rope)
-        self.rotary = RotaryEmbedding(rope_dim, rope_base) if self.rope is not None else None
+        if rope_freqs is not None and self.rope is None:
+            raise ValueError(f"rope_freqs sets the frequencies of RoPE, but rope={rope!r}; pass rope_freqs=None "
+                             f"or a RoPE mode")
+        self.rotary = RotaryEmbedding(rope_dim, rope_base, inv_freq=rope_freqs) if self.rope is not None else None
         self.rope_base = float(rope_base)
         self._frozen: tuple | None = None            # set only inside frozen_weights()
         if self.legacy_state_keys:
@@ -183,13 +189,21 @@ class Attention(nn.Module, ABC):
 
     def exact_tucker(self) -> dict:
         """The exact Tucker form (PAPER.md §4): {'pre': (core, (U1, U2, U3)), 'post': (...),
-        'shared_kv': bool, 'rope': mode}, float64, for :func:`tucker_attention.tensors.to_tucker`."""
+        'shared_kv': bool, 'rope': mode, 'rope_freqs': each latent pair's frequency or None}, float64,
+        for :func:`tucker_attention.tensors.to_tucker`; optionally the latent biases 'q_bias' (H, r3)
+        and 'k_bias' (r3,) (else the query bias is fitted from the tensor view)."""
         raise TypeError(f"{type(self).__name__} has no exact Tucker form; define exact_tucker()")
 
     def input_weights(self) -> dict[str, str]:
         """{parameter name: 'linear' | 'factor'} of the weights that act on the input x: a Linear
         weight (out, d) or a factor (d, r). Used by :func:`tucker_attention.tensors.input_transform`."""
         raise TypeError(f"{type(self).__name__} does not list its input weights; define input_weights()")
+
+    def value_inputs(self) -> tuple[str, ...]:
+        """The weights of :meth:`input_weights` that feed only the values (not queries or keys): a
+        conversion may weigh their truncation by the attention-mixed inputs' second moment, which is
+        what a value error reaches the output through (:func:`tucker_attention.tensors.input_transform`)."""
+        return ()
 
     def rotates_keys_on_read(self) -> bool:
         """True when cached keys are stored unrotated and rotated when read (a shared latent under
@@ -235,9 +249,20 @@ class Attention(nn.Module, ABC):
         forward), else None: compute from the parameters."""
         return None if self._frozen is None else self._frozen[2][name]
 
+    @property
+    def rope_freqs(self) -> tuple[float, ...] | None:
+        """The inverse frequencies of the rotated pairs when they are not the default
+        ``rope_base ** (-2j / rope_dim)`` (a scaled RoPE, or a latent whose pairs carry the source
+        heads' frequencies), else None."""
+        signature = self.rotary.signature if self.rotary is not None else ()
+        return signature[2] if len(signature) == 3 else None
+
     def _common_config(self) -> dict:
-        return {"method": self.method, "d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal,
-                "dropout": self.dropout, "scale": self.scale, "rope": self.rope, "rope_base": self.rope_base}
+        config = {"method": self.method, "d_model": self.d_model, "n_heads": self.n_heads, "causal": self.causal,
+                  "dropout": self.dropout, "scale": self.scale, "rope": self.rope, "rope_base": self.rope_base}
+        if self.rope_freqs is not None:                  # only when custom: older configs stay as they were
+            config["rope_freqs"] = self.rope_freqs
+        return config
 
     def reset_parameters(self) -> None:
         """Weights from :meth:`init_stds` (drawn in that order), biases zero, norm gains one."""

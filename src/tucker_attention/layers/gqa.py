@@ -65,7 +65,7 @@ class GroupedQueryAttention(Attention):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, head_dim: int | None = None,
                  causal: bool = False, rope: str | bool | None = None, rope_dim: int | None = None,
                  dropout: float = 0.0, bias: bool = False, scale: float | None = None, rope_base: float = 10000.0,
-                 qk_norm: bool = False, norm_eps: float = 1e-6):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, rope_freqs: tuple[float, ...] | None = None):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
         check_int("n_kv_heads", n_kv_heads, high=n_heads)
@@ -82,7 +82,8 @@ class GroupedQueryAttention(Attention):
             raise ValueError(f"norm_eps must be a float in (0, 1), got {norm_eps!r}")
         rotated = head_dim if rope_dim is None else rope_dim
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(head_dim), rope=rope, rope_dim=rotated, rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(head_dim), rope=rope, rope_dim=rotated, rope_base=rope_base,
+                         rope_freqs=rope_freqs)
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.rope_dim = None if rotated == head_dim else rotated          # None: the whole head
         self.norm_eps = float(norm_eps)
@@ -120,8 +121,6 @@ class GroupedQueryAttention(Attention):
         config = {k: v for k, v in self.config().items() if k != "method"}
         linear = ATTENTION_METHODS[self.method](**{**config, "qk_norm": False})
         linear.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(("q_norm.", "k_norm."))})
-        if self.rotary is not None:
-            linear.rotary.set_frequencies(self.rotary.inv_freq)
         linear = linear.to(device=ref.device, dtype=torch.float64)
         for proj, norm, heads in ((linear.q_proj, self.q_norm, self.n_heads),
                                   (linear.k_proj, self.k_norm, self.n_kv_heads)):
@@ -147,6 +146,9 @@ class GroupedQueryAttention(Attention):
     def input_weights(self) -> dict[str, str]:
         return dict.fromkeys(("q_proj.weight", "k_proj.weight", "v_proj.weight"), "linear")
 
+    def value_inputs(self) -> tuple[str, ...]:
+        return ("v_proj.weight",)
+
     def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
         """W[i] = W^Q_i W^K_g(i)^T, W_tilde[i] = (W^V_g(i) W^O_i)^T; the query bias seen from the
         key side, value biases passed into the output bias. RoPE (whole-head or partial) is ignored:
@@ -167,19 +169,48 @@ class GroupedQueryAttention(Attention):
 
     def exact_tucker(self) -> dict:
         """Thms. B.2-B.3: U1 = I, U2 = W^Q, U3 = the n_kv key heads stacked, a core routing head i
-        to its key group; the same for W_tilde with W^O and W^V."""
+        to its key group; the same for W_tilde with W^O and W^V.
+
+        Under head RoPE the key heads are stacked as latent RoPE pairs (:meth:`latent_pairs`): the
+        latent pair of head g's pair j carries that pair's frequency, a partial-RoPE head's other
+        dims become pairs of frequency 0, and the query and key biases latent biases, so the
+        latent-RoPE Tucker layer computes the same logits at every position."""
         self._check_linear("exact Tucker form")
-        if self.rope is not None:
-            part = "" if self.rope_dim is None else f" (partial: the first {self.rope_dim} of {self.head_dim} dims)"
-            raise ValueError(f"{type(self).__name__} uses RoPE on each head (rope='head'{part}), which has no Tucker "
-                             f"form (it rotates each head, not a shared latent); convert a layer built with rope=None")
         p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
         h = self.n_heads
         eye = torch.eye(h, dtype=torch.float64)
         route = routing_core(h, self.head_dim, h // self.n_kv_heads)
-        return {"pre": (route, (eye, p["q_proj.weight"].T, p["k_proj.weight"].T)),
+        form = {"pre": (route, (eye, p["q_proj.weight"].T, p["k_proj.weight"].T)),
                 "post": (route.clone(), (eye, p["o_proj.weight"], p["v_proj.weight"].T)),
-                "shared_kv": False, "rope": None}
+                "shared_kv": False, "rope": None, "rope_freqs": None}
+        if self.rope is None:
+            return form
+        order, freqs = self.latent_pairs()
+        form["pre"] = (route[:, :, order], (eye, p["q_proj.weight"].T, p["k_proj.weight"].T[:, order]))
+        form.update(rope="latent", rope_freqs=freqs.tolist())
+        if "q_proj.bias" in p:
+            form["q_bias"] = torch.einsum("a,iab->ib", p["q_proj.bias"], route)[:, order]   # (h, n_kv*hd)
+            form["k_bias"] = p["k_proj.bias"][order]
+        return form
+
+    def latent_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order (n_kv*hd,), frequencies (n_kv*hd/2,)): the stacked key heads' columns in latent
+        RoPE pair layout (first coordinates of every pair, then the second ones) and each pair's
+        frequency. Head g's rotated pair j (dims j, j + rope_dim/2) keeps its frequency; the
+        unrotated dims of a partial-RoPE head pair up with frequency 0."""
+        hd, rotated = self.head_dim, self.rope_dim or self.head_dim
+        if (hd - rotated) % 2:
+            raise ValueError(f"a latent RoPE form pairs the {hd - rotated} unrotated dims of each head "
+                             f"(head_dim={hd}, rope_dim={rotated}), which needs an even count")
+        inv_freq = self.rotary.inv_freq
+        firsts, seconds, freqs = [], [], []
+        for g in range(self.n_kv_heads):
+            start, rest = g * hd, (hd - rotated) // 2
+            firsts += [start + j for j in range(rotated // 2)] + [start + rotated + u for u in range(rest)]
+            seconds += [start + rotated // 2 + j for j in range(rotated // 2)] + [
+                start + rotated + rest + u for u in range(rest)]
+            freqs.append(torch.cat([inv_freq, inv_freq.new_zeros(rest)]))
+        return torch.tensor(firsts + seconds), torch.cat(freqs)
 
     def _check_linear(self, what: str) -> None:
         reason = self.nonlinearity()
@@ -237,11 +268,11 @@ class MultiHeadAttention(GroupedQueryAttention):
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
                  rope: str | bool | None = None, rope_dim: int | None = None, dropout: float = 0.0,
                  bias: bool = False, scale: float | None = None, rope_base: float = 10000.0, qk_norm: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, rope_freqs: tuple[float, ...] | None = None):
         check_int("n_heads", n_heads)
         super().__init__(d_model, n_heads, n_heads, head_dim=head_dim, causal=causal, rope=rope, rope_dim=rope_dim,
                          dropout=dropout, bias=bias, scale=scale, rope_base=rope_base, qk_norm=qk_norm,
-                         norm_eps=norm_eps)
+                         norm_eps=norm_eps, rope_freqs=rope_freqs)
 
 
 class MultiQueryAttention(GroupedQueryAttention):
@@ -258,7 +289,7 @@ class MultiQueryAttention(GroupedQueryAttention):
     def __init__(self, d_model: int, n_heads: int, *, head_dim: int | None = None, causal: bool = False,
                  rope: str | bool | None = None, rope_dim: int | None = None, dropout: float = 0.0,
                  bias: bool = False, scale: float | None = None, rope_base: float = 10000.0, qk_norm: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, rope_freqs: tuple[float, ...] | None = None):
         super().__init__(d_model, n_heads, 1, head_dim=head_dim, causal=causal, rope=rope, rope_dim=rope_dim,
                          dropout=dropout, bias=bias, scale=scale, rope_base=rope_base, qk_norm=qk_norm,
-                         norm_eps=norm_eps)
+                         norm_eps=norm_eps, rope_freqs=rope_freqs)

@@ -47,7 +47,8 @@ class MultiHeadLatentAttention(Attention):
     queries/keys/values have unit variance and the output matches MHA's.
 
     Args:
-        d_model, n_heads: width d and query heads H. kv_rank: latent width d_c (<= d_model).
+        d_model, n_heads: width d and query heads H. kv_rank: latent width d_c (<= d_model; under
+            latent RoPE <= 2 d_model: a converted head-RoPE model's key pairs and value dims).
         q_rank: query latent width d_c' (None: full-rank query projection).
         head_dim: per-head width; default d_model // n_heads.
         rope: None | 'decoupled' | 'latent'. rope_dim: decoupled RoPE width (default head_dim // 2).
@@ -56,7 +57,8 @@ class MultiHeadLatentAttention(Attention):
             the layer stays linear and the paper's tensor view applies (:meth:`nonlinearity`
             says so; :meth:`linearized` folds the norms into the down-projections). norm_eps:
             its epsilon.
-        causal, dropout, scale, rope_base: as on every layer. bias: query and output biases.
+        causal, dropout, scale, rope_base, rope_freqs: as on every layer (latent RoPE: one frequency
+            per latent pair). bias: query and output biases.
         down_bias: biases on the down-projections W^DQ, W^DKV (and W^KR), DeepSeek's
             ``attention_bias``.
     """
@@ -65,13 +67,13 @@ class MultiHeadLatentAttention(Attention):
                  head_dim: int | None = None, rope: str | None = None, rope_dim: int | None = None,
                  shared_kv: bool = True, latent_norm: bool = False, norm_eps: float = 1e-6, causal: bool = False,
                  dropout: float = 0.0, bias: bool = False, down_bias: bool = False, scale: float | None = None,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, rope_freqs: tuple[float, ...] | None = None):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
-        check_int("kv_rank", kv_rank, high=d_model)
+        rope = self.rope_mode(rope)
+        check_int("kv_rank", kv_rank, high=2 * d_model if rope == "latent" else d_model)   # keys' pairs + values
         if q_rank is not None:
             check_int("q_rank", q_rank, high=d_model)
-        rope = self.rope_mode(rope)
         if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1):
             raise ValueError(f"norm_eps must be a float in (0, 1), got {norm_eps!r}")
         head_dim = resolve_head_dim(d_model, n_heads, head_dim)
@@ -84,7 +86,8 @@ class MultiHeadLatentAttention(Attention):
             rope_dim = check_even("kv_rank (the latent RoPE width)", kv_rank)
         qk_dim = head_dim + (rope_dim if rope == "decoupled" else 0)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(qk_dim), rope=rope, rope_dim=rope_dim, rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(qk_dim), rope=rope, rope_dim=rope_dim, rope_base=rope_base,
+                         rope_freqs=rope_freqs)
         self.kv_rank, self.q_rank, self.head_dim = kv_rank, q_rank, head_dim
         self.rope_dim, self.shared_kv = rope_dim if rope == "decoupled" else None, bool(shared_kv)
         self.norm_eps = float(norm_eps)
@@ -137,8 +140,6 @@ class MultiHeadLatentAttention(Attention):
         linear = ATTENTION_METHODS[self.method](**{**config, "latent_norm": False})
         linear.load_state_dict({k: v for k, v in self.state_dict().items()
                                 if not k.startswith(("q_norm.", "kv_norm."))})
-        if self.rotary is not None:
-            linear.rotary.set_frequencies(self.rotary.inv_freq)
         linear = linear.to(device=ref.device, dtype=torch.float64)
         gain = self.kv_norm.weight.detach().to(device=ref.device, dtype=torch.float64)
         groups = 1 if self.shared_kv else 2
@@ -249,30 +250,59 @@ class MultiHeadLatentAttention(Attention):
 
     def exact_tucker(self) -> dict:
         """Thm. B.4: U2 = W^DQ (I without a query latent), U3 = W^DKV, core[i] = W^UQ_i W^UK_i^T;
-        W_tilde with U2~ = W^O, U3~ = W^DV and core~[i] routing head i's block to W^UV_i. Coupled
-        RoPE becomes latent RoPE; a shared latent stays shared."""
-        if self.rope == "decoupled":
-            raise ValueError("MLA with rope='decoupled' has no exact Tucker form (its RoPE key is a separate "
-                             "branch); use rope='latent' (coupled RoPE, Cor. 3.2.1) or rope=None")
+        W_tilde with U2~ = W^O, U3~ = W^DV and core~[i] routing head i's block to W^UV_i. A shared
+        latent stays shared. Coupled RoPE becomes latent RoPE with the same frequencies; decoupled
+        RoPE too: the latent's pairs get frequency 0 (not rotated) and the RoPE key joins them with
+        its own frequencies (the query's RoPE branch beside the absorbed query). Under RoPE the
+        down-projection biases become latent key biases."""
         if self.kv_norm is not None or self.q_norm is not None:
             raise ValueError("MultiHeadLatentAttention with latent_norm=True is not linear in x (RMSNorm on the "
                              "latents), so it has no exact Tucker form; use latent_norm=False or "
                              "layer.linearized(input_cov) for the nearest linear layer")
-        if self.rope == "latent" and self.kv_down.bias is not None:
-            raise ValueError("MLA with rope='latent' and down_bias=True has no exact Tucker form: the key "
-                             "latent's bias is rotated with it, and Tucker keys carry no bias")
         p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
-        h, d, hd = self.n_heads, self.d_model, self.head_dim
+        h, d, hd, kv = self.n_heads, self.d_model, self.head_dim, self.kv_rank
         w_dq = p["q_down.weight"].T if self.q_down is not None else torch.eye(d, dtype=torch.float64)
-        w_dk, w_dv = ((p["kv_down.weight"].T,) * 2 if self.shared_kv
-                      else p["kv_down.weight"].T.split(self.kv_rank, dim=1))
+        w_dk, w_dv = ((p["kv_down.weight"].T,) * 2 if self.shared_kv else p["kv_down.weight"].T.split(kv, dim=1))
         core = self.absorbed_query_weight().detach().to(torch.float64).permute(1, 0, 2)   # (h, q_in, kv_rank)
-        core_t = torch.zeros(h, h * hd, self.kv_rank, dtype=torch.float64)
+        core_t = torch.zeros(h, h * hd, kv, dtype=torch.float64)
         for i in range(h):
             core_t[i, i * hd:(i + 1) * hd] = p["v_up.weight"][i * hd:(i + 1) * hd]
         eye = torch.eye(h, dtype=torch.float64)
-        return {"pre": (core, (eye, w_dq, w_dk)), "post": (core_t, (eye, p["o_proj.weight"], w_dv)),
-                "shared_kv": self.shared_kv, "rope": self.rope}
+        form = {"pre": (core, (eye, w_dq, w_dk)), "post": (core_t, (eye, p["o_proj.weight"], w_dv)),
+                "shared_kv": self.shared_kv, "rope": self.rope, "rope_freqs": None}
+        if self.rope is None:
+            return form
+        zeros = torch.zeros
+        q_const = zeros(h, hd, dtype=torch.float64)                          # the query's constant term
+        if "q_down.bias" in p:
+            q_const = q_const + torch.einsum("q,hqd->hd", p["q_down.bias"], head_blocks(p["q_up.weight"], h))
+        if "q_up.bias" in p:
+            q_const = q_const + p["q_up.bias"].view(h, hd)
+        q_bias = torch.einsum("hd,hdc->hc", q_const, p["k_up.weight"].view(h, hd, kv))
+        k_bias = p["kv_down.bias"][:kv] if "kv_down.bias" in p else zeros(kv, dtype=torch.float64)
+        freqs = self.rotary.inv_freq
+        if self.rope == "decoupled":                                         # [latent | RoPE key] as latent pairs
+            pad = kv % 2                                                     # an odd latent: one dead column
+            w_qr = head_blocks(p["q_rope.weight"], h)                        # (h, q_in, rope_dim)
+            r_bias = (torch.einsum("q,hqr->hr", p["q_down.bias"], w_qr) if "q_down.bias" in p
+                      else zeros(h, self.rope_dim, dtype=torch.float64))
+            core = torch.cat([core, zeros(h, core.shape[1], pad, dtype=torch.float64), w_qr], -1)
+            w_dk = torch.cat([w_dk, zeros(d, pad, dtype=torch.float64), p["k_rope.weight"].T], 1)
+            q_bias = torch.cat([q_bias, zeros(h, pad, dtype=torch.float64), r_bias], -1)
+            k_rope_bias = p["k_rope.bias"] if "k_rope.bias" in p else zeros(self.rope_dim, dtype=torch.float64)
+            k_bias = torch.cat([k_bias, zeros(pad, dtype=torch.float64), k_rope_bias])
+            half, rope_half = (kv + pad) // 2, self.rope_dim // 2
+            latent, rope = torch.arange(kv + pad), kv + pad + torch.arange(self.rope_dim)
+            order = torch.cat([latent[:half], rope[:rope_half], latent[half:], rope[rope_half:]])
+            core, w_dk, q_bias, k_bias = core[..., order], w_dk[:, order], q_bias[:, order], k_bias[order]
+            freqs = torch.cat([zeros(half, dtype=torch.float64), freqs])
+            if self.shared_kv:                                               # values read the latent's columns
+                core_t = torch.cat([core_t, zeros(h, h * hd, pad + self.rope_dim, dtype=torch.float64)], -1)
+                w_dv, core_t = w_dk, core_t[..., order]
+            form.update(pre=(core, (eye, w_dq, w_dk)), post=(core_t, (eye, p["o_proj.weight"], w_dv)))
+        form.update(rope="latent", rope_freqs=freqs.tolist())
+        has_bias = any(name in p for name in ("q_down.bias", "q_up.bias", "kv_down.bias", "k_rope.bias"))
+        return {**form, **({"q_bias": q_bias, "k_bias": k_bias} if has_bias else {})}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "

@@ -58,7 +58,9 @@ class RotaryEmbedding(nn.Module):
 
     def set_frequencies(self, inv_freq: torch.Tensor) -> None:
         """Use these (dim/2,) inverse frequencies instead of the default ones."""
-        values = torch.as_tensor(inv_freq, dtype=torch.float64).detach().cpu()
+        if isinstance(inv_freq, torch.Tensor):
+            inv_freq = inv_freq.detach().cpu()
+        values = torch.as_tensor(inv_freq, dtype=torch.float64, device="cpu")   # also under a meta device
         if values.shape != (self.dim // 2,) or not torch.isfinite(values).all():
             raise ValueError(f"inv_freq must be a finite tensor of shape (dim/2,) = ({self.dim // 2},), "
                              f"got shape {tuple(values.shape)}")

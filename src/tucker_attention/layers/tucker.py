@@ -53,7 +53,14 @@ class TuckerAttention(Attention):
     unrotated and its key copy rotated on read.
 
     Parameters per layer: r1 r2 r3 + H r1 + d r2 + d r3 for W, the same with tildes for
-    W_tilde (minus d r3~ with ``shared_kv``); plus H r3 + d with ``bias``.
+    W_tilde (minus d r3~ with ``shared_kv``); plus H r3 + d with ``bias`` (and r3 more under RoPE:
+    the key bias).
+
+    Each latent RoPE pair may carry its own frequency (``rope_freqs``): a latent that holds the
+    keys of a head-RoPE model's heads, pair by pair with their frequencies, reproduces its logits
+    exactly (:func:`tucker_attention.tensors.to_tucker`), and :meth:`truncated` shortens it by
+    mixing only pairs of one frequency (:mod:`.rope_pairs`). A frequency of 0 is a pair that is
+    not rotated (a partial-RoPE head's other dimensions).
 
     Initialization (variance-preserving for unit-variance x, independent of the ranks)::
 
@@ -71,15 +78,18 @@ class TuckerAttention(Attention):
 
     Args:
         d_model: width d. n_heads: query heads H.
-        ranks: (r1, r2, r3) with 1 <= r1 <= H, 1 <= r2, r3 <= d.
+        ranks: (r1, r2, r3) with 1 <= r1 <= H, 1 <= r2, r3 <= d (r3 may exceed d under latent RoPE:
+            pairs of different frequencies are independent).
         value_ranks: (r1~, r2~, r3~) for W_tilde (head, output, value modes); default ``ranks``.
             Equal key and value widths (r3 == r3~) are what reach the flash kernels.
         shared_kv: tie the value latent to the key latent (U3~ = U3); needs r3~ == r3.
         rope: ``'latent'`` (or True): latent RoPE on the r3-dim latent (r3 must be even); None/False: none.
+        rope_freqs: the inverse frequency of each latent pair (r3/2 floats; 0: not rotated); default
+            ``rope_base ** (-2j / r3)``.
         causal, dropout, rope_base: as on every layer. scale: default 1/sqrt(r3).
-        bias: a per-head query bias in the latent (H, r3) and an output bias (d); key and
-            value biases are redundant (a key bias cancels in softmax without RoPE, a value
-            bias passes through softmax into the output bias).
+        bias: a per-head query bias in the latent (H, r3) and an output bias (d); under RoPE also a
+            key bias in the latent (r3), rotated with the keys. Without RoPE a key bias cancels in
+            softmax, and a value bias always passes through softmax into the output bias.
     """
 
     method = "tucker"
@@ -90,20 +100,22 @@ class TuckerAttention(Attention):
     def __init__(self, d_model: int, n_heads: int, ranks: tuple[int, int, int], *,
                  value_ranks: tuple[int, int, int] | None = None, shared_kv: bool = False,
                  causal: bool = False, rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False,
-                 scale: float | None = None, rope_base: float = 10000.0):
+                 scale: float | None = None, rope_base: float = 10000.0, rope_freqs: tuple[float, ...] | None = None):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
+        rope = self.rope_mode(rope)
         highs = (n_heads, d_model, d_model)
-        r1, r2, r3 = check_ranks("ranks", ranks, highs)
-        vr1, vr2, vr3 = check_ranks("value_ranks", value_ranks if value_ranks is not None else ranks, highs)
+        r1, r2, r3 = check_ranks("ranks", ranks, highs[:2] + (None if rope else d_model,))
+        vr1, vr2, vr3 = check_ranks("value_ranks", value_ranks if value_ranks is not None else ranks,
+                                    highs[:2] + (None if rope and shared_kv else d_model,))
         if shared_kv and vr3 != r3:
             raise ValueError(f"shared_kv=True ties the value latent to the key latent, so value_ranks[2] "
                              f"must equal ranks[2]={r3}, got {vr3}")
-        rope = self.rope_mode(rope)
         if rope:
             check_even("ranks[2] (r3, the latent RoPE width)", r3)
         super().__init__(d_model, n_heads, causal=causal, dropout=dropout, scale=scale,
-                         default_scale=1.0 / math.sqrt(r3), rope=rope, rope_dim=r3, rope_base=rope_base)
+                         default_scale=1.0 / math.sqrt(r3), rope=rope, rope_dim=r3, rope_base=rope_base,
+                         rope_freqs=rope_freqs)
         self.ranks, self.value_ranks, self.shared_kv = (r1, r2, r3), (vr1, vr2, vr3), bool(shared_kv)
         empty = torch.empty
         self.core, self.U1 = nn.Parameter(empty(r1, r2, r3)), nn.Parameter(empty(n_heads, r1))
@@ -112,6 +124,7 @@ class TuckerAttention(Attention):
         self.U2_tilde = nn.Parameter(empty(d_model, vr2))
         self.U3_tilde = None if shared_kv else nn.Parameter(empty(d_model, vr3))
         self.q_bias = nn.Parameter(empty(n_heads, r3)) if bias else None
+        self.k_bias = nn.Parameter(empty(r3)) if bias and rope else None
         self.out_bias = nn.Parameter(empty(d_model)) if bias else None
         self.reset_parameters()
 
@@ -138,6 +151,9 @@ class TuckerAttention(Attention):
     def input_weights(self) -> dict[str, str]:
         return dict.fromkeys(["U2", "U3"] + ([] if self.U3_tilde is None else ["U3_tilde"]), "factor")
 
+    def value_inputs(self) -> tuple[str, ...]:
+        return () if self.U3_tilde is None else ("U3_tilde",)
+
     def head_cores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """G = C x1 U1 (H, r2, r3) and G~ = C~ x1 U1~ (H, r2~, r3~)."""
         return _head_core(self.U1, self.core), _head_core(self.U1_tilde, self.core_tilde)
@@ -155,23 +171,29 @@ class TuckerAttention(Attention):
 
     def exact_tucker(self) -> dict:
         p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
-        return {"pre": (p["core"], (p["U1"], p["U2"], p["U3"])),
+        form = {"pre": (p["core"], (p["U1"], p["U2"], p["U3"])),
                 "post": (p["core_tilde"], (p["U1_tilde"], p["U2_tilde"], p.get("U3_tilde", p["U3"]))),
-                "shared_kv": self.shared_kv, "rope": self.rope}
+                "shared_kv": self.shared_kv, "rope": self.rope, "rope_freqs": self.rope_freqs}
+        return {**form, **{name: p[name] for name in ("q_bias", "k_bias") if name in p}}
 
     @classmethod
-    def from_factors(cls, source: Attention, pre, post, *, key_bias=None, out_bias=None, shared_kv: bool = False,
-                     rope: str | None = None) -> TuckerAttention:
+    def from_factors(cls, source: Attention, pre, post, *, key_bias=None, out_bias=None, q_bias=None, k_bias=None,
+                     shared_kv: bool = False, rope: str | None = None, rope_freqs=None) -> TuckerAttention:
         """A layer holding the Tucker pairs ``pre`` = (core, (U1, U2, U3)) and ``post`` (float64)
         with ``source``'s d_model, n_heads, causal, scale, dropout, rope_base, dtype and device.
 
-        key_bias (H, d): the query bias seen from the key side, fitted as q_bias with
-        U3 q_bias_i ~ key_bias_i (exact when it lies in U3's span); out_bias (d)."""
+        Query bias: ``q_bias`` (H, r3) in the latent, or ``key_bias`` (H, d), the query bias seen
+        from the key side, fitted as q_bias with U3 q_bias_i ~ key_bias_i (exact when it lies in
+        U3's span). k_bias (r3,): the latent key bias (RoPE only). out_bias (d). rope_freqs: the
+        frequency of each latent pair (r3/2,), default ``source.rope_base ** (-2j / r3)``."""
         (core, (U1, U2, U3)), (core_t, (U1_t, U2_t, U3_t)) = pre, post
-        bias = key_bias is not None or out_bias is not None
+        bias = any(b is not None for b in (key_bias, out_bias, q_bias, k_bias))
+        if k_bias is not None and rope is None:
+            raise ValueError("k_bias is a latent key bias under RoPE; without RoPE a key bias cancels in softmax")
         layer = cls(source.d_model, source.n_heads, tuple(core.shape), value_ranks=tuple(core_t.shape),
                     shared_kv=shared_kv, causal=source.causal, rope=rope, dropout=source.dropout, bias=bias,
-                    scale=source.scale, rope_base=source.rope_base)
+                    scale=source.scale, rope_base=source.rope_base,
+                    rope_freqs=None if rope_freqs is None else [float(f) for f in rope_freqs])
         values = {"core": core, "U1": U1, "U2": U2, "U3": U3, "core_tilde": core_t, "U1_tilde": U1_t,
                   "U2_tilde": U2_t}
         if not shared_kv:
@@ -179,9 +201,12 @@ class TuckerAttention(Attention):
         if bias:
             zeros = torch.zeros(source.n_heads, source.d_model, dtype=torch.float64)
             u = key_bias if key_bias is not None else zeros
-            values["q_bias"] = torch.linalg.lstsq(U3, u.T.to(U3.dtype)).solution.T   # u_i = U3 q_bias_i
+            values["q_bias"] = (q_bias if q_bias is not None                            # u_i = U3 q_bias_i
+                                else torch.linalg.lstsq(U3, u.T.to(U3.dtype)).solution.T)
             values["out_bias"] = out_bias if out_bias is not None else torch.zeros(source.d_model,
                                                                                    dtype=torch.float64)
+            if layer.k_bias is not None:
+                values["k_bias"] = k_bias if k_bias is not None else torch.zeros(U3.shape[1], dtype=torch.float64)
         return layer.assign_parameters(values, like=source)
 
     def mode_spectra(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
@@ -196,15 +221,23 @@ class TuckerAttention(Attention):
         """
         return tucker_ranks.mode_spectra(self)
 
+    def pair_spectrum(self) -> torch.Tensor:
+        """Under latent RoPE: (r3/2,) float64 energies, descending, of the key latent's best RoPE-exact
+        pairs (directions mixing only pairs of one frequency; :mod:`.rope_pairs`), averaged over
+        position offsets; joint with the values' with ``shared_kv``. :meth:`truncated` keeps the
+        leading ones when it lowers r3."""
+        return tucker_ranks.pair_spectrum(self)
+
     def truncated(self, ranks: tuple[int, int, int], value_ranks: tuple[int, int, int]) -> TuckerAttention:
         """A new layer holding the truncated HOSVD of W and W_tilde at ``ranks`` / ``value_ranks``.
 
         Factors Q_k P_k (orthonormal), core C x_k (P_k^T R_k) with P_k the leading left singular
         vectors of unfold_k(C') (:meth:`mode_spectra`); computed from the factors, exact at the
         current ranks. Each rank must be in [1, current]; modes that :meth:`mode_spectra` reports
-        as None keep their rank, basis and latent coordinates (RoPE then applies exactly). The
-        query bias follows the new key latent (q_bias_i -> P3^T R3 q_bias_i), the output bias is
-        copied. Same d_model, n_heads, causal, rope (and its frequencies), rope_base, dropout,
+        as None (the RoPE latent) keep their basis and latent coordinates at their current rank, and
+        at a lower (even) one keep the leading pairs of :meth:`pair_spectrum`, each with its
+        frequency (RoPE stays exact within them). The query bias follows the new key latent
+        (q_bias_i -> P3^T R3 q_bias_i), the key bias too; the output bias is copied. Same d_model, n_heads, causal, rope (and its frequencies), rope_base, dropout,
         bias, shared_kv, dtype, device and train/eval mode; ``scale`` is fixed to this layer's
         effective scale (so the default 1/sqrt(r3) does not follow the new r3). Fresh parameters.
         """
@@ -246,10 +279,19 @@ class TuckerAttention(Attention):
         if rope is not None:
             q = apply_rope(q, *rope)
         if self.shared_kv:
-            return q, {"kv": k}
+            return q, {"kv": k}                        # cached unrotated (values); keys made on read
+        if self.k_bias is not None:
+            k = k + self.k_bias
         if rope is not None:
             k = apply_rope(k, *rope)
         return q, {"k": k, "v": (x @ self.U3_tilde).unsqueeze(1)}                 # v (B, 1, T, r3~)
+
+    def _keys_values(self, entries, rope):
+        """A shared latent's key copy gets the key bias before it is rotated; its values do not."""
+        if self.k_bias is None or "kv" not in entries:
+            return super()._keys_values(entries, rope)
+        latent = entries["kv"]
+        return apply_rope(latent + self.k_bias, *rope.key(self.rotary, latent.dtype)), latent
 
     def _output(self, o):
         batch, heads, steps, vr3 = o.shape

@@ -13,12 +13,15 @@ its spectrum says and ||W - W_hat||^2 = ||W||^2 - ||W_hat||^2. Nothing larger th
 (d, r) or the core is formed; an unfolding's singular vectors and values come from its
 (r_k, r_k) Gram matrix.
 
-Fixed modes: latent RoPE rotates the r3 latent coordinates defined by U3's columns with
-frequencies set by its width r3 (PAPER.md §5), so mode 3 of W (and of W_tilde when it shares U3)
-can be neither rotated nor truncated: it keeps U3 and the core's mode-3 coordinates exactly. A
-shared latent without RoPE serves both tensors, so both modes 3 are truncated by one basis, the
-leading left singular vectors of the joint unfolding [unfold_3(C'), unfold_3(C~')]
-(r3, r1 r2 + r1~ r2~), whose singular values both modes report.
+RoPE pairs: latent RoPE rotates pairs of the r3 latent coordinates defined by U3's columns, each
+with its frequency (PAPER.md §5), so mode 3 of W (and of W_tilde when it shares U3) has no free
+basis: at its current rank it keeps U3 and the core's mode-3 coordinates exactly, and a lower
+(even) r3 keeps the highest-energy directions that mix only pairs of one frequency, each with
+that frequency (:func:`.rope_pairs.pair_truncation`; with distinct frequencies: whole pairs).
+Their energies (:func:`pair_spectrum`) are averaged over all position offsets. A shared latent
+serves both tensors, so both modes 3 are truncated by one basis: without RoPE the leading left
+singular vectors of the joint unfolding [unfold_3(C'), unfold_3(C~')] (r3, r1 r2 + r1~ r2~), whose
+singular values both modes report; under RoPE the pairs of the joint energies.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_ranks
+from .rope_pairs import pair_energies, pair_truncation
 
 SIDES = ("ranks", "value_ranks")      # W (pre-softmax) and W_tilde (post-softmax)
 
@@ -60,8 +64,9 @@ def _joint(layer) -> bool:
     return layer.shared_kv and layer.rope is None
 
 
-def _decompose(layer):
-    """Per side: the float64 CPU parameters, their QR pieces and C', plus every free mode's (P, s)."""
+def _decompose(layer, wanted=((True,) * 3,) * 2):
+    """Per side: the float64 CPU parameters, their QR pieces and C', plus the (P, s) of every free mode
+    ``wanted`` (per side, per mode; the others' entry is "kept": their basis Q is kept as it is)."""
     p = {name: t.detach().to("cpu", torch.float64) for name, t in layer.named_parameters()}
     sides = []
     for core, factors in ((p["core"], (p["U1"], p["U2"], p["U3"])),
@@ -72,12 +77,31 @@ def _decompose(layer):
             reduced = _times(reduced, mode, R)
         sides.append({"core": core, "factors": factors, "Q": [q for q, _ in qr], "R": [r for _, r in qr],
                       "reduced": reduced})
-    for side, fixed in zip(sides, fixed_modes(layer)):
-        side["svd"] = [None if fixed[m] else _left_svd(_unfold(side["reduced"], m)) for m in range(3)]
-    if _joint(layer):
+    for side, fixed, want in zip(sides, fixed_modes(layer), wanted):
+        side["svd"] = [None if fixed[m] else _left_svd(_unfold(side["reduced"], m)) if want[m] else "kept"
+                       for m in range(3)]
+    if _joint(layer) and (wanted[0][2] or wanted[1][2]):
         joint = _left_svd(torch.cat([_unfold(side["reduced"], 2) for side in sides], dim=1))
         sides[0]["svd"][2] = sides[1]["svd"][2] = joint
     return p, sides
+
+
+def _pair_inputs(layer, p: dict, sides: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U3, query-side rows (r3, s), frequencies) of the RoPE key latent: the mode-3 unfolding of
+    C x1 R1 x2 R2 (of both cores when the latent is shared)."""
+    rows = []
+    for side in sides[:2 if layer.shared_kv else 1]:
+        query = _times(_times(side["core"], 0, side["R"][0]), 1, side["R"][1])
+        rows.append(_unfold(query, 2))
+    return p["U3"], torch.cat(rows, dim=1), layer.rotary.inv_freq
+
+
+def pair_spectrum(layer) -> torch.Tensor:
+    """See :meth:`TuckerAttention.pair_spectrum`."""
+    if layer.rope is None:
+        raise ValueError("pair_spectrum() is for a layer with latent RoPE (rope='latent'); use mode_spectra()")
+    p, sides = _decompose(layer)
+    return pair_energies(*_pair_inputs(layer, p, sides))
 
 
 def mode_spectra(layer) -> dict[str, tuple[torch.Tensor | None, ...]]:
@@ -94,10 +118,9 @@ def _check_truncation(layer, ranks, value_ranks) -> tuple[tuple[int, ...], tuple
         new = check_ranks(name, given, (None, None, None))          # ints >= 1; the bounds below
         for mode, (r, now, keep) in enumerate(zip(new, current, fixed)):
             label = f"{name}[{mode}] (r{mode + 1}{'~' if name == 'value_ranks' else ''})"
-            if keep and r != now:
-                why = "it shares U3 with W" if name == "value_ranks" else "W's r3 latent"
-                raise ValueError(f"{label} must stay {now}: latent RoPE rotates {why} with frequencies set by "
-                                 f"its width, so this mode cannot be truncated; got {r}")
+            if keep and r % 2:
+                raise ValueError(f"{label} must be even: latent RoPE rotates pairs of this latent, so it is "
+                                 f"truncated by whole pairs; got {r}")
             if r > now:
                 raise ValueError(f"{label} must be in [1, {now}] (truncated() keeps or lowers the current "
                                  f"{name}={current}), got {r}")
@@ -111,13 +134,26 @@ def _check_truncation(layer, ranks, value_ranks) -> tuple[tuple[int, ...], tuple
 def truncated(layer, ranks, value_ranks):
     """See :meth:`TuckerAttention.truncated`."""
     ranks, value_ranks = _check_truncation(layer, ranks, value_ranks)
-    p, sides = _decompose(layer)
+    wanted = tuple(tuple(r < now for r, now in zip(new, current))
+                   for new, current in ((ranks, layer.ranks), (value_ranks, layer.value_ranks)))
+    p, sides = _decompose(layer, wanted)
+    freqs, pairs = layer.rope_freqs, None
+    if layer.rope is not None and ranks[2] < layer.ranks[2]:          # fewer RoPE pairs, each keeps its frequency
+        pairs = pair_truncation(*_pair_inputs(layer, p, sides), ranks[2] // 2)
+        freqs = pairs[3].tolist()
     values, key_maps = {}, []
     names = (("core", "U1", "U2", "U3"), ("core_tilde", "U1_tilde", "U2_tilde", "U3_tilde"))
     for side, new_ranks, side_names in zip(sides, (ranks, value_ranks), names):
         core, factors, key_map = side["core"], list(side["factors"]), None
         for mode, svd in enumerate(side["svd"]):
+            if svd is None and pairs is not None:                      # the RoPE latent, by pairs
+                core, factors[mode], key_map = _times(core, mode, pairs[1]), pairs[0], pairs[1]
+                continue
             if svd is None:                                            # fixed: basis and coordinates as they are
+                continue
+            if isinstance(svd, str):                                   # kept: its orthonormal basis Q, no cut
+                core, factors[mode] = _times(core, mode, side["R"][mode]), side["Q"][mode]
+                key_map = side["R"][mode] if mode == 2 else key_map
                 continue
             P = svd[0][:, :new_ranks[mode]]
             step = P.T @ side["R"][mode]                               # (new r_k, r_k): old -> new coordinates
@@ -130,11 +166,11 @@ def truncated(layer, ranks, value_ranks):
     if layer.q_bias is not None:                                       # q_i . k = q_i^T R3^T P3 . (x Q3 P3)
         values["q_bias"] = p["q_bias"] if key_maps[0] is None else p["q_bias"] @ key_maps[0].T
         values["out_bias"] = p["out_bias"]
+    if layer.k_bias is not None:                                       # a latent key vector: the key-side map
+        values["k_bias"] = p["k_bias"] if pairs is None else pairs[2] @ p["k_bias"]
     with torch.device("meta"):                                         # no init work, no draw from the RNG
         new = type(layer)(layer.d_model, layer.n_heads, ranks, value_ranks=value_ranks, shared_kv=layer.shared_kv,
                           causal=layer.causal, rope=layer.rope, dropout=layer.dropout, bias=layer.q_bias is not None,
-                          scale=layer.scale, rope_base=layer.rope_base)
+                          scale=layer.scale, rope_base=layer.rope_base, rope_freqs=freqs)
     new = new.to_empty(device="cpu")
-    if layer.rotary is not None and len(layer.rotary.signature) == 3:  # custom frequencies (e.g. scaled RoPE)
-        new.rotary.set_frequencies(layer.rotary.inv_freq)
     return new.assign_parameters(values, like=layer).train(layer.training)

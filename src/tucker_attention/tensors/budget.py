@@ -21,38 +21,49 @@ from .._checks import check_choice
 from .._table import text_table
 from ..layers import Attention, TuckerAttention, make_attention
 from .algebra import energy_rank
+from .exact import to_tucker
 from .view import attention_factors, factored_hosvd
 
 BUDGETS = ("params", "kv")
 
 
-def tucker_param_count(n_heads: int, d_model: int, ranks, value_ranks, *, bias: bool, shared_kv: bool = False) -> int:
-    """Parameters of a TuckerAttention with these ranks (``shared_kv``: no U3~ of its own)."""
+def tucker_param_count(n_heads: int, d_model: int, ranks, value_ranks, *, bias: bool, shared_kv: bool = False,
+                       key_bias: bool = False) -> int:
+    """Parameters of a TuckerAttention with these ranks (``shared_kv``: no U3~ of its own; ``key_bias``:
+    the latent key bias a layer with ``bias`` has under RoPE)."""
     (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks
     count = r1 * r2 * r3 + n_heads * r1 + d_model * (r2 + r3) + v1 * v2 * v3 + n_heads * v1 + d_model * v2
-    return count + (0 if shared_kv else d_model * v3) + (n_heads * r3 + d_model if bias else 0)
+    return (count + (0 if shared_kv else d_model * v3) + (n_heads * r3 + d_model if bias else 0)
+            + (r3 if key_bias else 0))
 
 
 @dataclass
 class RankPlan:
     """Ranks per layer for :func:`tucker_attention.hf.convert` (``ranks=plan.ranks,
-    value_ranks=plan.value_ranks``) or ``compress``, with what they cost and lose."""
+    value_ranks=plan.value_ranks``) or ``compress``, with what they cost and lose.
+
+    energy: the common energy level of every mode, or None for another rule (``how`` says which),
+    whose ``errors`` are then the HOSVD bound sqrt(sum of the dropped relative energies of the
+    three modes)."""
     paths: list[str]
     ranks: list[tuple[int, int, int]]
     value_ranks: list[tuple[int, int, int]]
-    energy: float
+    energy: float | None
     params: int
     source_params: int
     kv: int
     source_kv: int
     errors: list[tuple[float, float]] = field(default_factory=list)
+    how: str = ""
 
     def table(self) -> str:
         """Per-layer ranks and relative errors, then the totals."""
         rows = [[p, str(r), str(v), f"{e[0]:.4f}", f"{e[1]:.4f}"]
                 for p, r, v, e in zip(self.paths, self.ranks, self.value_ranks, self.errors)]
-        head = ["layer", "ranks W", "ranks W~", "rel. err W", "rel. err W~"]
-        totals = (f"energy level {self.energy:.4f}: attention params {self.params:,} of {self.source_params:,} "
+        bound = " (bound)" if self.energy is None else ""
+        head = ["layer", "ranks W", "ranks W~", f"rel. err W{bound}", f"rel. err W~{bound}"]
+        how = f"energy level {self.energy:.4f}" if self.energy is not None else self.how
+        totals = (f"{how}: attention params {self.params:,} of {self.source_params:,} "
                   f"({self.params / self.source_params:.3f}), KV floats/token {self.kv:,} of {self.source_kv:,} "
                   f"({self.kv / self.source_kv:.3f})")
         return text_table(head, rows) + "\n" + totals
@@ -66,29 +77,32 @@ def _budget_value(name: str, value, source: int) -> int:
 
 
 def plan_ranks(layers: dict[str, Attention], *, params=None, kv=None, even_r3: bool | None = None) -> RankPlan:
-    """Ranks per layer under a budget: give exactly one of
+    """Ranks per layer under a budget: give one or both of
 
     params: total attention parameters (an int, or a float in (0, 1]: that fraction of the
         source layers' parameters);
     kv: total KV-cache floats per token over all layers (r3 + r3~ per layer), int or fraction.
 
-    even_r3: round r3 up to even (needed for latent RoPE); default: when a source uses RoPE.
-    Raises ValueError when even ranks (1, 1, 1) everywhere exceed the budget.
+    Without RoPE every mode of every layer keeps one common energy level (the largest that fits).
+    When a layer has RoPE the plan is made as :func:`~.convert.compress` converts it, RoPE exact: on
+    the exact latent-RoPE Tucker forms (:func:`~.exact.to_tucker`), by :func:`allocate_ranks` with the
+    key latent allocated in RoPE pairs (ranks at most the exact forms'). even_r3 (energy-level plans):
+    round r3 up to even. Raises ValueError when the smallest setting exceeds a budget.
     """
-    if (params is None) == (kv is None):
-        raise ValueError("give exactly one budget: params=... (attention parameters) or kv=... (KV floats per token)")
+    if params is None and kv is None:
+        raise ValueError("give a budget: params=... (attention parameters) and/or kv=... (KV floats per token)")
     if not layers:
         raise ValueError("layers is empty: no attention layers to plan ranks for")
+    if any(layer.rope is not None for layer in layers.values()):
+        return _plan_rope(layers, params, kv)
     items = list(layers.items())
     facts = []
     for _, layer in items:
         f = attention_factors(layer, ignore_rope=True)
         facts.append((f, f.pre.spectra(), f.post.spectra(), f.out_bias is not None,
                       layer.rope is not None if even_r3 is None else even_r3))
-    source_params = sum(sum(p.numel() for p in layer.parameters()) for _, layer in items)
-    source_kv = sum(sum(h * w for h, w in layer.cache_spec().values()) for _, layer in items)
-    name, total = ("params", source_params) if params is not None else ("kv", source_kv)
-    limit = _budget_value(name, params if params is not None else kv, total)
+    source_params, source_kv = _source_totals(layers)
+    limits = _limits(params, kv, source_params, source_kv)
 
     def ranks_at(energy: float):
         out = []
@@ -106,11 +120,13 @@ def plan_ranks(layers: dict[str, Attention], *, params=None, kv=None, even_r3: b
         return n_params, sum(r[2] + v[2] for r, v in plan)
 
     def fits(plan) -> bool:
-        return cost(plan)[0 if name == "params" else 1] <= limit
+        return all(limit is None or value <= limit for value, limit in zip(cost(plan), limits))
 
     low, high = 1e-9, 1.0
     if not fits(ranks_at(low)):
-        minimum = cost(ranks_at(low))[0 if name == "params" else 1]
+        smallest = cost(ranks_at(low))
+        name, limit, minimum = next((n, lim, c) for n, lim, c in zip(BUDGETS, limits, smallest)
+                                    if lim is not None and c > lim)
         raise ValueError(f"{name} budget {limit:,} is below the smallest Tucker setting's {minimum:,}")
     if not fits(ranks_at(high)):
         for _ in range(60):
@@ -126,6 +142,94 @@ def plan_ranks(layers: dict[str, Attention], *, params=None, kv=None, even_r3: b
                     source_params, n_kv, source_kv, errors)
 
 
+def _source_totals(layers: dict[str, Attention]) -> tuple[int, int]:
+    """(attention parameters, KV floats per token) of the source layers."""
+    return (sum(sum(p.numel() for p in layer.parameters()) for layer in layers.values()),
+            sum(sum(h * w for h, w in layer.cache_spec().values()) for layer in layers.values()))
+
+
+def _limits(params, kv, source_params: int, source_kv: int) -> list[int | None]:
+    return [None if value is None else _budget_value(name, value, total)
+            for name, value, total in (("params", params, source_params), ("kv", kv, source_kv))]
+
+
+def _plan_rope(layers: dict[str, Attention], params, kv) -> RankPlan:
+    """:func:`plan_ranks` for layers with RoPE: greedy allocation on their exact latent-RoPE forms."""
+    source_params, source_kv = _source_totals(layers)
+    limits = _limits(params, kv, source_params, source_kv)
+    exact = [to_tucker(layer) for layer in layers.values()]
+    plan = allocate_ranks(exact, params=limits[0], kv=limits[1], rope_pairs=True)
+    errors, n_params, n_kv = [], 0, 0
+    for layer, (r, v) in zip(exact, plan):
+        chains, steps = _energy_chains(layer, rope_pairs=True)
+        dropped = [sum(chain[rank // step:]) if chain is not None else 0.0
+                   for chain, step, rank in zip(chains, steps, r + v)]
+        if layer.shared_kv:
+            dropped[5] = dropped[2]
+        errors.append(tuple(max(0.0, sum(dropped[3 * side:3 * side + 3])) ** 0.5 for side in (0, 1)))
+        cost = layer_cost(layer, r, v)
+        n_params, n_kv = n_params + cost[0], n_kv + cost[1]
+    return RankPlan(list(layers), [r for r, _ in plan], [v for _, v in plan], None, n_params, source_params, n_kv,
+                    source_kv, errors, "greedy per-mode allocation on the exact latent-RoPE forms")
+
+
+def plan_uniform(layers: dict[str, Attention], *, params=None, kv=None, r3: int | None = None) -> RankPlan:
+    """One Tucker setting for every layer (as GQA / MLA have one), converted as :func:`~.convert.compress`
+    does (RoPE exact): (h, r2, r3) for W and (h, r2, r3) for W_tilde, within the exact forms' ranks.
+    r3 (even under RoPE): given, or the largest that fits ``kv``; then r2 the largest that fits
+    ``params``. Budgets as :func:`plan_ranks` (one or both); errors are HOSVD bounds. Raises
+    ValueError when no setting fits."""
+    if params is None and kv is None:
+        raise ValueError("give a budget: params=... (attention parameters) and/or kv=... (KV floats per token)")
+    if not layers:
+        raise ValueError("layers is empty: no attention layers to plan ranks for")
+    source_params, source_kv = _source_totals(layers)
+    limits = _limits(params, kv, source_params, source_kv)
+    exact = [to_tucker(layer) for layer in layers.values()]
+    step = 2 if any(t.rope is not None for t in exact) else 1
+    top3 = min(min(t.ranks[2], t.value_ranks[2]) for t in exact) // step * step
+    top2 = min(min(t.ranks[1], t.value_ranks[1]) for t in exact)
+
+    def setting(t: TuckerAttention, k: int, q: int):
+        return (t.n_heads, q, k), (t.n_heads, q, k)
+
+    def cost(k: int, q: int) -> tuple[int, int]:
+        costs = [layer_cost(t, *setting(t, k, q)) for t in exact]
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
+
+    def largest(values: list[int], fits) -> int | None:
+        if not values or not fits(values[0]):
+            return None
+        low, high = 0, len(values) - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(values[mid]) else (low, mid - 1)
+        return values[low]
+
+    keys = list(range(step, top3 + 1, step))
+    if r3 is not None:
+        if r3 not in keys:
+            raise ValueError(f"r3 must be one of {step}, {2 * step}, ... {top3} (the exact forms' key width), got {r3}")
+        keys = [r3]
+    k = largest(keys, lambda k: limits[1] is None or cost(k, 1)[1] <= limits[1])
+    q = None if k is None else largest(list(range(1, top2 + 1)), lambda q: limits[0] is None or cost(k, q)[0] <= limits[0])
+    if k is None or q is None:
+        smallest = cost(keys[0], 1)
+        name, limit, minimum = next((n, lim, c) for n, lim, c in zip(BUDGETS, limits, smallest)
+                                    if lim is not None and c > lim)
+        raise ValueError(f"{name} budget {limit:,} is below the smallest uniform Tucker setting's {minimum:,} "
+                         f"(r2 = 1, r3 = {keys[0]})")
+    plan = [setting(t, k, q) for t in exact]
+    errors = []
+    for t, (r, v) in zip(exact, plan):
+        chains, steps = _energy_chains(t, rope_pairs=True)
+        dropped = [sum(chain[rank // s:]) if chain is not None else 0.0 for chain, s, rank in zip(chains, steps, r + v)]
+        errors.append(tuple(max(0.0, sum(dropped[3 * side:3 * side + 3])) ** 0.5 for side in (0, 1)))
+    n_params, n_kv = cost(k, q)
+    return RankPlan(list(layers), [r for r, _ in plan], [v for _, v in plan], None, n_params, source_params, n_kv,
+                    source_kv, errors, f"one setting for every layer (r3 = {k}, r2 = {q})")
+
+
 def _hosvd_error(factors, ranks) -> float:
     norm = float(factors.norm_squared())
     core = factored_hosvd(factors, ranks).core
@@ -139,11 +243,13 @@ SETTING_METHODS = ("gqa", "mla")
 class SettingPlan:
     """One GQA / MLA setting for every layer under a budget (:func:`plan_setting`), with its cost.
 
-    setting: n_kv_heads (gqa) or kv_rank (mla; queries stay full rank). ``smallest`` is the
-    cost of the smallest valid setting, ``valid`` every valid setting (ascending).
+    setting: n_kv_heads (gqa); kv_rank (mla, full-rank queries) or (kv_rank, q_rank) when a query
+    latent is needed to stay within the parameter limit. ``budget``/``limit``: the budget that sets
+    the setting; ``limits``: every limit that held ({'params': .., 'kv': ..}). ``valid``: every valid
+    n_kv_heads / kv_rank (ascending).
     """
     method: str
-    setting: int
+    setting: int | tuple[int, int]
     budget: str
     limit: int
     params: int
@@ -151,12 +257,18 @@ class SettingPlan:
     kv: int
     source_kv: int
     valid: list[int] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)
 
     def label(self) -> str:
-        return f"{'n_kv_heads' if self.method == 'gqa' else 'kv_rank'} {self.setting}"
+        if self.method == "gqa":
+            return f"n_kv_heads {self.setting}"
+        if isinstance(self.setting, tuple):
+            return f"kv_rank {self.setting[0]}, q_rank {self.setting[1]}"
+        return f"kv_rank {self.setting}"
 
     def table(self) -> str:
-        return (f"{self.method} {self.label()} (largest within the {self.budget} budget {self.limit:,}): attention "
+        held = " and ".join(f"{name} {limit:,}" for name, limit in self.limits.items()) or f"{self.budget} {self.limit:,}"
+        return (f"{self.method} {self.label()} (largest within {held}): attention "
                 f"params {self.params:,} of {self.source_params:,} ({self.params / self.source_params:.3f}), "
                 f"KV floats/token {self.kv:,} of {self.source_kv:,} ({self.kv / self.source_kv:.3f})")
 
@@ -164,7 +276,8 @@ class SettingPlan:
 def converted_cost(layer: Attention, method: str, setting) -> tuple[int, int]:
     """(parameters, KV floats per token) of the layer that converting ``layer`` to ``method``
     with ``setting`` builds (``convert_layer`` / ``tucker_attention.hf.convert``: the SVD baselines
-    keep the source's head width and biases; RoPE sources get the method's positional RoPE).
+    keep the source's head width and biases; RoPE sources get the method's positional RoPE, and a
+    head-RoPE source's MLA has down-projection biases when it has biases, :func:`.rope.rope_mla`).
 
     Counted on a layer built on the meta device, with the layers' own accounting
     (parameters, ``cache_spec()``). gqa: setting = n_kv_heads; mla: kv_rank or (kv_rank, q_rank).
@@ -173,14 +286,16 @@ def converted_cost(layer: Attention, method: str, setting) -> tuple[int, int]:
     """
     check_choice("method", method, SETTING_METHODS)
     config = layer.config()
-    common = {"head_dim": getattr(layer, "head_dim", None), "bias": bool(config.get("bias", False)),
+    bias = bool(config.get("bias", False))
+    common = {"head_dim": getattr(layer, "head_dim", None), "bias": bias,
               "rope": True if layer.rope is not None else None, "causal": layer.causal}
     with torch.device("meta"):
         if method == "gqa":
             target = make_attention("gqa", layer.d_model, layer.n_heads, n_kv_heads=setting, **common)
         else:
             kv_rank, q_rank = tuple(setting) if isinstance(setting, (tuple, list)) else (setting, None)
-            target = make_attention("mla", layer.d_model, layer.n_heads, kv_rank=kv_rank, q_rank=q_rank, **common)
+            target = make_attention("mla", layer.d_model, layer.n_heads, kv_rank=kv_rank, q_rank=q_rank,
+                                    down_bias=bias and layer.rope == "head", **common)
     return (sum(p.numel() for p in target.parameters()),
             sum(h * w for h, w in target.cache_spec().values()))
 
@@ -188,38 +303,43 @@ def converted_cost(layer: Attention, method: str, setting) -> tuple[int, int]:
 def _signature(layer: Attention) -> tuple:
     config = layer.config()
     return (layer.d_model, layer.n_heads, getattr(layer, "head_dim", None), bool(config.get("bias", False)),
-            layer.rope is not None)
+            layer.rope)
 
 
-def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=None) -> SettingPlan:
+def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=None,
+                 query_latent: bool = False) -> SettingPlan:
     """The largest GQA n_kv_heads (dividing every layer's n_heads) or MLA kv_rank (even when a
-    layer uses RoPE: latent RoPE rotates pairs) whose total cost over ``layers`` fits a budget:
-    give exactly one of ``params`` (attention parameters) or ``kv`` (KV-cache floats per token,
-    all layers), each a count or a fraction in (0, 1) of the source layers' total.
+    layer uses RoPE: latent RoPE rotates pairs; up to 2 d_model for head-RoPE sources, whose key
+    pairs and value directions it holds) whose total cost over ``layers`` fits: give one or both of
+    ``params`` (attention parameters) and ``kv`` (KV-cache floats per token, all layers), each a
+    count or a fraction in (0, 1] of the source layers' total. For MLA with ``query_latent``, when a
+    kv_rank fits the KV limit but full-rank queries exceed the parameter limit, the largest query
+    latent (q_rank) that fits is taken: the setting is then (kv_rank, q_rank) (how a KV budget is
+    met without more parameters than the source).
 
     One setting for every layer (what ``convert(model, method, setting)`` takes). Costs are those
     of the converted layers (:func:`converted_cost`). Raises ValueError naming the budget and the
     smallest setting's cost when no setting fits.
     """
     check_choice("method", method, SETTING_METHODS)
-    if (params is None) == (kv is None):
-        raise ValueError("give exactly one budget: params=... (attention parameters) or kv=... (KV floats per token)")
+    if params is None and kv is None:
+        raise ValueError("give a budget: params=... (attention parameters) and/or kv=... (KV floats per token)")
     if not layers:
         raise ValueError("layers is empty: no attention layers to plan a setting for")
     items = list(layers.values())
-    source_params = sum(sum(p.numel() for p in layer.parameters()) for layer in items)
-    source_kv = sum(sum(h * w for h, w in layer.cache_spec().values()) for layer in items)
-    name, total = ("params", source_params) if params is not None else ("kv", source_kv)
-    limit = _budget_value(name, params if params is not None else kv, total)
+    source_params, source_kv = _source_totals(layers)
+    limits = _limits(params, kv, source_params, source_kv)
     groups: dict[tuple, list[Attention]] = {}
     for layer in items:                                      # identical layers cost the same: count one per shape
         groups.setdefault(_signature(layer), []).append(layer)
+    d = min(layer.d_model for layer in items)
     if method == "gqa":
         valid = [g for g in range(1, min(layer.n_heads for layer in items) + 1)
                  if all(layer.n_heads % g == 0 for layer in items)]
     else:
         step = 2 if any(layer.rope is not None for layer in items) else 1
-        valid = list(range(step, min(layer.d_model for layer in items) + 1, step))
+        top = 2 * d if all(layer.rope == "head" for layer in items) else d
+        valid = list(range(step, top + 1, step))
 
     def cost(setting) -> tuple[int, int]:
         totals = [0, 0]
@@ -229,28 +349,45 @@ def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=N
             totals[1] += n_kv * len(members)
         return totals[0], totals[1]
 
-    def fits(setting) -> bool:
-        return cost(setting)[0 if name == "params" else 1] <= limit
+    def fitting(setting):
+        """The setting (with a query latent if MLA needs one to fit the parameter limit) or None."""
+        n_params, n_kv = cost(setting)
+        if limits[1] is not None and n_kv > limits[1]:
+            return None
+        if limits[0] is None or n_params <= limits[0]:
+            return setting
+        if method == "gqa" or not query_latent or cost((setting, 1))[0] > limits[0]:
+            return None
+        low, high = 1, d                                     # the largest q_rank within the parameter limit
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost((setting, mid))[0] <= limits[0] else (low, mid - 1)
+        return setting, low
 
-    if not fits(valid[0]):
-        minimum = cost(valid[0])[0 if name == "params" else 1]
+    if fitting(valid[0]) is None:
+        smallest = cost(valid[0] if method == "gqa" else (valid[0], 1))
+        name, limit, minimum = next((n, lim, c) for n, lim, c in zip(BUDGETS, limits, smallest)
+                                    if lim is not None and c > lim)
         what = "n_kv_heads" if method == "gqa" else "kv_rank"
+        total = source_params if name == "params" else source_kv
         raise ValueError(f"{name} budget {limit:,} is below the smallest {method} setting's {minimum:,} "
                          f"({what}={valid[0]}: {minimum / total:.4f} of the source's {total:,})")
     low, high = 0, len(valid) - 1                            # costs grow with the setting: bisect the valid list
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(valid[mid]) else (low, mid - 1)
-    n_params, n_kv = cost(valid[low])
-    return SettingPlan(method, valid[low], name, limit, n_params, source_params, n_kv, source_kv, valid)
-
+        low, high = (mid, high) if fitting(valid[mid]) is not None else (low, mid - 1)
+    setting = fitting(valid[low])
+    n_params, n_kv = cost(setting)
+    held = {name: limit for name, limit in zip(BUDGETS, limits) if limit is not None}
+    name = "kv" if kv is not None else "params"
+    return SettingPlan(method, setting, name, held[name], n_params, source_params, n_kv, source_kv, valid, held)
 
 
 def layer_cost(layer: TuckerAttention, ranks, value_ranks) -> tuple[int, int]:
     """(parameters, KV-cache floats per token) of ``layer`` at ``ranks`` / ``value_ranks``: what
-    ``layer.truncated(ranks, value_ranks)`` holds (its bias and ``shared_kv`` as ``layer``'s)."""
+    ``layer.truncated(ranks, value_ranks)`` holds (its bias, RoPE and ``shared_kv`` as ``layer``'s)."""
     params = tucker_param_count(layer.n_heads, layer.d_model, ranks, value_ranks, bias=layer.q_bias is not None,
-                                shared_kv=layer.shared_kv)
+                                shared_kv=layer.shared_kv, key_bias=layer.k_bias is not None)
     return params, ranks[2] + (0 if layer.shared_kv else value_ranks[2])
 
 
@@ -259,13 +396,15 @@ def layer_cost(layer: TuckerAttention, ranks, value_ranks) -> tuple[int, int]:
 NEGLIGIBLE_ENERGY = 1e-12
 
 
-def _energy_chains(layer: TuckerAttention) -> list[list[float] | None]:
-    """Relative energies s_k[j]^2 / ||T||^2 of the 6 modes (W modes 1-3, W_tilde modes 1-3), None when
-    fixed. A joint mode 3 (``shared_kv`` without RoPE) sits at index 2 with 2 s^2 / (||W||^2 + ||W~||^2),
-    so its energies sum to 2 like the two modes it serves; index 5 is then None (tied to index 2)."""
+def _energy_chains(layer: TuckerAttention, rope_pairs: bool = False) -> tuple[list[list[float] | None], list[int]]:
+    """(chains, steps): relative energies s_k[j]^2 / ||T||^2 of the 6 modes (W modes 1-3, W_tilde modes
+    1-3), None when fixed, and the rank step of each. A joint mode 3 (``shared_kv`` without RoPE) sits
+    at index 2 with 2 s^2 / (||W||^2 + ||W~||^2), so its energies sum to 2 like the two modes it serves;
+    index 5 is then None (tied to index 2). With ``rope_pairs`` a RoPE key latent is a chain of its
+    pairs' relative energies (:meth:`TuckerAttention.pair_spectrum`, joint when shared) with step 2."""
     spectra = layer.mode_spectra()
     norms = [float(spectra[side][0].square().sum()) for side in ("ranks", "value_ranks")]
-    chains = []
+    chains, steps = [], [1] * 6
     for side, norm in zip(("ranks", "value_ranks"), norms):
         for s in spectra[side]:
             chains.append(None if s is None else (s.square() / norm if norm > 0 else 0 * s).tolist())
@@ -273,34 +412,43 @@ def _energy_chains(layer: TuckerAttention) -> list[list[float] | None]:
         total = sum(norms)
         chains[2] = (2 * spectra["ranks"][2].square() / total if total > 0 else 0 * spectra["ranks"][2]).tolist()
         chains[5] = None
-    return chains
+    if rope_pairs and layer.rope is not None:
+        energies = layer.pair_spectrum()
+        total = float(energies.sum())
+        scale = (2.0 if layer.shared_kv else 1.0) / total if total > 0 else 0.0
+        chains[2], steps[2] = (energies * scale).tolist(), 2
+    return chains, steps
 
 
-def allocate_ranks(layers, *, params: int | None = None,
-                   kv: int | None = None) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
-    """Per-layer (ranks, value_ranks) for truncating Tucker layers (``layer.truncated``) to one budget.
+def allocate_ranks(layers, *, params: int | None = None, kv: int | None = None,
+                   rope_pairs: bool = False) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """Per-layer (ranks, value_ranks) for truncating Tucker layers (``layer.truncated``) to a budget.
 
-    layers: TuckerAttention layers (a sequence, or a dict's values in order). Give exactly one of
-    params: total parameters of the truncated layers, or kv: their total KV-cache floats per token
-    (sum of ``cache_spec()`` widths), both absolute ints (:func:`layer_cost` counts a setting).
+    layers: TuckerAttention layers (a sequence, or a dict's values in order). Give one or both of
+    params: total parameters of the truncated layers, and kv: their total KV-cache floats per token
+    (sum of ``cache_spec()`` widths), absolute ints (:func:`layer_cost` counts a setting).
 
     Greedy water-filling on the spectra of :meth:`TuckerAttention.mode_spectra`: every mode starts at
     rank 1 (a mode reported None at its current rank; with ``shared_kv`` r3 == r3~ move together),
     then the (layer, side, mode) increment with the largest relative energy s_k[r]^2 / ||T||^2 per
-    unit of added cost is taken, among those that keep the total within the budget and add energy
+    unit of added cost is taken, among those that keep the totals within the budgets and add energy
     above :data:`NEGLIGIBLE_ENERGY`, until none fits. Ranks never exceed the current ones. With a kv
-    budget only the modes 3 cost anything: modes 1 and 2 stay at their current ranks. Ties go to the
+    budget alone only the modes 3 cost anything: modes 1 and 2 stay at their current ranks. With both
+    budgets every mode starts low and an increment's cost is the sum of its shares of the two budgets.
+    ``rope_pairs``: a RoPE key latent (fixed in :meth:`~TuckerAttention.mode_spectra`) is allocated too,
+    a pair at a time (:meth:`TuckerAttention.pair_spectrum`; what ``truncated`` keeps). Ties go to the
     earlier layer, then W before W_tilde, then the lower mode. As a larger budget first differs by
     taking an increment the smaller one could not afford, and every later increment has a lower
     ratio, the kept energy never decreases with the budget.
 
-    Raises ValueError when even the smallest setting exceeds the budget.
+    Raises ValueError when even the smallest setting exceeds a budget.
     """
-    if (params is None) == (kv is None):
-        raise ValueError("give exactly one budget: params=... (attention parameters) or kv=... (KV floats per token)")
-    name, budget = ("params", params) if params is not None else ("kv", kv)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"{name} must be a positive int (an absolute count), got {budget!r}")
+    budgets = {name: value for name, value in (("params", params), ("kv", kv)) if value is not None}
+    if not budgets:
+        raise ValueError("give a budget: params=... (attention parameters) and/or kv=... (KV floats per token)")
+    for name, budget in budgets.items():
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise ValueError(f"{name} must be a positive int (an absolute count), got {budget!r}")
     layers = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
     if not layers:
         raise ValueError("layers is empty: no Tucker layers to allocate ranks for")
@@ -308,32 +456,36 @@ def allocate_ranks(layers, *, params: int | None = None,
         if not (hasattr(layer, "mode_spectra") and hasattr(layer, "truncated")):  # the layer owns its truncation
             raise TypeError(f"layers[{i}] must be a layer with mode_spectra() and truncated() (a TuckerAttention), "
                             f"got {type(layer).__name__}")
-    which = 0 if name == "params" else 1
-    chains = [_energy_chains(layer) for layer in layers]
+    limits = [budgets.get("params"), budgets.get("kv")]
+    chains, steps = zip(*(_energy_chains(layer, rope_pairs) for layer in layers))
     current = [list(layer.ranks) + list(layer.value_ranks) for layer in layers]
     state = []                                                        # per layer: (r1, r2, r3, r1~, r2~, r3~)
-    for layer, layer_chains, now in zip(layers, chains, current):
-        low = [1 if chain is not None and (name == "params" or k % 3 == 2) else now[k]
+    for layer, layer_chains, layer_steps, now in zip(layers, chains, steps, current):
+        low = [layer_steps[k] if chain is not None and (params is not None or k % 3 == 2) else now[k]
                for k, chain in enumerate(layer_chains)]
         if layer.shared_kv:
             low[5] = low[2]                                           # one latent: r3~ == r3
         state.append(low)
 
-    def cost(i: int, r: list[int]) -> int:
-        return layer_cost(layers[i], tuple(r[:3]), tuple(r[3:]))[which]
+    def cost(i: int, r: list[int]) -> tuple[int, int]:
+        return layer_cost(layers[i], tuple(r[:3]), tuple(r[3:]))
 
     def raised(i: int, k: int) -> list[int]:
         r = list(state[i])
-        r[k] += 1
+        r[k] += steps[i][k]
         if k == 2 and layers[i].shared_kv:
-            r[5] += 1
+            r[5] = r[2]
         return r
 
+    def weight(delta: tuple[int, int]) -> float:
+        return sum(d / limit for d, limit in zip(delta, limits) if limit is not None)
+
     costs = [cost(i, r) for i, r in enumerate(state)]
-    total = sum(costs)
-    if total > budget:
-        raise ValueError(f"{name} budget {budget:,} is below the smallest setting's {total:,} (rank 1 in every "
-                         f"mode that can be truncated)")
+    totals = [sum(c[j] for c in costs) for j in range(2)]
+    for j, name in enumerate(("params", "kv")):
+        if limits[j] is not None and totals[j] > limits[j]:
+            raise ValueError(f"{name} budget {limits[j]:,} is below the smallest setting's {totals[j]:,} (rank 1 in "
+                             f"every mode that can be truncated)")
     heap, version, dead = [], [0] * len(layers), set()
 
     def push(i: int) -> None:
@@ -341,10 +493,11 @@ def allocate_ranks(layers, *, params: int | None = None,
             r = state[i][k]
             if chain is None or r >= current[i][k] or (i, k) in dead:
                 continue
-            energy = chain[r]
+            energy = chain[r // steps[i][k]]
             if energy > NEGLIGIBLE_ENERGY:
-                delta = cost(i, raised(i, k)) - costs[i]
-                heapq.heappush(heap, (-energy / delta, i, k, version[i], delta))
+                new = cost(i, raised(i, k))
+                delta = (new[0] - costs[i][0], new[1] - costs[i][1])
+                heapq.heappush(heap, (-energy / max(weight(delta), 1e-300), i, k, version[i], delta))
 
     for i in range(len(layers)):
         push(i)
@@ -352,14 +505,16 @@ def allocate_ranks(layers, *, params: int | None = None,
         _, i, k, seen, delta = heapq.heappop(heap)
         if seen != version[i]:
             continue                                                  # stale: layer i changed since
-        if total + delta > budget:
+        if any(limit is not None and total + d > limit for total, d, limit in zip(totals, delta, limits)):
             dead.add((i, k))                                          # costs only grow: it never fits again
             continue
-        state[i], costs[i], total = raised(i, k), costs[i] + delta, total + delta
+        state[i] = raised(i, k)
+        costs[i] = (costs[i][0] + delta[0], costs[i][1] + delta[1])
+        totals = [totals[0] + delta[0], totals[1] + delta[1]]
         version[i] += 1
         push(i)
     return [(tuple(r[:3]), tuple(r[3:])) for r in state]
 
 
 __all__ = ["BUDGETS", "SETTING_METHODS", "RankPlan", "SettingPlan", "allocate_ranks", "converted_cost", "layer_cost",
-           "plan_ranks", "plan_setting", "tucker_param_count"]
+           "plan_ranks", "plan_setting", "plan_uniform", "tucker_param_count"]

@@ -5,6 +5,9 @@
 - :func:`mha_to_gqa`, :func:`mha_to_mla`: the paper's SVD baselines (App. C.1.4), so every
   method can start from the same pretrained MHA weights.
 
+Sources with RoPE keep it exactly (:mod:`.rope`): Tucker and MLA get latent RoPE whose pairs
+carry the source's frequencies, GQA merges key heads pair by pair.
+
 Every result is a new layer in the source's dtype and device, with the source's
 ``causal``, ``scale`` and ``dropout``; biases are carried exactly (see tensors.view).
 """
@@ -18,45 +21,13 @@ import torch
 from .._checks import check_choice, check_int, check_ranks
 from ..layers import Attention, GroupedQueryAttention, MultiHeadLatentAttention, TuckerAttention
 from .algebra import top_eigenvectors
-from .view import HeadFactors, attention_factors, check_finite, factored_hosvd
-
-
-def _fit_width(U: torch.Tensor, core: torch.Tensor, mode: int):
-    """Keep a factor at most d columns wide: U = Q R (reduced QR), R moved into the core."""
-    if U.shape[1] <= U.shape[0]:
-        return U, core
-    Q, R = torch.linalg.qr(U)
-    return Q, torch.movedim(torch.tensordot(R, core, dims=([1], [mode - 1])), 0, mode - 1)
-
-
-def _exact_pair(core, factors):
-    U1, U2, U3 = factors
-    U2, core = _fit_width(U2, core, 2)
-    U3, core = _fit_width(U3, core, 3)
-    return core, (U1, U2, U3)
-
-
-def to_tucker(layer: Attention) -> TuckerAttention:
-    """The exact Tucker form of a layer (PAPER.md §4, Thms. B.2-B.4); outputs are unchanged.
-
-    Each layer gives its own form (``layer.exact_tucker()``): MHA/GQA/MQA route each head to
-    its key group (ranks (h, h*hd, n_kv*hd)); MLA absorbs its up-projections into the core
-    (coupled RoPE becomes latent RoPE, a shared latent stays shared); Tucker is itself.
-    A factor wider than d_model is first reduced by a QR step (still exact). Non-finite
-    weights are refused.
-    """
-    if not isinstance(layer, Attention):
-        raise TypeError(f"layer must be a tucker_attention attention layer, got {type(layer).__name__}")
-    check_finite(layer)
-    form = layer.exact_tucker()
-    factors = attention_factors(layer, ignore_rope=form["rope"] is not None)
-    return TuckerAttention.from_factors(layer, _exact_pair(*form["pre"]), _exact_pair(*form["post"]),
-                                        key_bias=factors.key_bias, out_bias=factors.out_bias,
-                                        shared_kv=form["shared_kv"], rope=form["rope"])
+from .exact import to_tucker
+from .rope import rope_compress, rope_gqa, rope_mla
+from .view import attention_factors, check_finite, factored_hosvd, key_side_basis
 
 
 def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd", n_iter: int = 10,
-             ignore_rope: bool = False) -> TuckerAttention:
+             ignore_rope: bool = False, nope_fraction: float = 0.0) -> TuckerAttention:
     """Truncated Tucker decomposition of a trained layer's W and W_tilde -> TuckerAttention.
 
     ``ranks`` = (r1, r2, r3) for W (head, query, key modes), ``value_ranks`` for W_tilde
@@ -65,9 +36,20 @@ def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd"
     Works from the per-head factors (Gram matrices of size d x d at most), so a
     d_model=4096 layer needs no (h x d x d) tensor. At full ranks the output is exact.
     Biases are carried: the query bias is projected on the new key latent (exact when it
-    lies in its span), value and output biases become the output bias. ``ignore_rope``: a RoPE
-    layer's weights at offset 0 (see :func:`~.view.attention_factors`); the result has no RoPE.
+    lies in its span), value and output biases become the output bias.
+
+    A RoPE layer gives latent RoPE, exact at the exact form's ranks (:func:`.rope.rope_compress`;
+    ranks at most those, ``method='hosvd'``; ``nope_fraction``: partial RoPE, :func:`.rope.derotated`);
+    with ``ignore_rope`` its weights at offset 0 are compressed instead (see
+    :func:`~.view.attention_factors`) and the result has no RoPE.
     """
+    if isinstance(layer, Attention) and layer.rope is not None and not ignore_rope:
+        if method != "hosvd":
+            raise ValueError(f"method={method!r}: a RoPE layer is compressed by its RoPE pairs with method='hosvd' "
+                             f"(or pass ignore_rope=True to compress its weights at offset 0)")
+        return rope_compress(layer, ranks, value_ranks, nope_fraction=nope_fraction)
+    if nope_fraction:
+        raise ValueError(f"nope_fraction={nope_fraction} is partial RoPE, for a layer with RoPE converted with it")
     factors = attention_factors(layer, ignore_rope=ignore_rope)
     highs = (layer.n_heads, layer.d_model, layer.d_model)
     ranks = check_ranks("ranks", ranks, highs)
@@ -79,30 +61,25 @@ def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd"
                                         key_bias=factors.key_bias, out_bias=factors.out_bias)
 
 
-def _check_source(layer, name: str, ignore_rope: bool = False) -> Attention:
+def _check_source(layer, name: str, ignore_rope: bool = False) -> bool:
+    """Whether the RoPE-exact conversion applies (a head-RoPE source); refuses other RoPE sources."""
     if not isinstance(layer, Attention):
         raise TypeError(f"{name} converts tucker_attention attention layers (e.g. MultiHeadAttention), "
                         f"got {type(layer).__name__}")
-    if layer.rope is not None and not ignore_rope:
-        raise ValueError(f"{name}: the source uses RoPE (rope={layer.rope!r}), which an SVD of its weights does "
-                         f"not preserve; convert a layer built with rope=None")
     check_finite(layer)
-    return layer
+    if layer.rope is None or ignore_rope:
+        return False
+    if layer.rope != "head":
+        raise ValueError(f"{name}: the source uses RoPE (rope={layer.rope!r}), which an SVD of its weights does "
+                         f"not preserve (only head RoPE is kept exactly); convert a layer built with rope=None or "
+                         f"pass ignore_rope=True")
+    return True
 
 
 def _query_bias(key_bias: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Per-head query biases b_i (h, k) with B_i b_i = key_bias_i (least squares; exact when the key
     bias lies in the span of B_i, as it does for a layer's own query bias)."""
     return torch.linalg.lstsq(B, key_bias.unsqueeze(-1)).solution.squeeze(-1)
-
-
-def _key_side_basis(factors: HeadFactors, heads: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best common rank-``rank`` key-side (mode-3) subspace of the given heads, (d, rank).
-
-    Minimizes sum_{i in heads} ||T[i] - T[i] P P^T||_F^2: the leading eigenvectors of
-    sum_i B_i (A_i^T A_i) B_i^T, the Gram of those heads' mode-3 unfolding.
-    """
-    return top_eigenvectors(HeadFactors(factors.A[heads], factors.B[heads]).gram(3), rank)
 
 
 def _normalized(gram: torch.Tensor) -> torch.Tensor:
@@ -119,9 +96,11 @@ def mha_to_gqa(layer: Attention, n_kv_heads: int, *, ignore_rope: bool = False) 
     projection is re-expressed in it. Exact when ``n_kv_heads == n_heads``. The query bias
     is carried, value biases move into the output bias, key biases cancel. Works from the
     tensor view, so any layer without RoPE is a source (a RoPE layer with ``ignore_rope``, from its
-    weights at offset 0; the result has no RoPE); head_dim is its per-head factor width.
+    weights at offset 0; the result has no RoPE); head_dim is its per-head factor width. A head-RoPE
+    source keeps its RoPE exactly: key heads are merged pair by pair (:func:`.rope.rope_gqa`).
     """
-    _check_source(layer, "mha_to_gqa", ignore_rope)
+    if _check_source(layer, "mha_to_gqa", ignore_rope):
+        return rope_gqa(layer, n_kv_heads)
     h, d = layer.n_heads, layer.d_model
     check_int("n_kv_heads", n_kv_heads, high=h)
     if h % n_kv_heads:
@@ -141,7 +120,7 @@ def mha_to_gqa(layer: Attention, n_kv_heads: int, *, ignore_rope: bool = False) 
     per_group = h // n_kv_heads
     for g in range(n_kv_heads):
         heads = torch.arange(g * per_group, (g + 1) * per_group)
-        K, V = _key_side_basis(f.pre, heads, hd), _key_side_basis(f.post, heads, hd)   # (d, hd) each
+        K, V = key_side_basis(f.pre, heads, hd), key_side_basis(f.post, heads, hd)   # (d, hd) each
         k_w[g * hd:(g + 1) * hd], v_w[g * hd:(g + 1) * hd] = K.T, V.T
         for i in heads.tolist():
             rows = slice(i * hd, (i + 1) * hd)
@@ -158,7 +137,7 @@ def mha_to_gqa(layer: Attention, n_kv_heads: int, *, ignore_rope: bool = False) 
 
 
 def mha_to_mla(layer: Attention, kv_rank: int, q_rank: int | None = None, *,
-               ignore_rope: bool = False) -> MultiHeadLatentAttention:
+               ignore_rope: bool = False, nope_fraction: float = 0.0) -> MultiHeadLatentAttention:
     """Initialize MLA (shared K/V latent of width ``kv_rank``) from MHA/GQA weights by truncated SVD.
 
     The latent W^DKV spans the leading eigenvectors of the key-side Gram of W plus the
@@ -166,8 +145,14 @@ def mha_to_mla(layer: Attention, kv_rank: int, q_rank: int | None = None, *,
     W^UK_i, W^UV_i re-express each head in it. With ``q_rank`` the query latent W^DQ spans
     the leading query-side (mode-2) subspace of W. Exact at kv_rank = q_rank = d_model.
     Zero or rank-deficient weights give finite factors. ``ignore_rope``: as for :func:`mha_to_gqa`.
+    A head-RoPE source gets latent RoPE on a latent of key pairs (with the source's frequencies) and
+    value directions (:func:`.rope.rope_mla`; kv_rank even, up to 2 d_model, exact when it holds them;
+    ``nope_fraction``: partial RoPE).
     """
-    _check_source(layer, "mha_to_mla", ignore_rope)
+    if _check_source(layer, "mha_to_mla", ignore_rope):
+        return rope_mla(layer, kv_rank, q_rank, nope_fraction=nope_fraction)
+    if nope_fraction:
+        raise ValueError(f"nope_fraction={nope_fraction} is partial RoPE, for a head-RoPE source")
     h, d = layer.n_heads, layer.d_model
     check_int("kv_rank", kv_rank, high=d)
     if q_rank is not None:
@@ -207,25 +192,33 @@ def relative_error(reference: torch.nn.Module, approximation: torch.nn.Module, x
     return float((approximation(x) - want).norm() / want.norm())
 
 
-def input_transform(layer: Attention, matrix: torch.Tensor) -> Attention:
-    """The layer computing ``layer(x @ matrix)`` (matrix (d, d)): every weight acting on x absorbs it.
+def input_transform(layer: Attention, matrix: torch.Tensor, value_matrix: torch.Tensor | None = None) -> Attention:
+    """The layer computing ``layer(x @ matrix)`` (matrix (d, d)): every weight acting on x absorbs it;
+    with ``value_matrix`` the weights that feed only the values (``layer.value_inputs()``) absorb that
+    one instead (the layer then computes values of ``x @ value_matrix``).
 
     With ``matrix = S = Sigma^{1/2}`` (Sigma = E[x^T x] of real inputs) a conversion done on the
     transformed layer minimizes the error on those inputs (activation-aware truncation:
     ||S (W - W_hat) S||_F for W, ||(W_tilde - W_tilde_hat) S||_F for W_tilde); ``S^{-1}`` maps back.
+    A value error reaches the output through the attention-mixed inputs z_m = sum_n a_mn x_n, so
+    ``value_matrix`` = the square root of their second moment weighs W_tilde by what it acts on.
     """
     check_finite(layer)
     d = layer.d_model
-    if not isinstance(matrix, torch.Tensor) or tuple(matrix.shape) != (d, d):
-        raise ValueError(f"matrix must be (d_model, d_model) = ({d}, {d}), got "
-                         f"{tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__}")
+    for name, given in (("matrix", matrix), ("value_matrix", value_matrix)):
+        if (given is not None or name == "matrix") and (not isinstance(given, torch.Tensor)
+                                                        or tuple(given.shape) != (d, d)):
+            raise ValueError(f"{name} must be (d_model, d_model) = ({d}, {d}), got "
+                             f"{tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__}")
     ref = next(layer.parameters())
     M = matrix.detach().to(device=ref.device, dtype=torch.float64)
+    V = M if value_matrix is None else value_matrix.detach().to(device=ref.device, dtype=torch.float64)
+    values = set(layer.value_inputs())
     new = copy.deepcopy(layer).to(torch.float64)
     with torch.no_grad():
         for name, kind in layer.input_weights().items():
-            p = new.get_parameter(name)
-            p.copy_(p @ M.T if kind == "linear" else M @ p)       # Linear (out, d): (xM) W^T; factor (d, r): (xM) U
+            p, m = new.get_parameter(name), V if name in values else M
+            p.copy_(p @ m.T if kind == "linear" else m @ p)       # Linear (out, d): (xM) W^T; factor (d, r): (xM) U
     return new.to(dtype=ref.dtype)
 
 
@@ -251,21 +244,33 @@ CONVERSIONS = ("gqa", "mla", "tucker")
 
 
 def convert_layer(layer: Attention, method: str, setting, *, value_ranks=None, hosvd: str = "hosvd",
-                  n_iter: int = 10, ignore_rope: bool = False) -> Attention:
+                  n_iter: int = 10, ignore_rope: bool = False, nope_fraction: float = 0.0) -> Attention:
     """``layer`` converted to ``method`` ('gqa' | 'mla' | 'tucker'), initialized from its weights:
     the SVD baselines for GQA/MLA, truncated HOSVD (``hosvd='hooi'``: refined by ``n_iter``
-    HOOI sweeps) for Tucker. The result has no RoPE.
+    HOOI sweeps) for Tucker. A RoPE source keeps its RoPE exactly (module docstring).
 
-    setting: n_kv_heads (gqa); kv_rank or (kv_rank, q_rank) (mla); ranks (r1, r2, r3) (tucker).
+    setting: n_kv_heads (gqa); kv_rank or (kv_rank, q_rank) (mla); ranks (r1, r2, r3) (tucker);
+    None: full rank (the source's key heads, else n_heads; MLA kv_rank d_model, or every key pair and value
+    direction under RoPE; Tucker (h, d, d), or the exact latent-RoPE form).
     ignore_rope: convert a RoPE layer from its weights at offset 0 (an approximation of its
-    position-dependent logits; the caller decides which RoPE the result gets).
+    position-dependent logits; the result has no RoPE, the caller decides which it gets).
+    nope_fraction: Tucker / MLA of a RoPE source: partial RoPE (:func:`.rope.derotated`).
     """
     check_choice("method", method, CONVERSIONS)
     if method != "tucker" and value_ranks is not None:
         raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
+    rope = layer.rope is not None and not ignore_rope if isinstance(layer, Attention) else False
     if method == "gqa":
-        return mha_to_gqa(layer, setting, ignore_rope=ignore_rope)
+        if nope_fraction:
+            raise ValueError("nope_fraction is for tucker and mla: GQA keeps every head's RoPE")
+        native = layer.native_setting("gqa") if setting is None else None
+        return mha_to_gqa(layer, setting if setting is not None else native or layer.n_heads, ignore_rope=ignore_rope)
     if method == "mla":
-        kv_rank, q_rank = (setting, None) if not isinstance(setting, (tuple, list)) else tuple(setting)
-        return mha_to_mla(layer, kv_rank, q_rank, ignore_rope=ignore_rope)
-    return compress(layer, tuple(setting), value_ranks, method=hosvd, n_iter=n_iter, ignore_rope=ignore_rope)
+        kv_rank, q_rank = tuple(setting) if isinstance(setting, (tuple, list)) else (setting, None)
+        if kv_rank is None and not rope:
+            kv_rank = layer.d_model
+        return mha_to_mla(layer, kv_rank, q_rank, ignore_rope=ignore_rope, nope_fraction=nope_fraction)
+    if setting is None and not rope:
+        setting = (layer.n_heads, layer.d_model, layer.d_model)
+    return compress(layer, None if setting is None else tuple(setting), value_ranks, method=hosvd, n_iter=n_iter,
+                    ignore_rope=ignore_rope, nope_fraction=nope_fraction)

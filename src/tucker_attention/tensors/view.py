@@ -15,7 +15,7 @@ from ..layers.factors import AttentionFactors, HeadFactors, sum_over_heads
 from .algebra import TuckerTensor, _check_ranks, mode_product, top_eigenvectors, unfold
 
 __all__ = ["AttentionFactors", "HeadFactors", "attention_factors", "attention_tensors", "check_finite",
-           "factored_hosvd"]
+           "factored_hosvd", "key_side_basis"]
 
 
 def check_finite(layer: Attention) -> None:
@@ -87,3 +87,12 @@ def factored_hosvd(factors: HeadFactors, ranks, *, method: str = "hosvd", n_iter
         if core.norm() > best.core.norm():
             best = TuckerTensor(core, (U1, U2, U3))
     return best
+
+
+def key_side_basis(factors: HeadFactors, heads: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best common rank-``rank`` key-side (mode-3) subspace of the given heads, (d, rank).
+
+    Minimizes sum_{i in heads} ||T[i] - T[i] P P^T||_F^2: the leading eigenvectors of
+    sum_i B_i (A_i^T A_i) B_i^T, the Gram of those heads' mode-3 unfolding.
+    """
+    return top_eigenvectors(HeadFactors(factors.A[heads], factors.B[heads]).gram(3), rank)

@@ -1,0 +1,120 @@
+"""Settings of a conversion that only a measurement can settle, chosen by measuring them.
+
+Keeping RoPE exact limits a truncation to mixing pairs of one frequency; partial RoPE (the
+lowest frequencies stop rotating, :func:`tucker_attention.tensors.rope.derotated`) frees it but
+changes the positional scheme. Under a parameter budget, Tucker can also spend it on a wider key
+latent (r3) or a wider query side (r2). Neither follows from the weights alone, so
+:func:`measured` converts each candidate and keeps the one whose next-token KL (an encoder's
+cosine) against the source is best on held-in calibration pieces, never the evaluation ones:
+first the partial-RoPE share at the middle setting, then the other settings at that share.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .source import ConvertError
+
+#: Shares of the lowest RoPE frequencies that partial-RoPE candidates stop rotating.
+NOPE_FRACTIONS = (0.0, 0.25, 0.5, 0.625)
+#: Held-in calibration batches a candidate is measured on.
+SELECTION_BATCHES = 2
+
+
+@dataclass
+class Choice:
+    """The conversion kept: its model, setting (ranks, value_ranks) and index among the settings, its
+    partial-RoPE share and warnings; ``scores`` [(label, score)] of every candidate measured (empty
+    when there was nothing to choose)."""
+    model: nn.Module
+    setting: tuple
+    index: int
+    nope_fraction: float
+    notes: list[str]
+    scores: list[tuple[str, dict]] = field(default_factory=list)
+
+    def table(self) -> str | None:
+        if not self.scores:
+            return None
+        metric = "cosine" if "cosine" in self.scores[0][1] else "kl"
+        lines = [f"chosen by measurement ({metric} against the source on {SELECTION_BATCHES} held-in calibration "
+                 f"batches):"]
+        best = min(self.scores, key=lambda item: -item[1]["cosine"] if metric == "cosine" else item[1]["kl"])
+        lines += [f"  {label}: {metric} {score[metric]:.4g}" + ("  <- kept" if label == best[0] else "")
+                  for label, score in self.scores]
+        return "\n".join(lines)
+
+
+def _label(setting: tuple, nope_fraction: float) -> str:
+    ranks, value_ranks = setting
+    if isinstance(ranks, list):                         # per-layer ranks: show the first layer's
+        ranks, value_ranks = ranks[0], value_ranks[0] if value_ranks else None
+    width = f"ranks {ranks}" + (f" / {value_ranks}" if value_ranks is not None else "")
+    rope = "RoPE exact" if not nope_fraction else f"partial RoPE ({nope_fraction:g} of frequencies unrotated)"
+    return f"{width}, {rope}"
+
+
+def _rope_kept(method: str, layers: dict) -> bool:
+    """Whether ``method`` keeps these layers' RoPE (so partial RoPE is an option): Tucker of any RoPE,
+    MLA of head RoPE."""
+    ropes = {layer.rope for layer in layers.values()} - {None}
+    return bool(ropes) and (method == "tucker" or (method == "mla" and ropes == {"head"}))
+
+
+def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict, partial_rope, *, calibration,
+             batches, kind: str, progress: bool = False) -> Choice:
+    """Convert ``model`` (a copy) with ``settings`` [(ranks, value_ranks)] and the partial-RoPE shares
+    ``partial_rope`` allows ('auto': :data:`NOPE_FRACTIONS` below full rank), measuring on the first
+    :data:`SELECTION_BATCHES` of ``batches`` when there is more than one candidate."""
+    full = settings == [(None, None)]
+    if partial_rope == "auto":
+        nopes = list(NOPE_FRACTIONS) if _rope_kept(method, layers) and not full else [0.0]
+    else:
+        if partial_rope and not _rope_kept(method, layers):
+            raise ConvertError("partial_rope", f"partial RoPE is for tucker (a RoPE source) or mla (a head-RoPE "
+                                               f"source), not {method} of this model")
+        nopes = [float(partial_rope)]
+    middle = len(settings) // 2
+    if len(nopes) == 1 and len(settings) == 1:
+        return _convert(model, method, settings[0], 0, nopes[0], calibration, progress)
+    from .source import fidelity, reference_outputs
+
+    selection = batches[:SELECTION_BATCHES]
+    reference = reference_outputs(model, selection, kind)
+    best, scores = None, []
+
+    def measure(index: int, nope: float) -> None:
+        nonlocal best
+        choice = _convert(model, method, settings[index], index, nope, calibration, progress)
+        score = fidelity(reference, choice.model, selection, kind)
+        scores.append((_label(settings[index], nope), score))
+        better = best is None or (score["cosine"] > best[1]["cosine"] if "cosine" in score
+                                  else score["kl"] < best[1]["kl"])
+        if better:
+            best = (choice, score)
+
+    for nope in nopes:                                 # the partial-RoPE share at the middle setting
+        measure(middle, nope)
+    for index in range(len(settings)):                 # then the other settings at the share kept
+        if index != middle:
+            measure(index, best[0].nope_fraction)
+    best[0].scores = scores
+    return best[0]
+
+
+def _convert(model, method: str, setting: tuple, index: int, nope: float, calibration, progress: bool) -> Choice:
+    from .convert import convert
+
+    ranks, value_ranks = setting
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=calibration,
+                                nope_fraction=nope, inplace=False, progress=progress).eval()
+        except ValueError as err:
+            raise ConvertError("ranks", str(err)) from None
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return Choice(converted, setting, index, nope, notes)
