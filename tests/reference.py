@@ -78,8 +78,11 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
         q = _heads(lin("q_proj", x), H)
         k = _heads(lin("k_proj", x), layer.n_kv_heads).repeat_interleave(group, 1)
         v = _heads(lin("v_proj", x), layer.n_kv_heads).repeat_interleave(group, 1)
-        if layer.rope is not None:
-            q, k = rotate(q, positions), rotate(k, positions)
+        if layer.rope is not None:                               # the first rope_dim dims of each head
+            width = layer.config()["rope_dim"] or q.shape[-1]
+            turn = lambda t: torch.cat([rotate(t[..., :width], positions, layer.rope_base, layer.rope_freqs),  # noqa: E731
+                                        t[..., width:]], dim=-1)
+            q, k = turn(q), turn(k)
         o = _softmax_attention(layer.scale * q @ k.transpose(-1, -2), v, layer.causal, mask)
         return lin("o_proj", o.transpose(1, 2).reshape(B, T, -1))
     if isinstance(layer, MultiHeadLatentAttention):
@@ -101,12 +104,14 @@ def reference_forward(layer, x: torch.Tensor, positions=None, mask=None) -> torc
         if layer.rope == "latent":                                 # coupled RoPE on the latent
             w_uk = p["k_up.weight"].view(H, layer.head_dim, layer.kv_rank)
             q_lat = torch.einsum("bhtd,hdc->bhtc", q, w_uk)
-            logits = rotate(q_lat, positions) @ rotate(c_k[:, None], positions).transpose(-1, -2)
+            freqs = (layer.rope_base, layer.rope_freqs)
+            logits = rotate(q_lat, positions, *freqs) @ rotate(c_k[:, None], positions, *freqs).transpose(-1, -2)
         else:
             logits = q @ k.transpose(-1, -2)
             if layer.rope == "decoupled":
-                q_r = rotate(_heads(lin("q_rope", c_q), H), positions)
-                k_r = rotate(lin("k_rope", x)[:, None], positions)
+                freqs = (layer.rope_base, layer.rope_freqs)
+                q_r = rotate(_heads(lin("q_rope", c_q), H), positions, *freqs)
+                k_r = rotate(lin("k_rope", x)[:, None], positions, *freqs)
                 logits = logits + q_r @ k_r.transpose(-1, -2)
         o = _softmax_attention(layer.scale * logits, v, layer.causal, mask)
         return lin("o_proj", o.transpose(1, 2).reshape(B, T, -1))

@@ -176,6 +176,58 @@ def test_tucker_budget_params_on_gpt2(folders, tmp_path, capsys):
     assert "energy level" in printed and "per-layer ranks" in printed
 
 
+def test_llama_full_rank_keeps_rope_exactly(folders, tmp_path, capsys):
+    rc, printed, err = run([folders["llama"], "--method", "tucker", "--ranks", "full", "--out", tmp_path / "o",
+                            *FAST], capsys)
+    assert rc == 0, err
+    rows = table(printed)
+    assert number(rows["converted"][2]) < 1e-8 and number(rows["converted"][3]) == 1.0
+    assert "chosen by measurement" not in printed and "note:" not in printed        # exact: nothing to say
+
+
+def test_tucker_kv_budget_chooses_partial_rope_by_measurement(folders, tmp_path):
+    from tucker_attention.hf.choose import NOPE_FRACTIONS
+
+    report = convert_folder(folders["llama"], "tucker", budget_kv=0.5, out=tmp_path / "o", **KW)
+    src, conv = report["source"], report["converted"]
+    assert conv["kv_floats_per_token"] <= src["kv_floats_per_token"] // 2
+    assert conv["attention_params"] <= src["attention_params"]                   # the other budget holds too
+    lines = report["choice"].splitlines()[1:]
+    assert len(lines) == len(NOPE_FRACTIONS) and sum("<- kept" in line for line in lines) == 1
+    scores = [float(line.split("kl ")[1].split()[0]) for line in lines]
+    kept = next(i for i, line in enumerate(lines) if "<- kept" in line)
+    assert scores[kept] == min(scores) and report["nope_fraction"] == NOPE_FRACTIONS[kept]
+    fixed = convert_folder(folders["llama"], "tucker", budget_kv=0.5, partial_rope=0.0, out=tmp_path / "f", **KW)
+    assert fixed["choice"] is None and fixed["nope_fraction"] == 0.0
+
+
+def test_tucker_params_budget_also_measures_the_key_width(folders, tmp_path):
+    report = convert_folder(folders["llama"], "tucker", budget_params=0.5, out=tmp_path / "o", **KW)
+    lines = report["choice"].splitlines()[1:]
+    widths = {line.split("ranks (")[1].split(")")[0] for line in lines}
+    assert len(lines) == 4 + 2 and len(widths) == 3                               # shares, then two more widths
+    assert report["converted"]["attention_params"] <= 0.5 * report["source"]["attention_params"]
+    assert report["converted"]["kv_floats_per_token"] <= report["source"]["kv_floats_per_token"]
+
+
+def test_mla_kv_budget_takes_a_query_latent_rather_than_more_parameters(folders, tmp_path):
+    report = convert_folder(folders["llama"], "mla", budget_kv=0.75, partial_rope=0.0, out=tmp_path / "o", **KW)
+    src, conv = report["source"], report["converted"]
+    assert isinstance(report["ranks"], list) and len(report["ranks"]) == 2       # (kv_rank, q_rank)
+    assert conv["attention_params"] <= src["attention_params"]
+    assert conv["kv_floats_per_token"] <= 0.75 * src["kv_floats_per_token"]
+    from tucker_attention.hf import attention_layers
+    from tucker_attention.hf.pipeline import load_source
+    from tucker_attention.tensors import plan_setting
+
+    layers = attention_layers(load_source(folders["llama"])["model"])
+    kv_rank, q_rank = report["ranks"]
+    wider = sum(converted_cost(layer, "mla", (kv_rank + 2, 1))[0] for layer in layers.values())
+    assert wider > src["attention_params"]                     # a wider latent fits no query latent at all
+    with pytest.raises(ValueError, match="params budget 100 is below the smallest mla setting"):
+        plan_setting(layers, "mla", kv=0.75, params=100, query_latent=True)
+
+
 def test_tucker_full_rank_gpt2_is_exact(folders, tmp_path):
     report = convert_folder(folders["gpt2"], "tucker", ranks=(HEADS, D, D), out=tmp_path / "o", **KW)
     assert report["converted"]["kl"] < 1e-8 and report["converted"]["top1"] == 1.0
@@ -264,6 +316,11 @@ BAD = [
     ("gpt2", ["--method", "gqa", "--ranks", "2", "--calibration", "nowhere.txt"], ["--calibration", "does not exist"]),
     ("gpt2", ["--method", "gqa", "--ranks", "2", "--calibration", "TEXT"], ["--calibration", "no tokenizer"]),
     ("vit", ["--method", "gqa", "--ranks", "2", "--calibration", "TEXT"], ["--calibration", "images"]),
+    ("llama", ["--method", "tucker", "--ranks", "4,32,18"], ["--ranks", "r3=18 exceeds the exact form's=16",
+                                                             "exact latent-RoPE form"]),
+    ("llama", ["--method", "tucker", "--budget-kv", "0.999", "--partial-rope", "2"], ["--partial-rope", "[0, 1]"]),
+    ("llama", ["--method", "gqa", "--ranks", "1", "--partial-rope", "0.5"], ["--partial-rope", "not gqa"]),
+    ("gpt2", ["--method", "tucker", "--ranks", "full", "--partial-rope", "0.5"], ["--partial-rope", "not tucker"]),
 ]
 
 

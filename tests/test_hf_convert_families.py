@@ -54,7 +54,7 @@ def implementation(family: str) -> str:
 def float64_rope(model, monkeypatch) -> None:
     """transformers' RoPE tables (float32 angles by design) computed in float64 from the same frequencies."""
     for module in model.modules():
-        if "RotaryEmbedding" not in type(module).__name__:
+        if "RotaryEmbedding" not in type(module).__name__ or not type(module).__module__.startswith("transformers"):
             continue
 
         def forward(x, position_ids, layer_type=None, module=module):
@@ -161,3 +161,39 @@ def test_a_4x_smaller_cache_generates_like_recomputation_and_holds_what_it_promi
         # non-persistent embedding normalizer is rebuilt in float32); every other family: rounding only.
         tolerance = 1e-5 if family.startswith("gemma") else 1e-12
         assert (loaded(input_ids=tokens).logits - converted(input_ids=tokens).logits).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_one_key_head_keeps_its_q_k_norms_exactly(family, monkeypatch, tmp_path):
+    """With one key head the latent is that head, so the q/k norms stay: full-rank Tucker is exact."""
+    import tucker_attention.hf.tiny as tiny
+
+    name, make_config, structure, cls = FAMILIES[family]
+    monkeypatch.setitem(tiny.FAMILIES, family, (name, lambda: _one_key_head(make_config()), structure, cls))
+    model = build(family, unit_scale=True)
+    model.set_attn_implementation("sdpa")
+    float64_internals(model, monkeypatch)
+    float64_rope(model, monkeypatch)
+    tokens = ids()
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)       # exact: nothing linearized
+        converted = convert(model, "tucker", inplace=False)
+    assert all(b.layer.q_norm is not None for b in converted_blocks(converted).values())
+    with torch.no_grad():
+        got = converted(input_ids=tokens).logits
+    assert (got - want).abs().max() <= 1e-9
+    converted.save_pretrained(tmp_path)                     # the norms travel in the saved config and weights
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, attn_implementation="sdpa")
+    float64_internals(loaded, monkeypatch)
+    float64_rope(loaded, monkeypatch)
+    with torch.no_grad():                                   # Gemma's embedding normalizer reloads in float32
+        assert (loaded(input_ids=tokens).logits - got).abs().max() <= (1e-5 if family == "gemma3" else 1e-9)
+    with pytest.warns(UserWarning, match="linearized"):    # truncated: the norms are linearized, and said so
+        convert(model, "tucker", ranks=(4, 16, 8), inplace=False)
+
+
+def _one_key_head(config):
+    config.num_key_value_heads = 1
+    return config

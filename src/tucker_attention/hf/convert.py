@@ -60,6 +60,12 @@ def _ignores_rope(source: Attention, method: str) -> bool:
     return source.rope is not None and method != "tucker" and source.rope != "head"
 
 
+def _keeps_norms(source: Attention, method: str, ranks, value_ranks=None) -> bool:
+    """Whether a non-linear source converts with its norms kept exactly (full-rank Tucker of a layer
+    whose exact form keeps them: one key head under q/k norms), not linearized."""
+    return method == "tucker" and ranks is None and value_ranks is None and source.exact_with_norms()
+
+
 def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
     """Why converting ``source`` to ``method`` at ``ranks`` changes its outputs beyond truncation
     (empty when the conversion is exact at full rank)."""
@@ -67,7 +73,7 @@ def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
     if native is not None and ranks in (None, native):
         return []                                               # a copy of the block
     reasons = []
-    if source.nonlinearity():
+    if source.nonlinearity() and not _keeps_norms(source, method, ranks):
         reasons.append(f"{source.nonlinearity()} has no linear tensor form: each norm becomes its gain times "
                        f"the 1/rms its inputs had on the calibration inputs (Attention.linearized)")
     if _ignores_rope(source, method):
@@ -119,7 +125,7 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
     or its :class:`~.calibration.BlockStatistics` (:func:`~.calibration.attention_statistics`): the
     truncation then minimizes the error on such inputs instead of on the weights alone (values on
     the attention-mixed inputs when measured), and a non-linear source (q/k norms) is linearized
-    with the norms' scales on such inputs. nope_fraction: partial RoPE for Tucker / MLA of a RoPE
+    with the norms' scales on such inputs (at full rank Tucker keeps one key head's q/k norms). nope_fraction: partial RoPE for Tucker / MLA of a RoPE
     source (:func:`tucker_attention.tensors.rope.derotated`).
     A source that already has the target structure and setting is copied (exact, norms kept).
     """
@@ -128,7 +134,8 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
     if native is not None and ranks in (None, native) and not nope_fraction:
         return copy.deepcopy(source)
     whiten = _whitenings(input_cov, method)
-    linear = source.linearized(input_cov.inputs if isinstance(input_cov, BlockStatistics) else input_cov)
+    inputs = input_cov.inputs if isinstance(input_cov, BlockStatistics) else input_cov
+    linear = source if _keeps_norms(source, method, ranks, value_ranks) else source.linearized(inputs)
     ignore = _ignores_rope(source, method)
     options = {"value_ranks": value_ranks, "hosvd": hosvd, "n_iter": n_iter, "ignore_rope": ignore,
                "nope_fraction": nope_fraction}

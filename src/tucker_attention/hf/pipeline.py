@@ -338,11 +338,43 @@ def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stat
     return [(p.ranks, p.value_ranks) for p in plans], {i: p.table() for i, p in enumerate(plans)}
 
 
+def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None, budget_params=None,
+                  budget_kv=None, partial_rope: str | float = "auto", statistics, batches, kind: str,
+                  progress: bool = False) -> tuple[nn.Module, dict]:
+    """What :func:`convert_folder` does to a model it has loaded and calibrated: plan the setting,
+    choose what only a measurement settles (:mod:`.choose`) and convert a copy.
+
+    model: a loaded transformers model (float32, eval), left unchanged. ranks / value_ranks /
+    budget_params / budget_kv / partial_rope: as for :func:`convert_folder` (one of ranks and a
+    budget). statistics: :func:`~.calibration.attention_statistics` of ``batches``, the held-in
+    calibration batches candidates are measured on. kind: 'decoder' | 'classifier' | 'encoder'.
+
+    Returns (converted model, {'label', 'ranks', 'value_ranks', 'nope_fraction', 'choice' (the
+    measurement table or None), 'plan' (the plan table or None), 'notes' (warnings)}).
+    """
+    from .choose import measured
+    from .read import attention_layers
+
+    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
+    _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None)
+    layers = attention_layers(model)
+    ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
+    budget = _budget(budgets, layers)
+    settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, statistics)
+    choice = measured(model, method, settings, layers, partial_rope, calibration=statistics, batches=batches,
+                      kind=kind, progress=progress)
+    ranks, value_ranks = choice.setting
+    return choice.model, {"label": setting_label(method, ranks, value_ranks),
+                          "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,
+                          "value_ranks": list(value_ranks) if isinstance(value_ranks, tuple) else value_ranks,
+                          "nope_fraction": choice.nope_fraction, "choice": choice.table(),
+                          "plan": plans.get(choice.index), "notes": choice.notes}
+
+
 def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
              dtype: str, partial_rope, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
              progress: bool) -> dict:
     from .calibration import attention_statistics
-    from .choose import measured
     from .models import BUNDLED, model_path
     from .read import attention_layers
 
@@ -365,17 +397,15 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         layers = attention_layers(model)
     except (ValueError, TypeError) as err:
         raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
-    ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
-    budget = _budget(budgets, layers)
-    if budget is not None and method != "tucker":      # GQA / MLA settings do not depend on the calibration
-        _settings(model, method, layers, ranks, value_ranks, budget, None)
+    checked = _normalized_ranks(method, ranks, value_ranks, layers)
+    if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
+        _settings(model, method, layers, *checked, _budget(budgets, layers), None)
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
     stats = attention_statistics(model, cal, progress=progress)
-    settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, stats)
-    choice = measured(model, method, settings, layers, partial_rope, calibration=stats, batches=cal, kind=kind,
-                      progress=progress)
-    converted, (ranks, value_ranks) = choice.model, choice.setting
+    converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
+                                    budget_kv=budget_kv, partial_rope=partial_rope, statistics=stats, batches=cal,
+                                    kind=kind, progress=progress)
     before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
     scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
@@ -387,16 +417,12 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
                  error=ConvertError)
     shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
-    return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind,
-            "method": method, "label": setting_label(method, ranks, value_ranks),
-            "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,
-            "value_ranks": list(value_ranks) if isinstance(value_ranks, tuple) else value_ranks,
-            "nope_fraction": choice.nope_fraction, "choice": choice.table(),
+    return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind, "method": method, **info,
             "budget": {k.removeprefix("budget_"): v for k, v in budgets.items()} or None,
-            "plan": plans.get(choice.index), "dtype": str(target_dtype).removeprefix("torch."), "data": data,
+            "dtype": str(target_dtype).removeprefix("torch."), "data": data,
             "tokenizer": tokenizer is not None, "generation_config": generation_config is not None,
             "source": {**before, **reference}, "converted": {**after, **scores},
-            "notes": choice.notes, "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start}
 
 
 def format_report(report: dict) -> str:

@@ -220,6 +220,11 @@ class Attention(nn.Module, ABC):
         A non-linear layer has no tensor view; :meth:`linearized` gives the nearest linear one."""
         return None
 
+    def exact_with_norms(self) -> bool:
+        """Whether :meth:`exact_tucker` keeps this non-linear layer's norms exactly (a Tucker layer's
+        latent q/k norms can be its norms), so a full-rank conversion need not linearize it."""
+        return False
+
     def linearized(self, input_cov: torch.Tensor | None = None) -> Attention:
         """The nearest linear layer (this one when it is linear). ``input_cov`` (d, d): the second
         moment of the layer's inputs, which a linearization may use to estimate norm scales."""

@@ -174,8 +174,10 @@ class GroupedQueryAttention(Attention):
         Under head RoPE the key heads are stacked as latent RoPE pairs (:meth:`latent_pairs`): the
         latent pair of head g's pair j carries that pair's frequency, a partial-RoPE head's other
         dims become pairs of frequency 0, and the query and key biases latent biases, so the
-        latent-RoPE Tucker layer computes the same logits at every position."""
-        self._check_linear("exact Tucker form")
+        latent-RoPE Tucker layer computes the same logits at every position. With ``qk_norm`` and one
+        key head the latent is that head, so the norms become the latent's (:meth:`exact_with_norms`)."""
+        if not self.exact_with_norms():
+            self._check_linear("exact Tucker form")
         p = {name: t.detach().to(torch.float64) for name, t in self.named_parameters()}
         h = self.n_heads
         eye = torch.eye(h, dtype=torch.float64)
@@ -183,15 +185,30 @@ class GroupedQueryAttention(Attention):
         form = {"pre": (route, (eye, p["q_proj.weight"].T, p["k_proj.weight"].T)),
                 "post": (route.clone(), (eye, p["o_proj.weight"], p["v_proj.weight"].T)),
                 "shared_kv": False, "rope": None, "rope_freqs": None}
-        if self.rope is None:
+        if self.rope is None and self.q_norm is None:
             return form
-        order, freqs = self.latent_pairs()
+        order, freqs = self.latent_pairs() if self.rope is not None else (torch.arange(self.head_dim), None)
         form["pre"] = (route[:, :, order], (eye, p["q_proj.weight"].T, p["k_proj.weight"].T[:, order]))
-        form.update(rope="latent", rope_freqs=freqs.tolist())
-        if "q_proj.bias" in p:
+        if self.rope is not None:
+            form.update(rope="latent", rope_freqs=freqs.tolist())
+        if self.q_norm is not None:                   # one key head: its dims are the latent's
+            form["qk_norm"] = (p["q_norm.weight"][order], p["k_norm.weight"][order], self.norm_eps)
+            form["out_bias"] = self._passed_out_bias(p)
+        if "q_proj.bias" in p:                        # latent biases: a key bias neither cancels under RoPE nor a norm
             form["q_bias"] = torch.einsum("a,iab->ib", p["q_proj.bias"], route)[:, order]   # (h, n_kv*hd)
             form["k_bias"] = p["k_proj.bias"][order]
         return form
+
+    def exact_with_norms(self) -> bool:
+        return self.q_norm is not None and self.n_kv_heads == 1
+
+    def _passed_out_bias(self, p: dict) -> torch.Tensor | None:
+        """The output bias with the value biases passed through softmax (None without biases)."""
+        if "o_proj.bias" not in p:
+            return None
+        group = torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+        C = head_blocks(p["o_proj.weight"].T, self.n_heads)
+        return p["o_proj.bias"] + torch.einsum("idk,ik->d", C, p["v_proj.bias"].view(self.n_kv_heads, -1)[group])
 
     def latent_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order (n_kv*hd,), frequencies (n_kv*hd/2,)): the stacked key heads' columns in latent

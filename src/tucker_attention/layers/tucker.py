@@ -88,8 +88,13 @@ class TuckerAttention(Attention):
             ``rope_base ** (-2j / r3)``.
         causal, dropout, rope_base: as on every layer. scale: default 1/sqrt(r3).
         bias: a per-head query bias in the latent (H, r3) and an output bias (d); under RoPE also a
-            key bias in the latent (r3), rotated with the keys. Without RoPE a key bias cancels in
-            softmax, and a value bias always passes through softmax into the output bias.
+            key bias in the latent (r3), rotated with the keys (also with ``qk_norm``, normed with them).
+            Otherwise a key bias cancels in softmax; a value bias always passes through softmax into
+            the output bias.
+        qk_norm: RMSNorm over r3 on each head's latent query and on the key latent, before RoPE
+            (a one-key-head Qwen3 / Gemma 3 layer in its exact latent form: the latent is that
+            head); not with ``shared_kv``. It keeps r3 at its rank in :meth:`truncated`. norm_eps:
+            its epsilon.
     """
 
     method = "tucker"
@@ -100,10 +105,16 @@ class TuckerAttention(Attention):
     def __init__(self, d_model: int, n_heads: int, ranks: tuple[int, int, int], *,
                  value_ranks: tuple[int, int, int] | None = None, shared_kv: bool = False,
                  causal: bool = False, rope: str | bool | None = None, dropout: float = 0.0, bias: bool = False,
-                 scale: float | None = None, rope_base: float = 10000.0, rope_freqs: tuple[float, ...] | None = None):
+                 scale: float | None = None, rope_base: float = 10000.0, rope_freqs: tuple[float, ...] | None = None,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
         check_int("d_model", d_model)
         check_int("n_heads", n_heads)
         rope = self.rope_mode(rope)
+        if qk_norm and shared_kv:
+            raise ValueError("qk_norm normalizes the key latent, which a shared latent also serves as values; "
+                             "use shared_kv=False with qk_norm=True")
+        if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and 0 < norm_eps < 1):
+            raise ValueError(f"norm_eps must be a float in (0, 1), got {norm_eps!r}")
         highs = (n_heads, d_model, d_model)
         r1, r2, r3 = check_ranks("ranks", ranks, highs[:2] + (None if rope else d_model,))
         vr1, vr2, vr3 = check_ranks("value_ranks", value_ranks if value_ranks is not None else ranks,
@@ -124,13 +135,22 @@ class TuckerAttention(Attention):
         self.U2_tilde = nn.Parameter(empty(d_model, vr2))
         self.U3_tilde = None if shared_kv else nn.Parameter(empty(d_model, vr3))
         self.q_bias = nn.Parameter(empty(n_heads, r3)) if bias else None
-        self.k_bias = nn.Parameter(empty(r3)) if bias and rope else None
+        self.k_bias = nn.Parameter(empty(r3)) if bias and (rope or qk_norm) else None
         self.out_bias = nn.Parameter(empty(d_model)) if bias else None
+        self.norm_eps = float(norm_eps)
+        self.q_norm = nn.RMSNorm(r3, eps=self.norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(r3, eps=self.norm_eps) if qk_norm else None
         self.reset_parameters()
 
     def config(self) -> dict:
+        norms = {"qk_norm": True, "norm_eps": self.norm_eps} if self.q_norm is not None else {}
         return {**self._common_config(), "ranks": self.ranks, "value_ranks": self.value_ranks,
-                "shared_kv": self.shared_kv, "bias": self.q_bias is not None}
+                "shared_kv": self.shared_kv, "bias": self.q_bias is not None, **norms}
+
+    def nonlinearity(self) -> str | None:
+        if self.q_norm is not None:
+            return "RMSNorm on each head's latent query and on the key latent (qk_norm)"
+        return None
 
     @property
     def value_factor(self) -> torch.Tensor:
@@ -159,7 +179,11 @@ class TuckerAttention(Attention):
         return _head_core(self.U1, self.core), _head_core(self.U1_tilde, self.core_tilde)
 
     def tensor_view(self, dtype: torch.dtype = torch.float64) -> AttentionFactors:
-        """A_i = U2 G[i], B_i = U3; C_i = U2~ G~[i], D_i = U3~; the query bias seen through U3."""
+        """A_i = U2 G[i], B_i = U3; C_i = U2~ G~[i], D_i = U3~; the query bias seen through U3 (a key
+        bias cancels at offset 0)."""
+        if self.q_norm is not None:
+            raise ValueError(f"TuckerAttention with qk_norm is not linear in x ({self.nonlinearity()}), so it has "
+                             f"no tensor view")
         p = {name: t.detach().to(dtype) for name, t in self.named_parameters()}
         h = self.n_heads
         G, G_tilde = (_head_core(p[u], p[c]) for u, c in (("U1", "core"), ("U1_tilde", "core_tilde")))
@@ -174,26 +198,33 @@ class TuckerAttention(Attention):
         form = {"pre": (p["core"], (p["U1"], p["U2"], p["U3"])),
                 "post": (p["core_tilde"], (p["U1_tilde"], p["U2_tilde"], p.get("U3_tilde", p["U3"]))),
                 "shared_kv": self.shared_kv, "rope": self.rope, "rope_freqs": self.rope_freqs}
+        if self.q_norm is not None:
+            form["qk_norm"] = (p["q_norm.weight"], p["k_norm.weight"], self.norm_eps)
+            form["out_bias"] = p.get("out_bias")
         return {**form, **{name: p[name] for name in ("q_bias", "k_bias") if name in p}}
 
     @classmethod
     def from_factors(cls, source: Attention, pre, post, *, key_bias=None, out_bias=None, q_bias=None, k_bias=None,
-                     shared_kv: bool = False, rope: str | None = None, rope_freqs=None) -> TuckerAttention:
+                     shared_kv: bool = False, rope: str | None = None, rope_freqs=None,
+                     qk_norm=None) -> TuckerAttention:
         """A layer holding the Tucker pairs ``pre`` = (core, (U1, U2, U3)) and ``post`` (float64)
         with ``source``'s d_model, n_heads, causal, scale, dropout, rope_base, dtype and device.
 
         Query bias: ``q_bias`` (H, r3) in the latent, or ``key_bias`` (H, d), the query bias seen
         from the key side, fitted as q_bias with U3 q_bias_i ~ key_bias_i (exact when it lies in
         U3's span). k_bias (r3,): the latent key bias (RoPE only). out_bias (d). rope_freqs: the
-        frequency of each latent pair (r3/2,), default ``source.rope_base ** (-2j / r3)``."""
+        frequency of each latent pair (r3/2,), default ``source.rope_base ** (-2j / r3)``. qk_norm:
+        (query gain (r3,), key gain (r3,), eps) of latent q/k RMSNorms, or None."""
         (core, (U1, U2, U3)), (core_t, (U1_t, U2_t, U3_t)) = pre, post
         bias = any(b is not None for b in (key_bias, out_bias, q_bias, k_bias))
-        if k_bias is not None and rope is None:
-            raise ValueError("k_bias is a latent key bias under RoPE; without RoPE a key bias cancels in softmax")
+        if k_bias is not None and rope is None and qk_norm is None:
+            raise ValueError("k_bias is a latent key bias under RoPE or q/k norms; otherwise a key bias cancels in "
+                             "softmax")
         layer = cls(source.d_model, source.n_heads, tuple(core.shape), value_ranks=tuple(core_t.shape),
                     shared_kv=shared_kv, causal=source.causal, rope=rope, dropout=source.dropout, bias=bias,
                     scale=source.scale, rope_base=source.rope_base,
-                    rope_freqs=None if rope_freqs is None else [float(f) for f in rope_freqs])
+                    rope_freqs=None if rope_freqs is None else [float(f) for f in rope_freqs],
+                    qk_norm=qk_norm is not None, norm_eps=qk_norm[2] if qk_norm is not None else 1e-6)
         values = {"core": core, "U1": U1, "U2": U2, "U3": U3, "core_tilde": core_t, "U1_tilde": U1_t,
                   "U2_tilde": U2_t}
         if not shared_kv:
@@ -207,6 +238,8 @@ class TuckerAttention(Attention):
                                                                                    dtype=torch.float64)
             if layer.k_bias is not None:
                 values["k_bias"] = k_bias if k_bias is not None else torch.zeros(U3.shape[1], dtype=torch.float64)
+        if qk_norm is not None:
+            values["q_norm.weight"], values["k_norm.weight"] = qk_norm[0], qk_norm[1]
         return layer.assign_parameters(values, like=source)
 
     def mode_spectra(self) -> dict[str, tuple[torch.Tensor | None, ...]]:
@@ -276,12 +309,16 @@ class TuckerAttention(Attention):
         if self.q_bias is not None:
             q = q + self.q_bias[:, None, :]
         k = (x @ self.U3).unsqueeze(1)                                              # (B, 1, T, r3)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)
         if self.shared_kv:
             return q, {"kv": k}                        # cached unrotated (values); keys made on read
         if self.k_bias is not None:
             k = k + self.k_bias
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         if rope is not None:
             k = apply_rope(k, *rope)
         return q, {"k": k, "v": (x @ self.U3_tilde).unsqueeze(1)}                 # v (B, 1, T, r3~)

@@ -53,10 +53,10 @@ def _left_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fixed_modes(layer) -> tuple[tuple[bool, bool, bool], tuple[bool, bool, bool]]:
-    """Which modes of (W, W_tilde) must keep their basis: mode 3 of W under latent RoPE, and of
-    W_tilde too when it shares U3."""
-    rope = layer.rope is not None
-    return (False, False, rope), (False, False, rope and layer.shared_kv)
+    """Which modes of (W, W_tilde) must keep their basis: mode 3 of W under latent RoPE or latent q/k
+    norms, and of W_tilde too when it shares U3."""
+    fixed = layer.rope is not None or layer.q_norm is not None
+    return (False, False, fixed), (False, False, fixed and layer.shared_kv)
 
 
 def _joint(layer) -> bool:
@@ -118,6 +118,8 @@ def _check_truncation(layer, ranks, value_ranks) -> tuple[tuple[int, ...], tuple
         new = check_ranks(name, given, (None, None, None))          # ints >= 1; the bounds below
         for mode, (r, now, keep) in enumerate(zip(new, current, fixed)):
             label = f"{name}[{mode}] (r{mode + 1}{'~' if name == 'value_ranks' else ''})"
+            if keep and layer.q_norm is not None and r != now:
+                raise ValueError(f"{label} must stay {now}: the q/k norms (qk_norm) act on the whole latent; got {r}")
             if keep and r % 2:
                 raise ValueError(f"{label} must be even: latent RoPE rotates pairs of this latent, so it is "
                                  f"truncated by whole pairs; got {r}")
@@ -168,9 +170,12 @@ def truncated(layer, ranks, value_ranks):
         values["out_bias"] = p["out_bias"]
     if layer.k_bias is not None:                                       # a latent key vector: the key-side map
         values["k_bias"] = p["k_bias"] if pairs is None else pairs[2] @ p["k_bias"]
+    if layer.q_norm is not None:                                       # the latent keeps its coordinates
+        values["q_norm.weight"], values["k_norm.weight"] = p["q_norm.weight"], p["k_norm.weight"]
     with torch.device("meta"):                                         # no init work, no draw from the RNG
         new = type(layer)(layer.d_model, layer.n_heads, ranks, value_ranks=value_ranks, shared_kv=layer.shared_kv,
                           causal=layer.causal, rope=layer.rope, dropout=layer.dropout, bias=layer.q_bias is not None,
-                          scale=layer.scale, rope_base=layer.rope_base, rope_freqs=freqs)
+                          scale=layer.scale, rope_base=layer.rope_base, rope_freqs=freqs,
+                          qk_norm=layer.q_norm is not None, norm_eps=layer.norm_eps)
     new = new.to_empty(device="cpu")
     return new.assign_parameters(values, like=layer).train(layer.training)

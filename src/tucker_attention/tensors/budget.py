@@ -28,13 +28,13 @@ BUDGETS = ("params", "kv")
 
 
 def tucker_param_count(n_heads: int, d_model: int, ranks, value_ranks, *, bias: bool, shared_kv: bool = False,
-                       key_bias: bool = False) -> int:
+                       key_bias: bool = False, qk_norm: bool = False) -> int:
     """Parameters of a TuckerAttention with these ranks (``shared_kv``: no U3~ of its own; ``key_bias``:
-    the latent key bias a layer with ``bias`` has under RoPE)."""
+    the latent key bias a layer with ``bias`` has under RoPE or q/k norms; ``qk_norm``: two gains of r3)."""
     (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks
     count = r1 * r2 * r3 + n_heads * r1 + d_model * (r2 + r3) + v1 * v2 * v3 + n_heads * v1 + d_model * v2
     return (count + (0 if shared_kv else d_model * v3) + (n_heads * r3 + d_model if bias else 0)
-            + (r3 if key_bias else 0))
+            + (r3 if key_bias else 0) + (2 * r3 if qk_norm else 0))
 
 
 @dataclass
@@ -387,7 +387,8 @@ def layer_cost(layer: TuckerAttention, ranks, value_ranks) -> tuple[int, int]:
     """(parameters, KV-cache floats per token) of ``layer`` at ``ranks`` / ``value_ranks``: what
     ``layer.truncated(ranks, value_ranks)`` holds (its bias, RoPE and ``shared_kv`` as ``layer``'s)."""
     params = tucker_param_count(layer.n_heads, layer.d_model, ranks, value_ranks, bias=layer.q_bias is not None,
-                                shared_kv=layer.shared_kv, key_bias=layer.k_bias is not None)
+                                shared_kv=layer.shared_kv, key_bias=layer.k_bias is not None,
+                                qk_norm=layer.q_norm is not None)
     return params, ranks[2] + (0 if layer.shared_kv else value_ranks[2])
 
 
@@ -412,7 +413,7 @@ def _energy_chains(layer: TuckerAttention, rope_pairs: bool = False) -> tuple[li
         total = sum(norms)
         chains[2] = (2 * spectra["ranks"][2].square() / total if total > 0 else 0 * spectra["ranks"][2]).tolist()
         chains[5] = None
-    if rope_pairs and layer.rope is not None:
+    if rope_pairs and layer.rope is not None and layer.nonlinearity() is None:   # q/k norms keep r3
         energies = layer.pair_spectrum()
         total = float(energies.sum())
         scale = (2.0 if layer.shared_kv else 1.0) / total if total > 0 else 0.0

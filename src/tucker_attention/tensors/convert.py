@@ -43,7 +43,7 @@ def compress(layer: Attention, ranks, value_ranks=None, *, method: str = "hosvd"
     with ``ignore_rope`` its weights at offset 0 are compressed instead (see
     :func:`~.view.attention_factors`) and the result has no RoPE.
     """
-    if isinstance(layer, Attention) and layer.rope is not None and not ignore_rope:
+    if isinstance(layer, Attention) and (layer.rope is not None and not ignore_rope or layer.exact_with_norms()):
         if method != "hosvd":
             raise ValueError(f"method={method!r}: a RoPE layer is compressed by its RoPE pairs with method='hosvd' "
                              f"(or pass ignore_rope=True to compress its weights at offset 0)")
@@ -260,6 +260,7 @@ def convert_layer(layer: Attention, method: str, setting, *, value_ranks=None, h
     if method != "tucker" and value_ranks is not None:
         raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
     rope = layer.rope is not None and not ignore_rope if isinstance(layer, Attention) else False
+    exact_form = rope or (isinstance(layer, Attention) and layer.exact_with_norms())   # full rank: that form
     if method == "gqa":
         if nope_fraction:
             raise ValueError("nope_fraction is for tucker and mla: GQA keeps every head's RoPE")
@@ -270,7 +271,7 @@ def convert_layer(layer: Attention, method: str, setting, *, value_ranks=None, h
         if kv_rank is None and not rope:
             kv_rank = layer.d_model
         return mha_to_mla(layer, kv_rank, q_rank, ignore_rope=ignore_rope, nope_fraction=nope_fraction)
-    if setting is None and not rope:
+    if setting is None and not exact_form:
         setting = (layer.n_heads, layer.d_model, layer.d_model)
     return compress(layer, None if setting is None else tuple(setting), value_ranks, method=hosvd, n_iter=n_iter,
                     ignore_rope=ignore_rope, nope_fraction=nope_fraction)

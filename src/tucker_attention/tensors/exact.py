@@ -16,10 +16,10 @@ def _fit_width(U: torch.Tensor, core: torch.Tensor, mode: int):
     return Q, torch.movedim(torch.tensordot(R, core, dims=([1], [mode - 1])), 0, mode - 1)
 
 
-def _exact_pair(core, factors, rope: bool = False):
+def _exact_pair(core, factors, fixed: bool = False):
     U1, U2, U3 = factors
     U2, core = _fit_width(U2, core, 2)
-    if not rope:                        # a RoPE latent keeps its pairs (a QR would mix frequencies)
+    if not fixed:                       # a RoPE latent keeps its pairs (a QR would mix frequencies), a normed one its dims
         U3, core = _fit_width(U3, core, 3)
     return core, (U1, U2, U3)
 
@@ -40,9 +40,13 @@ def to_tucker(layer: Attention) -> TuckerAttention:
     check_finite(layer)
     form = layer.exact_tucker()
     rope = form["rope"] is not None
-    factors = attention_factors(layer, ignore_rope=rope)
-    return TuckerAttention.from_factors(layer, _exact_pair(*form["pre"], rope), _exact_pair(*form["post"], rope),
-                                        key_bias=None if "q_bias" in form else factors.key_bias,
-                                        q_bias=form.get("q_bias"), k_bias=form.get("k_bias"),
-                                        out_bias=factors.out_bias, shared_kv=form["shared_kv"], rope=form["rope"],
-                                        rope_freqs=form.get("rope_freqs"))
+    fixed = rope or "qk_norm" in form                  # the latent's coordinates are the RoPE pairs / normed dims
+    if "out_bias" in form:                             # a non-linear layer (norms kept) gives its biases itself
+        key_bias, out_bias = None, form["out_bias"]
+    else:
+        factors = attention_factors(layer, ignore_rope=rope)
+        key_bias, out_bias = (None if "q_bias" in form else factors.key_bias), factors.out_bias
+    return TuckerAttention.from_factors(layer, _exact_pair(*form["pre"], fixed), _exact_pair(*form["post"], fixed),
+                                        key_bias=key_bias, q_bias=form.get("q_bias"), k_bias=form.get("k_bias"),
+                                        out_bias=out_bias, shared_kv=form["shared_kv"], rope=form["rope"],
+                                        rope_freqs=form.get("rope_freqs"), qk_norm=form.get("qk_norm"))

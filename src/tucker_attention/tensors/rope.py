@@ -60,6 +60,8 @@ def derotated(layer: TuckerAttention, nope_fraction: float) -> TuckerAttention:
                          f"stop rotating), got {nope_fraction!r}")
     if nope_fraction == 0:
         return layer
+    if layer.rope is None:
+        raise ValueError(f"nope_fraction={nope_fraction} is partial RoPE, for a layer with RoPE")
     freqs = layer.rotary.inv_freq
     distinct = sorted({float(f) for f in freqs.tolist() if f != 0})
     cut = round(nope_fraction * len(distinct))
@@ -67,7 +69,8 @@ def derotated(layer: TuckerAttention, nope_fraction: float) -> TuckerAttention:
         return layer
     lowest = set(distinct[:cut])
     new = copy.deepcopy(layer)
-    new.rotary.set_frequencies(torch.tensor([0.0 if float(f) in lowest else float(f) for f in freqs.tolist()]))
+    new.rotary.set_frequencies(torch.tensor([0.0 if float(f) in lowest else float(f) for f in freqs.tolist()],
+                                            dtype=torch.float64))
     return new
 
 
@@ -77,10 +80,11 @@ def rope_compress(layer: Attention, ranks=None, value_ranks=None, *, nope_fracti
     the key latent by RoPE pairs (:meth:`TuckerAttention.truncated`), the others by HOSVD. Exact
     at the exact form's ranks, e.g. (h, min(d, h*hd), n_kv*hd) for GQA. ``nope_fraction``: partial
     RoPE first (:func:`derotated`)."""
-    if layer.rope is None:
-        raise ValueError("rope_compress converts a layer with RoPE; use compress() for one without")
+    if layer.rope is None and not layer.exact_with_norms():
+        raise ValueError("rope_compress converts a layer with RoPE (or with norms its exact form keeps); use "
+                         "compress() for one without")
     tucker = derotated(to_tucker(layer), nope_fraction)
-    ranks = tucker.ranks if ranks is None else _check_within("ranks", ranks, tucker.ranks, True)
+    ranks = tucker.ranks if ranks is None else _check_within("ranks", ranks, tucker.ranks, tucker.rope is not None)
     value_ranks = _check_within("value_ranks", ranks if value_ranks is None else value_ranks,
                                 tucker.value_ranks, tucker.shared_kv)
     if tucker.shared_kv and value_ranks[2] != ranks[2]:
