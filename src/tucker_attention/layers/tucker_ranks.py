@@ -100,7 +100,7 @@ def pair_spectrum(layer) -> torch.Tensor:
     """See :meth:`TuckerAttention.pair_spectrum`."""
     if layer.rope is None:
         raise ValueError("pair_spectrum() is for a layer with latent RoPE (rope='latent'); use mode_spectra()")
-    p, sides = _decompose(layer)
+    p, sides = _decompose(layer, ((False,) * 3,) * 2)                  # the QR pieces only
     return pair_energies(*_pair_inputs(layer, p, sides))
 
 

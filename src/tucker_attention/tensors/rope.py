@@ -199,8 +199,11 @@ def rope_mla(layer: Attention, kv_rank: int | None = None, q_rank: int | None = 
         raise ValueError(f"kv_rank must be even: latent RoPE rotates pairs of the latent, got {kv_rank}")
     if q_rank is not None:
         check_int("q_rank", q_rank, high=d)
+    _, C = _query_rows(tucker)                                                      # (h, d, vr3)
+    D = tucker.value_factor.detach().to("cpu", torch.float64)
+    gram = HeadFactors(C, D.expand(h, -1, -1)).gram(3)                             # value side of W_tilde, (d, d)
     key_energy = tucker.pair_spectrum()
-    value_energy = tucker.mode_spectra()["value_ranks"][2].square()
+    value_energy = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)[:vr3]         # its mode-3 energies
     value_energy = torch.nn.functional.pad(value_energy, (0, value_energy.numel() % 2)).view(-1, 2).sum(1)
     items = sorted([(float(e) / float(key_energy.sum()), 0) for e in key_energy]
                    + [(float(e) / float(value_energy.sum().clamp_min(1e-300)), 1) for e in value_energy],
@@ -209,12 +212,9 @@ def rope_mla(layer: Attention, kv_rank: int | None = None, q_rank: int | None = 
     n_values = kv_rank // 2 - n_keys
     keys = tucker if 2 * n_keys == r3 else tucker.truncated(tucker.ranks[:2] + (2 * n_keys,), tucker.value_ranks)
     A, _ = _query_rows(keys)                                                        # (h, d, 2 n_keys)
-    _, C = _query_rows(tucker)                                                      # (h, d, vr3)
     K = keys.U3.detach().to("cpu", torch.float64)
-    D = tucker.value_factor.detach().to("cpu", torch.float64)
     values = torch.zeros(d, 0, dtype=torch.float64)
     if n_values:
-        gram = HeadFactors(C, D.expand(h, -1, -1)).gram(3)                         # value side of W_tilde
         outside = torch.eye(d, dtype=torch.float64) - K @ torch.linalg.pinv(K)
         values = top_eigenvectors(outside @ gram @ outside, 2 * n_values)
     half = kv_rank // 2
