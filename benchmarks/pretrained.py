@@ -3,6 +3,7 @@
     python benchmarks/pretrained.py                    # SmolLM2-135M-Instruct, ~45 min on 2 CPU cores
     python benchmarks/pretrained.py --quick            # three rows on fewer tokens: a smoke run
     python benchmarks/pretrained.py --model my.gguf --out my.md --json my.json
+    python benchmarks/pretrained.py --recover --rows tucker-kv-1/4-p50 mla-kv-1/4 gqa-1   # + distillation
 
 Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.pipeline.convert_model`:
 the plan, the measured choice of partial RoPE and key width, activation-aware conversion) on one
@@ -12,12 +13,20 @@ pieces of the held-out plays, never seen before: next-token KL and top-1 agreeme
 original, each model's perplexity, and the KL again on longer pieces (where partial RoPE, chosen
 on short pieces, would show); then the greedy answer to one chat prompt.
 
+``--recover``: each row is then distilled from the original (:func:`tucker_attention.hf.distill.distill`,
+what ``tucker-attn distill`` runs: per-layer output matching, then end-to-end logit KL) on windows
+of the calibration plays, and measured again after each phase on the same held-out pieces; the
+recovery table (``--recovery-out``) gives the tokens and wall time of each phase, and the PNG
+(``--plot``) the held-out perplexity against training tokens (the distillation's own held-out
+windows, every ``--eval-interval`` steps).
+
 Rows are written to the JSON as they finish (atomically); a rerun with the same --json resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,6 +41,8 @@ ROWS = [  # (key, label, method, options)
     ("tucker-kv-1/2", "Tucker, 1/2 of the KV", "tucker", {"budget_kv": 0.5}),
     ("mla-kv-1/2", "MLA, 1/2 of the KV", "mla", {"budget_kv": 0.5}),
     ("tucker-kv-1/4", "Tucker, 1/4 of the KV", "tucker", {"budget_kv": 0.25}),
+    ("tucker-kv-1/4-p50", "Tucker, 1/4 of the KV and 50 % of the parameters", "tucker",
+     {"budget_kv": 0.25, "budget_params": 0.5}),
     ("mla-kv-1/4", "MLA, 1/4 of the KV", "mla", {"budget_kv": 0.25}),
     ("tucker-kv-1/8", "Tucker, 1/8 of the KV", "tucker", {"budget_kv": 0.125}),
     ("mla-kv-1/8", "MLA, 1/8 of the KV", "mla", {"budget_kv": 0.125}),
@@ -44,17 +55,9 @@ PROMPT = "What is the capital of France?"
 
 
 def greedy_answer(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
-    """The model's greedy reply to ``prompt`` (its chat template when it has one), special tokens dropped."""
-    messages = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    from tucker_attention.hf.source import greedy_reply
+
+    return greedy_reply(model, tokenizer, prompt, tokens)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -65,23 +68,48 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict) -> dict:
+def scores(model, converted, tokenizer, data: dict) -> dict:
+    """Held-out KL, top-1 and perplexity (short pieces), KL on the long pieces, the greedy answer."""
+    from tucker_attention.hf.source import fidelity
+
+    short = fidelity(model, converted, data["eval"], "decoder")
+    long = fidelity(model, converted, data["long"], "decoder")
+    return {"kl": short["kl"], "top1": short["top1"], "ppl": short["ppl"], "source_ppl": short["source_ppl"],
+            "kl_long": long["kl"], "top1_long": long["top1"], "answer": greedy_answer(converted, tokenizer)}
+
+
+def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict) -> tuple[dict, object]:
+    """(the row, the converted model)."""
     from tucker_attention.hf.pipeline import convert_model
-    from tucker_attention.hf.source import attention_summary, fidelity
+    from tucker_attention.hf.source import attention_summary
 
     model, tokenizer = source["model"], source["tokenizer"]
     start = time.perf_counter()
     converted, info = convert_model(model, method, **options, statistics=data["stats"], batches=data["cal"],
                                     kind="decoder")
     seconds = time.perf_counter() - start
-    short = fidelity(model, converted, data["eval"], "decoder")
-    long = fidelity(model, converted, data["long"], "decoder")
     summary = attention_summary(converted, torch.float32)
-    return {"key": key, "label": label, "method": method, "options": options, **summary,
-            "kl": short["kl"], "top1": short["top1"], "ppl": short["ppl"], "source_ppl": short["source_ppl"],
-            "kl_long": long["kl"], "top1_long": long["top1"], "answer": greedy_answer(converted, tokenizer),
-            "setting": info["label"], "nope_fraction": info["nope_fraction"], "choice": info["choice"],
-            "seconds": seconds}
+    return ({"key": key, "label": label, "method": method, "options": options, **summary,
+             **scores(model, converted, tokenizer, data), "setting": info["label"],
+             "nope_fraction": info["nope_fraction"], "choice": info["choice"], "seconds": seconds}, converted)
+
+
+def recover(converted, source: dict, data: dict, config, run_dir: Path) -> dict:
+    """Distil ``converted`` from the source: the scores after the per-layer phase and after the
+    end-to-end phase (each with the tokens and seconds it took), and the distillation's history."""
+    from tucker_attention.hf.distill import distill
+
+    model, tokenizer = source["model"], source["tokenizer"]
+    result = {"config": dataclasses.asdict(config)}
+    phases = [("per_layer", dataclasses.replace(config, steps=0))] if config.layer_steps else []
+    phases.append(("end_to_end", config))
+    for i, (name, cfg) in enumerate(phases):        # the second phase resumes the first's run
+        summary = distill(model, converted, data["tokens"], run_dir, cfg, resume=i > 0, overwrite=i == 0)
+        done = summary["history"][-1]
+        result[name] = {**scores(model, converted, tokenizer, data), "tokens": done["tokens"],
+                        "seconds": done["seconds"]}
+        result["history"] = summary["history"]
+    return result
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -101,6 +129,57 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def recovery_markdown(results: dict, meta: dict) -> str:
+    """Right after conversion, after the per-layer phase, after the end-to-end phase."""
+    head = ("| setting | attention params | KV | after | tokens | time | next-token KL | top-1 agreement | "
+            f"perplexity | KL at {meta['long_len']} tokens | greedy answer |")
+    lines = [head, "|" + "---|" * 11, f"| source ({meta['name']}) | 1.000x | 1.000x | | | | 0 | 1.000 | "
+             f"{meta['source_ppl']:.2f} | 0 | {meta['source_answer']!r} |"]
+    src = meta["source"]
+    for row in results.values():
+        rec = row["recovery"]
+        stages = [("convert", {**row, "tokens": 0, "seconds": row["seconds"]})]
+        stages += [(name.replace("_", "-"), rec[name]) for name in ("per_layer", "end_to_end") if name in rec]
+        params = f"{row['attention_params'] / src['attention_params']:.3f}x"
+        kv = f"{row['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x"
+        for i, (name, r) in enumerate(stages):
+            first = [row["label"], params, kv] if i == 0 else ["", "", ""]
+            lines.append("| " + " | ".join(first + [
+                name, f"{r['tokens']:,}", f"{r['seconds']:.0f} s", f"{r['kl']:.4g}", f"{r['top1']:.3f}",
+                f"{r['ppl']:.2f}", f"{r['kl_long']:.4g}", repr(r["answer"])]) + " |")
+    return "\n".join(lines)
+
+
+def plot_recovery(results: dict, meta: dict, path: Path) -> None:
+    """Held-out perplexity (the distillation's own windows) against training tokens, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    source = None
+    for row in results.values():
+        history = row["recovery"]["history"]
+        ax.plot([h["tokens"] for h in history], [h["ppl"] for h in history], marker=".", label=row["label"])
+        layer_end = [h for h in history if h["phase"] == "per-layer"]
+        if layer_end:
+            ax.scatter([layer_end[0]["tokens"]], [layer_end[0]["ppl"]], color="black", zorder=3, s=18)
+        source = history[0]["source_ppl"]
+    if source is not None:
+        ax.axhline(source, color="gray", linestyle="--", label="original")
+        ax.axhline(1.1 * source, color="gray", linestyle=":", label="original + 10 %")
+    ax.set_xlabel("training tokens (per-layer phase, then end-to-end; dots: end of per-layer)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{meta['name']}: recovery by distillation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a bundled name, a .gguf file or a model folder")
@@ -109,7 +188,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="*", default=None, help=f"row keys (default all): {[r[0] for r in ROWS]}")
     p.add_argument("--quick", action="store_true", help=f"rows {QUICK} on fewer tokens")
     p.add_argument("--long-len", type=int, default=512, help="tokens of the long evaluation pieces")
+    p.add_argument("--recover", action="store_true", help="distil every row from the original (see above)")
+    p.add_argument("--layer-steps", type=int, default=100, help="per-layer steps of --recover")
+    p.add_argument("--steps", type=int, default=200, help="end-to-end steps of --recover")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step of --recover")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window of --recover")
+    p.add_argument("--layer-lr", type=float, default=None, help="peak lr of the per-layer phase")
+    p.add_argument("--lr", type=float, default=None, help="peak lr of the end-to-end phase")
+    p.add_argument("--eval-interval", type=int, default=25, help="steps between the curve's points")
+    p.add_argument("--runs", default="pretrained-runs", help="the distillation run folders of --recover")
+    p.add_argument("--recovery-out", default="docs/pretrained-recovery.md", help="the recovery table")
+    p.add_argument("--plot", default="docs/pretrained-recovery.png", help="perplexity against tokens")
     args = p.parse_args(argv)
+    from tucker_attention.hf.distill import DistillConfig
+    from tucker_attention.hf.distill_data import load_data
+
+    lrs = {k: v for k, v in (("layer_lr", args.layer_lr), ("lr", args.lr)) if v is not None}
+    distilling = DistillConfig(layer_steps=args.layer_steps, steps=args.steps, batch_size=args.batch_size,
+                               seq_len=args.seq_len, eval_interval=args.eval_interval,
+                               checkpoint_interval=max(args.eval_interval, 50), **lrs)
     from tucker_attention.hf.calibration import attention_statistics
     from tucker_attention.hf.source import attention_summary, fidelity, load_source, make_inputs
 
@@ -123,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     _, long, long_described = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=2 if args.quick else 4,
                                           seq_len=args.long_len)
     start = time.perf_counter()
-    data = {"cal": cal, "eval": ev, "long": long, "stats": attention_statistics(model, cal)}
+    data = {"cal": cal, "eval": ev, "long": long, "stats": attention_statistics(model, cal),
+            "tokens": load_data(None, tokenizer, model.config.vocab_size)}
     print(f"{described}; long pieces: {long_described.split('evaluation: ')[1]}; statistics in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     path = Path(args.json)
@@ -140,14 +238,33 @@ def main(argv: list[str] | None = None) -> None:
     for key, label, method, options in ROWS:
         if key not in wanted:
             continue
+        converted = None
         if key in results:
             print(f"{label}: done before (resumed)", flush=True)
+        else:
+            row, converted = measure(key, label, method, options, source, data)
+            results[key] = row
+            write_json(path, {"meta": meta, "results": results})
+            print(f"{label}: {row['setting']}, KL {row['kl']:.4g}, top-1 {row['top1']:.3f}, ppl {row['ppl']:.2f}, "
+                  f"KL long {row['kl_long']:.4g}, {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
+        if not args.recover or results[key].get("recovery", {}).get("config") == dataclasses.asdict(distilling):
             continue
-        row = measure(key, label, method, options, source, data)
-        results[key] = row
+        if converted is None:                          # the same pipeline again (deterministic)
+            _, converted = measure(key, label, method, options, source, data)
+        runs = Path(args.runs) / key.replace("/", "-")
+        results[key]["recovery"] = recovery = recover(converted, source, data, distilling, runs)
         write_json(path, {"meta": meta, "results": results})
-        print(f"{label}: {row['setting']}, KL {row['kl']:.4g}, top-1 {row['top1']:.3f}, ppl {row['ppl']:.2f}, "
-              f"KL long {row['kl_long']:.4g}, {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
+        for phase in ("per_layer", "end_to_end"):
+            if phase in recovery:
+                r = recovery[phase]
+                print(f"{label}, after {phase.replace('_', ' ')}: KL {r['kl']:.4g}, top-1 {r['top1']:.3f}, "
+                      f"ppl {r['ppl']:.2f}, KL long {r['kl_long']:.4g}, {r['answer']!r} ({r['tokens']:,} tokens, "
+                      f"{r['seconds']:.0f} s)", flush=True)
+    recovered = {k: results[k] for k, *_ in ROWS if "recovery" in results.get(k, {})}
+    if recovered:
+        Path(args.recovery_out).write_text(recovery_markdown(recovered, meta) + "\n")
+        plot_recovery(recovered, meta, Path(args.plot))
+        print(recovery_markdown(recovered, meta))
     table = markdown({k: results[k] for k, *_ in ROWS if k in results}, meta)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

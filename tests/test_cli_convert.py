@@ -210,6 +210,17 @@ def test_tucker_params_budget_also_measures_the_key_width(folders, tmp_path):
     assert report["converted"]["kv_floats_per_token"] <= report["source"]["kv_floats_per_token"]
 
 
+@pytest.mark.parametrize("method, params", [("tucker", 0.4), ("mla", 0.7)])   # MLA needs 0.42 at least here
+def test_both_budgets_hold_at_once(folders, tmp_path, method, params):
+    report = convert_folder(folders["llama"], method, budget_kv=0.5, budget_params=params, partial_rope=0.0,
+                            out=tmp_path / "o", **KW)
+    src, conv = report["source"], report["converted"]
+    assert conv["kv_floats_per_token"] <= 0.5 * src["kv_floats_per_token"]
+    assert conv["attention_params"] <= params * src["attention_params"]
+    assert conv["attention_params"] > 0.5 * params * src["attention_params"]     # the largest within, not any
+    assert report["budget"] == {"kv": 0.5, "params": params}
+
+
 def test_mla_kv_budget_takes_a_query_latent_rather_than_more_parameters(folders, tmp_path):
     report = convert_folder(folders["llama"], "mla", budget_kv=0.75, partial_rope=0.0, out=tmp_path / "o", **KW)
     src, conv = report["source"], report["converted"]
@@ -311,7 +322,8 @@ BAD = [
     ("gpt2", ["--method", "tucker", "--budget-kv", "0.001"], ["--budget-kv", "smallest Tucker"]),
     ("gpt2", ["--method", "gqa", "--budget-kv", "-1"], ["--budget-kv", "fraction"]),
     ("gpt2", ["--method", "gqa", "--ranks", "2", "--budget-kv", "0.5"], ["--ranks", "not both"]),
-    ("gpt2", ["--method", "gqa", "--budget-params", "0.5", "--budget-kv", "0.5"], ["--budget-params", "one budget"]),
+    ("gpt2", ["--method", "gqa", "--budget-params", "0.2", "--budget-kv", "0.5"], ["--budget-kv", "not achievable",
+                                                                                "attention parameters"]),
     ("gpt2", ["--method", "gqa"], ["--ranks", "give ranks or a budget"]),
     ("gpt2", ["--method", "gqa", "--ranks", "2", "--calibration", "nowhere.txt"], ["--calibration", "does not exist"]),
     ("gpt2", ["--method", "gqa", "--ranks", "2", "--calibration", "TEXT"], ["--calibration", "no tokenizer"]),

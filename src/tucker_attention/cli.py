@@ -276,6 +276,63 @@ def _convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_command(args: argparse.Namespace) -> int:
+    from .hf.distill import DistillConfig
+    from .hf.distill_folder import distill_folder, format_report
+    from .hf.source import ConvertError
+
+    fields = {f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+    try:
+        config = DistillConfig(**fields, progress=not args.no_progress)
+        report = distill_folder(args.original, args.converted, out=args.out, data=args.data, run_dir=args.run_dir,
+                                config=config, resume=args.resume, overwrite=args.overwrite,
+                                prompt=args.prompt or None)
+    except ConvertError as err:                           # name the command-line argument
+        flag = {"original": "ORIGINAL", "converted": "CONVERTED"}.get(err.argument,
+                                                                       "--" + err.argument.replace("_", "-"))
+        raise ValueError(f"{flag}: {err.message}") from None
+    print(format_report(report))
+    return 0
+
+
+def _add_distill(sub) -> None:
+    """``tucker-attn distill``: its flags are DistillConfig's fields (checked by their declared types)."""
+    from ._fields import check_value, describe, field_types, parse_text
+    from .hf.distill import DistillConfig
+
+    def reader(flag: str, annotation, rule):
+        def read(text: str):
+            try:
+                return check_value(flag, parse_text(flag, text, annotation, rule), annotation, rule)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        return read
+
+    x = sub.add_parser("distill", help="recover a converted causal LM by distillation from its original "
+                                       "(per-layer output matching, then end-to-end logit KL)")
+    x.add_argument("original", metavar="ORIGINAL", help="the model CONVERTED was converted from: a folder, a .gguf "
+                                                        "file or smollm2")
+    x.add_argument("converted", metavar="CONVERTED", help="the folder tucker-attn convert wrote")
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write the distilled model to")
+    x.add_argument("--data", metavar="PATH", help="a folder of tucker-attn prepare-data (made with the model's "
+                                                  "tokenizer), a text file or a folder of .txt files (default: the "
+                                                  "built-in Shakespeare plays; validation: the held-out part)")
+    x.add_argument("--run-dir", metavar="DIR", help="checkpoints, metrics and summary (default OUT.run)")
+    x.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    x.add_argument("--overwrite", action="store_true", help="replace --out and start --run-dir afresh")
+    x.add_argument("--prompt", default="What is the capital of France?",
+                   help="greedy reply printed before and after ('' for none)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
+    defaults = DistillConfig()
+    for name, (annotation, rule) in field_types(DistillConfig).items():
+        if name == "progress":
+            continue
+        x.add_argument("--" + name.replace("_", "-"), dest=name, metavar="V",
+                       type=reader("--" + name.replace("_", "-"), annotation, rule),
+                       help=f"{describe(annotation, rule)} (default {getattr(defaults, name)})")
+    x.set_defaults(func=_distill_command)
+
+
 def _generate_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -440,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kv_rank,q_rank; full: full rank (exact, RoPE included)")
     v.add_argument("--budget-params", type=float, metavar="F",
                    help="instead of --ranks: the largest setting within F x the source's attention parameters "
-                        "(0 < F <= 1) or F parameters (F > 1)")
+                        "(0 < F <= 1) or F parameters (F > 1); may go with --budget-kv")
     v.add_argument("--budget-kv", type=float, metavar="F",
                    help="instead of --ranks: the largest setting within F x the source's KV floats per token "
                         "(0 < F <= 1) or F floats (F > 1), all layers")
@@ -462,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=_convert_command)
+    _add_distill(sub)
 
     d = sub.add_parser("prepare-data", help="tokenize a corpus once into memory-mapped token shards "
                                             "(train --data DIR reads random windows from them)")

@@ -125,8 +125,8 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
     or its :class:`~.calibration.BlockStatistics` (:func:`~.calibration.attention_statistics`): the
     truncation then minimizes the error on such inputs instead of on the weights alone (values on
     the attention-mixed inputs when measured), and a non-linear source (q/k norms) is linearized
-    with the norms' scales on such inputs (at full rank Tucker keeps one key head's q/k norms). nope_fraction: partial RoPE for Tucker / MLA of a RoPE
-    source (:func:`tucker_attention.tensors.rope.derotated`).
+    with the norms' scales on such inputs (at full rank Tucker keeps one key head's q/k norms).
+    nope_fraction: partial RoPE for Tucker / MLA of a RoPE source (:func:`tucker_attention.tensors.rope.derotated`).
     A source that already has the target structure and setting is copied (exact, norms kept).
     """
     check_choice("method", method, METHODS)
@@ -202,8 +202,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
             reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in reasons.items():                    # once per reason, not per block
         warnings.warn(f"{type(model).__name__} -> {method}: in {count} of {len(blocks)} blocks {reason}, so the "
-                      f"converted model's outputs differ from the original's even at full rank and it needs "
-                      f"fine-tuning", stacklevel=2)
+                      f"converted model's outputs differ from the original's even at full rank (the fidelity report "
+                      f"measures by how much; fine-tuning recovers it)", stacklevel=2)
     rope_source = SharedRope()                                  # one table source for the model's blocks
     for block, layer in zip(blocks, layers):
         facts = {"kind": block.kind, "layer_idx": block.layer_idx, "resid_dropout": block.resid_dropout,

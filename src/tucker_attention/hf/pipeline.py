@@ -26,7 +26,6 @@ import inspect
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -248,8 +247,6 @@ def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_r
         raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
     if ranks is not None and budgets:
         raise ConvertError("ranks", f"give either ranks or a budget ({', '.join(budgets)}), not both")
-    if len(budgets) > 1:
-        raise ConvertError("budget_params", "give one budget: budget_params or budget_kv, not both")
     if ranks is None and not budgets:
         raise ConvertError("ranks", "give ranks or a budget (budget_params / budget_kv); ranks 'full': full rank")
     if value_ranks is not None and (ranks is None or ranks == "full"):
@@ -284,27 +281,32 @@ def _normalized_ranks(method: str, ranks, value_ranks, layers: dict):
 
 
 def _budget(budgets: dict, layers: dict):
-    """(argument, value, limit, source total, {'params': .., 'kv': ..}) of the budget given, or None:
-    the budget, and the other quantity at most the source's (a conversion never grows either)."""
+    """(argument, value, limit, source total, {'params': .., 'kv': ..}) of the budget given (the KV
+    one when both are), or None: the limits of both, each at most the source's (a conversion never
+    grows either)."""
     if not budgets:
         return None
-    (argument, value), = budgets.items()
-    name, other = ("params", "kv") if argument == "budget_params" else ("kv", "params")
     totals = {"params": sum(attention_param_count(layer) for layer in layers.values()),
               "kv": sum(kv_cache_floats_per_token(layer) for layer in layers.values())}
-    limit = _budget_count(argument, value, totals[name])
-    return argument, value, limit, totals[name], {name: limit, other: totals[other]}
+    limits = dict(totals)
+    for argument, value in budgets.items():
+        name = argument.removeprefix("budget_")
+        limits[name] = _budget_count(argument, value, totals[name])
+    argument = "budget_kv" if "budget_kv" in budgets else "budget_params"
+    name = argument.removeprefix("budget_")
+    return argument, budgets[argument], limits[name], totals[name], limits
 
 
 def _planned(budget, method: str, make_plan):
-    argument, value, limit, total, _ = budget
+    argument, value, limit, total, limits = budget
     try:
         return make_plan()
     except ValueError as err:
-        kept = "attention parameters" if argument == "budget_kv" else "KV cache"
+        other = "params" if argument == "budget_kv" else "kv"
+        kept = {"params": "attention parameters", "kv": "KV cache"}[other]
+        bound = f"{limits[other]:,} floats of {kept}" if other == "kv" else f"{limits[other]:,} {kept}"
         raise ConvertError(argument, f"{_describe_budget(argument, value, limit, total)} is not achievable by "
-                                     f"{method} without more {kept} than the source has ({err}); nothing was "
-                                     f"converted") from None
+                                     f"{method} within {bound} ({err}); nothing was converted") from None
 
 
 def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stats) -> tuple[list, dict]:

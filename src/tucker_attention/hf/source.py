@@ -377,6 +377,22 @@ def _next_token_nll(logp: torch.Tensor, batch) -> tuple[float, int]:
     return float(-picked[keep].sum()), int(keep.sum())
 
 
+def greedy_reply(model: nn.Module, tokenizer, prompt: str, tokens: int = 24) -> str:
+    """The model's greedy reply to ``prompt`` (through its chat template when the tokenizer has
+    one), ``tokens`` new tokens at most, special tokens dropped."""
+    inputs = tokenizer(prompt, return_tensors="pt")
+    if getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 # -- accounting ------------------------------------------------------------------------------------
 
 def attention_summary(model: nn.Module, dtype: torch.dtype) -> dict:

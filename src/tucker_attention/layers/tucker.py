@@ -270,7 +270,8 @@ class TuckerAttention(Attention):
         as None (the RoPE latent) keep their basis and latent coordinates at their current rank, and
         at a lower (even) one keep the leading pairs of :meth:`pair_spectrum`, each with its
         frequency (RoPE stays exact within them). The query bias follows the new key latent
-        (q_bias_i -> P3^T R3 q_bias_i), the key bias too; the output bias is copied. Same d_model, n_heads, causal, rope (and its frequencies), rope_base, dropout,
+        (q_bias_i -> P3^T R3 q_bias_i), the key bias too; the output bias is copied. Same d_model,
+        n_heads, causal, rope (and its frequencies), rope_base, dropout,
         bias, shared_kv, dtype, device and train/eval mode; ``scale`` is fixed to this layer's
         effective scale (so the default 1/sqrt(r3) does not follow the new r3). Fresh parameters.
         """

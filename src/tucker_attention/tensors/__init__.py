@@ -41,5 +41,6 @@ __all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "Settin
            "allocate_ranks", "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer",
            "converted_cost", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "layer_cost",
            "mha_to_gqa", "mha_to_mla", "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank",
-           "plan_ranks", "plan_setting", "plan_uniform", "relative_error", "to_tucker", "top_eigenvectors", "tucker_param_count",
+           "plan_ranks", "plan_setting", "plan_uniform", "relative_error", "to_tucker", "top_eigenvectors",
+           "tucker_param_count",
            "tucker_to_tensor", "unfold", "whitening"]

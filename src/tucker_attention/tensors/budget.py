@@ -212,7 +212,8 @@ def plan_uniform(layers: dict[str, Attention], *, params=None, kv=None, r3: int 
             raise ValueError(f"r3 must be one of {step}, {2 * step}, ... {top3} (the exact forms' key width), got {r3}")
         keys = [r3]
     k = largest(keys, lambda k: limits[1] is None or cost(k, 1)[1] <= limits[1])
-    q = None if k is None else largest(list(range(1, top2 + 1)), lambda q: limits[0] is None or cost(k, q)[0] <= limits[0])
+    q = None if k is None else largest(list(range(1, top2 + 1)),
+                                       lambda q: limits[0] is None or cost(k, q)[0] <= limits[0])
     if k is None or q is None:
         smallest = cost(keys[0], 1)
         name, limit, minimum = next((n, lim, c) for n, lim, c in zip(BUDGETS, limits, smallest)
@@ -267,7 +268,8 @@ class SettingPlan:
         return f"kv_rank {self.setting}"
 
     def table(self) -> str:
-        held = " and ".join(f"{name} {limit:,}" for name, limit in self.limits.items()) or f"{self.budget} {self.limit:,}"
+        held = (" and ".join(f"{name} {limit:,}" for name, limit in self.limits.items())
+                or f"{self.budget} {self.limit:,}")
         return (f"{self.method} {self.label()} (largest within {held}): attention "
                 f"params {self.params:,} of {self.source_params:,} ({self.params / self.source_params:.3f}), "
                 f"KV floats/token {self.kv:,} of {self.source_kv:,} ({self.kv / self.source_kv:.3f})")

@@ -21,7 +21,7 @@ import torch
 from .._checks import check_choice, check_int, check_ranks
 from ..layers import Attention, GroupedQueryAttention, MultiHeadLatentAttention, TuckerAttention
 from .algebra import top_eigenvectors
-from .exact import to_tucker
+from .exact import to_tucker  # noqa: F401  (re-exported: tensors.convert.to_tucker)
 from .rope import rope_compress, rope_gqa, rope_mla
 from .view import attention_factors, check_finite, factored_hosvd, key_side_basis
 

@@ -19,7 +19,7 @@ def _fit_width(U: torch.Tensor, core: torch.Tensor, mode: int):
 def _exact_pair(core, factors, fixed: bool = False):
     U1, U2, U3 = factors
     U2, core = _fit_width(U2, core, 2)
-    if not fixed:                       # a RoPE latent keeps its pairs (a QR would mix frequencies), a normed one its dims
+    if not fixed:           # a RoPE latent keeps its pairs (a QR would mix frequencies), a normed one its dims
         U3, core = _fit_width(U3, core, 3)
     return core, (U1, U2, U3)
 

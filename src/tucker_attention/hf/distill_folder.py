@@ -1,0 +1,140 @@
+"""``tucker-attn distill``: an original model and its converted folder in, a recovered converted folder out.
+
+:func:`distill_folder` checks everything (the two models belong together, the data's tokenizer is
+the model's, the folders) before it trains, runs :func:`~.distill.distill` in a run folder
+(checkpoints, resume), measures a greedy reply to a prompt before and after, and writes an
+ordinary converted folder (plain ``from_pretrained`` loads it) with ``distill.json``, the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .._files import write_folder
+from .._table import text_table
+from .distill import DistillConfig, check_pair, distill
+from .distill_data import load_data
+from .source import ConvertError, _read_config, _source_dtype, greedy_reply, load_source
+
+PROMPT = "What is the capital of France?"
+
+
+def _load_student(converted) -> tuple:
+    from safetensors import SafetensorError
+
+    from .convert import load_converted
+
+    path = Path(converted)
+    if not path.is_dir():
+        raise ConvertError("converted", f"{str(path)!r} is not a folder (give the folder tucker-attn convert wrote)")
+    try:
+        model = load_converted(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        raise ConvertError("converted", f"{str(path)!r} is not a readable converted model: {err}") from None
+    return path, model, _source_dtype(_read_config(path))
+
+
+def _run_dir(run_dir, out: Path, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
+    if resume and not (run_dir / "checkpoints").is_dir():
+        raise ConvertError("run_dir", f"{str(run_dir)!r} holds no distillation run to resume")
+    if run_dir.resolve() == out.resolve():
+        raise ConvertError("run_dir", "the run folder must not be the output folder")
+    if not resume and not overwrite and (run_dir / "checkpoints").exists():
+        raise ConvertError("run_dir", f"{str(run_dir)!r} already holds a distillation run; continue it with "
+                                      f"--resume, or pass --overwrite to start afresh")
+    return run_dir
+
+
+def distill_folder(original, converted, *, out, data=None, run_dir=None, config: DistillConfig | None = None,
+                   resume: bool = False, overwrite: bool = False, prompt: str | None = PROMPT,
+                   prompt_tokens: int = 24) -> dict:
+    """Distil ``original`` (a model folder, ``.gguf`` file or bundled name) into ``converted`` (a
+    folder ``tucker-attn convert`` wrote from it) and write the result to ``out``.
+
+    data: a ``prepare-data`` folder (the model's tokenizer), a text file or folder, or None: the
+    built-in Shakespeare plays. run_dir: checkpoints and metrics (default ``OUT.run``). resume:
+    continue that run; overwrite: replace ``out`` and a finished or stale run in ``run_dir``.
+    Raises :class:`~.source.ConvertError` naming the argument for bad input, before anything is
+    written. Returns the report :func:`format_report` prints.
+    """
+    from .pipeline import _transformers_bars
+
+    config = config or DistillConfig()
+    with _transformers_bars(config.progress):
+        return _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt,
+                               prompt_tokens)
+
+
+def _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt, prompt_tokens):
+    from .pipeline import _check_out, _save
+
+    start = time.perf_counter()
+    student_path, student, stored_dtype = _load_student(converted)
+    out = _check_out(out, student_path, overwrite)
+    run_dir = _run_dir(run_dir, out, resume, overwrite)
+    try:
+        source = load_source(original)
+    except ConvertError as err:
+        raise ConvertError("original", err.message) from None
+    if source["kind"] != "decoder":
+        raise ConvertError("original", f"distill is for causal LMs; {source['class']} is a {source['kind']}")
+    teacher, tokenizer = source["model"], source["tokenizer"]
+    try:
+        check_pair(teacher, student)
+    except ValueError as err:
+        raise ConvertError("converted", str(err).removeprefix("converted: ")) from None
+    tokens = load_data(data, tokenizer, teacher.config.vocab_size)
+    try:
+        tokens.check_seq_len(config.seq_len)
+    except ValueError as err:
+        raise ConvertError("data", str(err)) from None
+    before = greedy_reply(student, tokenizer, prompt, prompt_tokens) if prompt and tokenizer is not None else None
+    summary = distill(teacher, student, tokens, run_dir, config, resume=resume, overwrite=overwrite)
+    student.cpu()
+    after = greedy_reply(student, tokenizer, prompt, prompt_tokens) if prompt and tokenizer is not None else None
+    answers = {"prompt": prompt, "source": greedy_reply(teacher.cpu(), tokenizer, prompt, prompt_tokens)
+               if before is not None else None, "converted": before, "distilled": after}
+    report = {"original": str(source["path"]), "converted": str(student_path), "out": str(out),
+              "run_dir": str(run_dir), "data": tokens.source, "config": dataclasses.asdict(config),
+              "summary": summary, "answers": answers, "dtype": str(stored_dtype).removeprefix("torch.")}
+
+    def write(tmp: Path) -> None:
+        _save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"])
+        (tmp / "distill.json").write_text(json.dumps(report, indent=1))
+
+    write_folder(out, write, overwrite=overwrite, error=ConvertError)
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def format_report(report: dict) -> str:
+    """Held-out scores after conversion, after the per-layer phase and after the end-to-end phase."""
+    s = report["summary"]
+    processes = f" x {s['world_size']} processes" if s["world_size"] > 1 else ""
+    rows = [[r["phase"], str(r["step"]), f"{r['tokens']:,}", f"{r['seconds']:.0f}", f"{r['kl']:.4g}",
+             f"{r['top1']:.4f}", f"{r['ppl']:.3f}"]
+            for r in s["history"] if r["phase"] in ("converted", "per-layer", "end-to-end")]
+    lines = [f"{report['converted']} distilled from {report['original']} on {report['data']}",
+             f"trained {s['trained_params']:,} parameters ({s['params']}), {s['precision']} on {s['device']}"
+             f"{processes}; original perplexity "
+             f"{s['converted']['source_ppl']:.3f}",
+             text_table(["after", "step", "tokens", "s", "next-token KL", "top-1 agreement", "held-out perplexity"],
+                        rows)]
+    errors = s["block_errors"]
+    if errors.get("before") and errors.get("after"):
+        b, a = errors["before"], errors["after"]
+        lines.append(f"per-block relative output error (held-out): mean {sum(b.values()) / len(b):.4f} -> "
+                     f"{sum(a.values()) / len(a):.4f}, worst {max(b.values()):.4f} -> {max(a.values()):.4f}")
+    answers = report["answers"]
+    if answers["prompt"]:
+        lines += [f"prompt {answers['prompt']!r}:", f"  original:  {answers['source']!r}",
+                  f"  converted: {answers['converted']!r}", f"  distilled: {answers['distilled']!r}"]
+    lines.append(f"wrote {report['out']} ({report['dtype']}; run folder {report['run_dir']}) in "
+                 f"{report.get('seconds', 0):.1f} s")
+    return "\n".join(lines)

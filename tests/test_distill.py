@@ -1,0 +1,243 @@
+"""Recovery by distillation (``tucker_attention.hf.distill``, ``tucker-attn distill``) on a tiny
+random Llama with a character-level WordPiece tokenizer: what each phase lowers, resume after a
+kill, what trains, and the bad inputs (each an error with nothing written)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+
+import pytest
+import torch
+
+T = pytest.importorskip("transformers", reason="distill needs transformers (extra 'hf')")
+
+from tucker_attention.cli import main  # noqa: E402
+from tucker_attention.hf import convert  # noqa: E402
+from tucker_attention.hf.convert import converted_blocks, load_converted  # noqa: E402
+from tucker_attention.hf.distill import DistillConfig, block_errors, check_pair, distill, trained_modules  # noqa: E402
+from tucker_attention.hf.distill_data import TokenData, load_data  # noqa: E402
+from tucker_attention.hf.distill_folder import distill_folder  # noqa: E402
+from tucker_attention.hf.source import ConvertError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = dict(batch_size=4, seq_len=16, eval_windows=8, eval_interval=5, checkpoint_interval=4, progress=False)
+
+
+def _tokenizer():
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+             + ["##" + c for c in string.ascii_lowercase] + list(string.punctuation))
+    return T.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})       # 89 tokens
+
+
+def _llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(vocab_size=89, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
+                           initializer_range=0.3, rope_theta=100.0)
+    return T.LlamaForCausalLM(config).eval()
+
+
+def _random_data(seed: int = 1) -> TokenData:
+    g = torch.Generator().manual_seed(seed)
+    return TokenData(torch.randint(0, 89, (4000,), generator=g), torch.randint(0, 89, (1500,), generator=g), "random")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = _llama()
+    return teacher, convert(teacher, "tucker", ranks=(4, 16, 8), inplace=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, pair):
+    root = tmp_path_factory.mktemp("distill")
+    teacher, student = pair
+    teacher.save_pretrained(root / "original")
+    _tokenizer().save_pretrained(root / "original")
+    student.save_pretrained(root / "converted")
+    other = convert(_llama(seed=1), "tucker", ranks=(4, 16, 8), inplace=False)
+    other.save_pretrained(root / "other")
+    return root
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_per_layer_phase_lowers_every_blocks_held_out_error(pair, tmp_path):
+    teacher, base = pair
+    student = copy.deepcopy(base)
+    data = _random_data()
+    held_out = data.eval_batches(16, 8, "cpu")
+    before = block_errors(teacher, student, held_out)
+    summary = distill(teacher, student, data, tmp_path / "run",
+                      DistillConfig(layer_steps=25, steps=0, layer_lr=3e-3, **FAST))
+    after = block_errors(teacher, student, held_out)
+    assert set(before) == set(converted_blocks(student)) and len(before) == 2
+    for path in before:
+        assert after[path] < 0.93 * before[path], (path, before[path], after[path])
+    assert summary["block_errors"]["before"].keys() == before.keys()
+    assert summary["final"]["kl"] < summary["converted"]["kl"]
+    outside = {k: v for k, v in _params(student).items() if "self_attn" not in k}
+    assert all(torch.equal(v, _params(base)[k]) for k, v in outside.items())     # attention only, by default
+
+
+def test_end_to_end_phase_lowers_the_held_out_kl_against_an_explicit_softmax(pair, tmp_path):
+    teacher, base = pair
+    student = copy.deepcopy(base)
+    summary = distill(teacher, student, _random_data(), tmp_path / "run",
+                      DistillConfig(layer_steps=0, steps=40, lr=3e-3, **{**FAST, "batch_size": 8}))
+    history = summary["history"]
+    assert [r["phase"] for r in history][0] == "converted" and history[-1]["phase"] == "end-to-end"
+    assert history[-1]["kl"] < 0.92 * history[0]["kl"]
+    ids = _random_data().eval_batches(16, 8, "cpu")
+    with torch.no_grad():
+        p = torch.cat([teacher(**b).logits for b in ids]).double().softmax(-1)        # reference: explicit formula
+        q = torch.cat([student(**b).logits for b in ids]).double().softmax(-1)
+    kl = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert kl == pytest.approx(history[-1]["kl"], rel=1e-4)
+    assert summary["tokens"] == 40 * 8 * 16
+
+
+@pytest.mark.parametrize("kill", [5, 8, 10])         # inside phase 1, at its end (a checkpoint), inside phase 2
+def test_resume_after_a_kill_equals_the_uninterrupted_run(pair, tmp_path, kill):
+    teacher, base = pair
+    cfg = DistillConfig(layer_steps=8, steps=6, grad_accum_steps=2, **FAST)
+    whole = copy.deepcopy(base)
+    expected = distill(teacher, whole, _random_data(), tmp_path / "whole", cfg)
+
+    class Killed(Exception):
+        pass
+
+    def stop(step):
+        if step == kill:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "cut", cfg, on_step=stop)
+    resumed = copy.deepcopy(base)
+    got = distill(teacher, resumed, _random_data(), tmp_path / "cut", cfg, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+    def timeless(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert timeless(got["history"]) == timeless(expected["history"])
+    logs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").open()] for d in ("whole", "cut")]
+    assert timeless(logs[0]) == timeless(logs[1])
+
+
+def test_resume_refuses_other_settings_and_overwrite_is_needed_to_restart(pair, tmp_path):
+    teacher, base = pair
+    cfg = DistillConfig(layer_steps=2, steps=2, **FAST)
+    distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", cfg)
+    other = DistillConfig(layer_steps=2, steps=2, **{**FAST, "seq_len": 8})
+    with pytest.raises(ValueError, match="seq_len"):
+        distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", other, resume=True)
+    with pytest.raises(ValueError, match="already holds a run"):
+        distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", cfg)
+    longer = DistillConfig(layer_steps=2, steps=4, **FAST)               # more end-to-end steps: allowed
+    assert distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", longer, resume=True)["steps"] == 6
+
+
+def test_params_all_trains_every_weight_and_attention_only_the_blocks(pair, tmp_path):
+    teacher, base = pair
+    student = copy.deepcopy(base)
+    distill(teacher, student, _random_data(), tmp_path / "run", DistillConfig(layer_steps=0, steps=3, params="all",
+                                                                              lr=1e-3, **FAST))
+    changed = {k for k, v in _params(student).items() if not torch.equal(v, _params(base)[k])}
+    assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
+    holder = trained_modules(copy.deepcopy(base), "attention")
+    assert sum(p.numel() for p in holder.parameters()) == sum(
+        p.numel() for b in converted_blocks(base).values() for p in b.parameters())
+    with pytest.raises(ValueError, match="params must be one of"):
+        trained_modules(base, "mlp")
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="distill.lr"):
+        DistillConfig(lr=0.0)
+    with pytest.raises(ValueError, match="both 0"):
+        DistillConfig(layer_steps=0, steps=0)
+
+
+def test_a_converted_model_of_another_original_is_refused(pair):
+    teacher, student = pair
+    with pytest.raises(ValueError, match="converted from another model"):
+        check_pair(_llama(seed=1), student)
+    check_pair(teacher, student)
+
+
+def test_distill_command_writes_a_plain_folder_and_refuses_bad_input(folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(folders / "original"), str(folders / "converted"), "--out", str(out), "--layer-steps", "3",
+            "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2", "--no-progress",
+            "--prompt", "to be"]
+    assert main(["distill"] + args) == 0
+    printed = capsys.readouterr().out
+    assert "per-layer" in printed and "end-to-end" in printed and "distilled:" in printed
+    loaded = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert converted_blocks(loaded) and (out / "distill.json").is_file()
+    summary = json.loads((out / "distill.json").read_text())["summary"]
+    assert summary["steps"] == 6 and (tmp_path / "out.run" / "checkpoints").is_dir()
+    assert main(["distill"] + args) == 2                                           # out exists
+    assert "already exists" in capsys.readouterr().err
+
+    def refused(argv, *expected):
+        bad = tmp_path / "bad"
+        assert main(["distill"] + argv + ["--out", str(bad), "--no-progress", "--seq-len", "16"]) == 2
+        err = capsys.readouterr().err
+        for text in expected:
+            assert text in err, err
+        assert not bad.exists() and not (tmp_path / "bad.run").exists()
+
+    refused([str(folders / "original"), str(tmp_path / "missing")], "CONVERTED", "not a folder")
+    refused([str(folders / "original"), str(folders / "original")], "CONVERTED", "not a readable converted model")
+    refused([str(folders / "original"), str(folders / "other")], "CONVERTED", "converted from another model")
+    refused([str(tmp_path / "nowhere"), str(folders / "converted")], "ORIGINAL")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in (folders / "converted").iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes()[: 64] if f.suffix == ".safetensors" else f.read_bytes())
+    refused([str(folders / "original"), str(corrupt)], "CONVERTED")
+    prepared = tmp_path / "chars"
+    assert main(["prepare-data", str(_text(tmp_path)), "--tokenizer", "char", "--out", str(prepared)]) == 0
+    refused([str(folders / "original"), str(folders / "converted"), "--data", str(prepared)], "--data",
+            "tokenizer")
+
+
+def _text(tmp_path):
+    folder = tmp_path / "text"
+    folder.mkdir(exist_ok=True)
+    for i in range(12):
+        (folder / f"doc{i}.txt").write_text(" ".join(f"word{j} is here, and more text" for j in range(80 + i)))
+    return folder
+
+
+def test_prepared_folder_with_the_models_tokenizer_is_read(folders, tmp_path):
+    prepared = tmp_path / "prepared"
+    assert main(["prepare-data", str(_text(tmp_path)), "--tokenizer", str(folders / "original"), "--out",
+                 str(prepared)]) == 0
+    data = load_data(prepared, _tokenizer(), 89)
+    batch = data.train_batch(torch.Generator().manual_seed(0), 3, 16)
+    assert batch.shape == (3, 16) and int(batch.max()) < 89
+    assert data.eval_batches(16, 4, "cpu")[0]["input_ids"].shape == (4, 16)
+    with pytest.raises(ConvertError, match="vocabulary"):
+        load_data(prepared, _tokenizer(), 50)                    # a model whose vocabulary is smaller
+
+
+def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folders, tmp_path):
+    import tucker_attention.hf  # noqa: F401  (registers the converted types with the Auto classes)
+
+    cfg = DistillConfig(layer_steps=2, steps=2, **{**FAST, "batch_size": 2, "eval_windows": 2})
+    report = distill_folder(folders / "original", folders / "converted", out=tmp_path / "a", config=cfg, prompt=None)
+    assert report["summary"]["final"]["phase"] == "end-to-end"
+    with pytest.raises(ConvertError, match="no distillation run to resume"):
+        distill_folder(folders / "original", folders / "converted", out=tmp_path / "b", config=cfg, resume=True)
+    again = distill_folder(folders / "original", folders / "converted", out=tmp_path / "b", config=cfg, prompt=None,
+                           run_dir=tmp_path / "a.run", resume=True)
+    assert again["summary"]["steps"] == 4
+    a, b = load_converted(tmp_path / "a"), T.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
