@@ -241,3 +241,33 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
     assert again["summary"]["steps"] == 4
     a, b = load_converted(tmp_path / "a"), T.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_two_ddp_processes_match_one(folders, tmp_path):
+    """``torchrun --nproc_per_node=2 tucker-attn distill`` against one process: same losses, same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["distill", str(folders / "original"), str(folders / "converted"), "--layer-steps", "2", "--steps", "2",
+            "--seq-len", "16", "--batch-size", "4", "--eval-windows", "2", "--no-progress", "--prompt", ""]
+    for name, launcher in (("one", [sys.executable, "-m", "tucker_attention.cli"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2", "-m", "tucker_attention.cli"])):
+        proc = subprocess.run(launcher + args + ["--out", str(tmp_path / name)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / f"{n}.run" / "metrics.jsonl").open()] for n in ("one", "two"))
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6)
+    summary = json.loads((tmp_path / "two.run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    wa, wb = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert any(not torch.equal(wa[k], v) for k, v in load_file(str(folders / "converted" / "model.safetensors")).items())

@@ -291,7 +291,8 @@ def _distill_command(args: argparse.Namespace) -> int:
         flag = {"original": "ORIGINAL", "converted": "CONVERTED"}.get(err.argument,
                                                                        "--" + err.argument.replace("_", "-"))
         raise ValueError(f"{flag}: {err.message}") from None
-    print(format_report(report))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(report))
     return 0
 
 

@@ -44,7 +44,7 @@ from ..training.guard import NonFiniteError, NonFiniteGuard
 from ..training.lock import RunLock
 from ..training.run_folder import MetricsLog, prepare, resume_from, set_aside
 from ..training.tasks import all_reduce_sum
-from ..training.trainer import _distributed, lr_factor
+from ..training.trainer import _distributed, _on_rank0, lr_factor
 from .distill_data import TokenData
 from .source import fidelity
 
@@ -66,8 +66,8 @@ class DistillConfig:
     batch_size: int = typed(8, low=1)
     grad_accum_steps: int = typed(1, low=1)
     seq_len: int = typed(256, low=2)
-    layer_lr: float = typed(3e-4, low=0, low_open=True)
-    lr: float = typed(1e-4, low=0, low_open=True)
+    layer_lr: float = typed(1e-3, low=0, low_open=True)
+    lr: float = typed(2e-4, low=0, low_open=True)
     warmup_steps: int = typed(10, low=0)
     min_lr_ratio: float = typed(0.1, low=0, high=1)
     weight_decay: float = typed(0.0, low=0)
@@ -115,17 +115,20 @@ def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> 
 
 
 def _relative_errors(student: nn.Module, caught: dict) -> dict[str, torch.Tensor]:
-    """{path: ||y_student - y||² / ||y||²} of each converted block on the original block's inputs."""
+    """{path: (B,) ||y_student - y||² / ||y||² per window} of each converted block on the original
+    block's inputs (B, T, d)."""
     errors = {}
     for path, (args, kwargs, target) in caught.items():
         out = student.get_submodule(path)(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        errors[path] = (out.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-30)
+        out = (out[0] if isinstance(out, tuple) else out).float()
+        target = target.float()
+        errors[path] = (out - target).pow(2).sum((1, 2)) / target.pow(2).sum((1, 2)).clamp_min(1e-30)
     return errors
 
 
 def layer_loss(teacher: nn.Module, student: nn.Module, paths: list[str], input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-layer matching: the mean over blocks of the relative squared output error."""
+    """Per-layer matching: the mean over blocks and windows of the relative squared output error
+    (a mean over windows, so DDP's slices and accumulation's micro-batches average to it)."""
     errors = _relative_errors(student, _block_io(teacher, paths, input_ids))
     return torch.stack(list(errors.values())).mean()
 
@@ -243,15 +246,24 @@ def distill(teacher: nn.Module, student: nn.Module, data: TokenData, run_dir, co
     run_dir = Path(run_dir)
     flags = {p: p.requires_grad for m in (teacher, student) for p in m.parameters()}
     lock = RunLock(run_dir)
-    lock.acquire()
+
+    def start() -> list[str]:                   # rank 0 holds the folder; the others learn whether it could
+        lock.acquire()
+        try:
+            return prepare(run_dir, resume=resume, overwrite=overwrite)
+        except BaseException:
+            lock.release()
+            raise
+
+    for note in _on_rank0(world, rank, start) or []:
+        print(f"distill: {note}", flush=True)
     try:
-        for note in prepare(run_dir, resume=resume, overwrite=overwrite) if rank == 0 else []:
-            print(f"distill: {note}", flush=True)
         return _Run(teacher, student, data, run_dir, cfg, device, use_bf16, rank, world).go(resume, on_step)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        lock.release()
+        if rank == 0:
+            lock.release()
         if started_group:
             torch.distributed.destroy_process_group()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -94,10 +95,12 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
         tokens.check_seq_len(config.seq_len)
     except ValueError as err:
         raise ConvertError("data", str(err)) from None
-    before = greedy_reply(student, tokenizer, prompt, prompt_tokens) if prompt and tokenizer is not None else None
+    lead = int(os.environ.get("RANK", "0")) == 0           # under torchrun only rank 0 samples and writes
+    sample = bool(prompt) and tokenizer is not None and lead
+    before = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
     summary = distill(teacher, student, tokens, run_dir, config, resume=resume, overwrite=overwrite)
     student.cpu()
-    after = greedy_reply(student, tokenizer, prompt, prompt_tokens) if prompt and tokenizer is not None else None
+    after = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
     answers = {"prompt": prompt, "source": greedy_reply(teacher.cpu(), tokenizer, prompt, prompt_tokens)
                if before is not None else None, "converted": before, "distilled": after}
     report = {"original": str(source["path"]), "converted": str(student_path), "out": str(out),
@@ -108,7 +111,8 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
         _save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"])
         (tmp / "distill.json").write_text(json.dumps(report, indent=1))
 
-    write_folder(out, write, overwrite=overwrite, error=ConvertError)
+    if lead:
+        write_folder(out, write, overwrite=overwrite, error=ConvertError)
     report["seconds"] = time.perf_counter() - start
     return report
 
