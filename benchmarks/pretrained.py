@@ -4,6 +4,7 @@
     python benchmarks/pretrained.py --quick            # three rows on fewer tokens: a smoke run
     python benchmarks/pretrained.py --model my.gguf --out my.md --json my.json
     python benchmarks/pretrained.py --recover --rows tucker-kv-1/4-p50 mla-kv-1/4 gqa-1   # + distillation
+    python benchmarks/pretrained.py --curve RUN/summary.json        # a tucker-attn distill run's curve
 
 Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.convert_settings.convert_model`:
 the plan, the measured choice of partial RoPE and key width, activation-aware conversion) on one
@@ -180,6 +181,32 @@ def plot_recovery(results: dict, meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curve(summaries: list[Path], path: Path) -> None:
+    """Held-out KL and perplexity against training tokens of ``tucker-attn distill`` runs (their
+    ``summary.json``): what more tokens buy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl, ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for summary in summaries:
+        history = json.loads(Path(summary).read_text())["history"]
+        tokens = [h["tokens"] for h in history]
+        label = Path(summary).parent.name
+        kl.plot(tokens, [h["kl"] for h in history], marker=".", label=label)
+        ppl.plot(tokens, [h["ppl"] for h in history], marker=".", label=label)
+        ppl.axhline(history[0]["source_ppl"], color="gray", linestyle="--", label="original")
+    for ax, name in ((kl, "held-out next-token KL"), (ppl, "held-out perplexity")):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a bundled name, a .gguf file or a model folder")
@@ -199,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default="pretrained-runs", help="the distillation run folders of --recover")
     p.add_argument("--recovery-out", default="docs/pretrained-recovery.md", help="the recovery table")
     p.add_argument("--plot", default="docs/pretrained-recovery.png", help="perplexity against tokens")
+    p.add_argument("--curve", nargs="*", metavar="SUMMARY",
+                   help="only plot these tucker-attn distill runs' summary.json (KL, perplexity against tokens)")
+    p.add_argument("--curve-out", default="docs/pretrained-curve.png", help="the PNG of --curve")
     return p.parse_args(argv)
 
 
@@ -262,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     from tucker_attention.hf.distill import DistillConfig
 
     args = parse_args(argv)
+    if args.curve:
+        plot_curve([Path(c) for c in args.curve], Path(args.curve_out))
+        return
     lrs = {k: v for k, v in (("layer_lr", args.layer_lr), ("lr", args.lr)) if v is not None}
     distilling = DistillConfig(layer_steps=args.layer_steps, steps=args.steps, batch_size=args.batch_size,
                                seq_len=args.seq_len, eval_interval=args.eval_interval,

@@ -179,6 +179,21 @@ def test_bf16_autocast_run(pair, tmp_path):
     assert summary["precision"] == "bf16" and all(map(math.isfinite, (summary["final"]["kl"], summary["final"]["ppl"])))
 
 
+def test_relative_lr_rule_scales_each_parameter_by_its_rms(pair):
+    from tucker_attention.hf.distill import _make_optimizer, lr_scales
+
+    _, base = pair
+    params = list(trained_modules(copy.deepcopy(base), "attention").parameters())
+    scales = lr_scales(params, 32, "relative")
+    for p, scale in zip(params, scales):
+        expected = float(p.double().pow(2).mean().sqrt()) * 32 ** 0.5 if p.dim() >= 2 else 1.0
+        assert scale == pytest.approx(expected, rel=1e-5)
+    assert lr_scales(params, 32, "uniform") == [1.0] * len(params)
+    cfg = DistillConfig(layer_lr=1e-3, lr_rule="relative", **FAST)
+    optimizer, _ = _make_optimizer(params, scales, cfg, "layer", torch.device("cpu"))
+    assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * s for s in scales])
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="distill.lr"):
         DistillConfig(lr=0.0)

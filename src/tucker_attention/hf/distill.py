@@ -48,12 +48,16 @@ from .distill_data import TokenData
 from .distill_losses import PARAMS, block_errors, check_pair, layer_loss, logit_kl, trained_modules
 from .fidelity import fidelity
 
+# fields added after runs were written without them, at the values those runs trained with
+LATER_FIELDS = {"lr_rule": "uniform"}
+
 
 @dataclass
 class DistillConfig:
     """One distillation run. ``layer_steps`` / ``steps``: optimizer steps of the per-layer and
     end-to-end phases (either may be 0), each AdamW with linear warmup (``warmup_steps``) and
-    cosine decay to ``min_lr_ratio`` × its peak (``layer_lr``, ``lr``). A step trains on
+    cosine decay to ``min_lr_ratio`` × its peak (``layer_lr``, ``lr``; per parameter times
+    :func:`lr_scales` of ``lr_rule``). A step trains on
     ``batch_size`` × ``grad_accum_steps`` windows of ``seq_len`` tokens (``batch_size`` is global:
     split across DDP processes). ``eval_windows`` held-out windows are measured every
     ``eval_interval`` steps; a checkpoint is written every ``checkpoint_interval`` steps and at
@@ -71,6 +75,7 @@ class DistillConfig:
     weight_decay: float = typed(0.0, low=0)
     grad_clip: float = typed(1.0, low=0)
     params: str = typed("attention", choices=PARAMS)
+    lr_rule: str = typed("uniform", choices=("uniform", "relative"))
     eval_windows: int = typed(16, low=1)
     eval_interval: int = typed(50, low=1)
     checkpoint_interval: int = typed(50, low=1)
@@ -98,14 +103,24 @@ def _phase(step: int, cfg: DistillConfig) -> str:
     return "layer" if step < cfg.layer_steps else "e2e"
 
 
-def _make_optimizer(trainable: list, cfg: DistillConfig, phase: str, device) -> tuple:
-    """(AdamW, its LambdaLR) of ``phase``: its own peak lr, warmup and cosine over its own steps."""
+def lr_scales(trainable: list, d_model: int, rule: str) -> list[float]:
+    """Each trained parameter's lr multiplier: ``relative``: its RMS × sqrt(d_model) for matrices and
+    cores (under Adam every weight then moves by the same fraction of its own scale per step as a
+    projection of RMS 1/sqrt(d_model) at multiplier 1; a converted Tucker's factors differ in
+    scale by 1000x), 1 for vectors; ``uniform``: 1. Taken from the converted weights, before any step."""
+    if rule == "uniform":
+        return [1.0] * len(trainable)
+    return [float(p.detach().float().pow(2).mean().sqrt()) * d_model ** 0.5 if p.dim() >= 2 else 1.0
+            for p in trainable]
+
+
+def _make_optimizer(trainable: list, scales: list[float], cfg: DistillConfig, phase: str, device) -> tuple:
+    """(AdamW, its LambdaLR) of ``phase``: its own peak lr (times each parameter's scale), warmup and
+    cosine over its own steps."""
     peak, total = (cfg.layer_lr, cfg.layer_steps) if phase == "layer" else (cfg.lr, cfg.steps)
-    decay = [p for p in trainable if p.dim() >= 2]
-    rest = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda" or None)
+    groups = [{"params": [p], "lr": peak * scale, "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
+              for p, scale in zip(trainable, scales)]
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
     factor = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=max(total, 1), min_ratio=cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -176,6 +191,8 @@ class _Run:
         teacher.to(device).eval().requires_grad_(False)
         student.to(device).eval().requires_grad_(False)        # dropout off: the teacher's outputs are exact
         self.trainable = [p.requires_grad_(True) for p in self.holder.parameters()]
+        d_model = next(iter(converted_blocks(student).values())).layer.d_model
+        self.scales = lr_scales(self.trainable, d_model, cfg.lr_rule)
         self.eval_batches = data.eval_batches(cfg.seq_len, cfg.eval_windows, device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step, self.tokens, self.seconds, self.history, self.errors, self.bad = 0, 0, 0.0, [], {}, 0
@@ -200,8 +217,9 @@ class _Run:
         path, state, _, notes = resume_from(self.run_dir, lambda _: self.holder)
         for note in notes if self.rank == 0 else []:
             print(f"distill: {note}", flush=True)
-        if state["config"] != self.cfg.fixed():
-            changed = sorted(k for k in self.cfg.fixed() if state["config"].get(k) != self.cfg.fixed()[k])
+        stored = {**LATER_FIELDS, **state["config"]}          # runs written before a field existed
+        if stored != self.cfg.fixed():
+            changed = sorted(k for k in self.cfg.fixed() if stored.get(k) != self.cfg.fixed()[k])
             raise ValueError(f"run folder {str(self.run_dir)!r} was distilled with other settings ({', '.join(changed)}"
                              f" differ); resume it with its own (only steps may change)")
         self.step, self.tokens, self.seconds, self.bad = state["step"], state["tokens"], state["seconds"], state["bad"]
@@ -219,7 +237,7 @@ class _Run:
 
     def _start_phase(self, phase: str) -> None:
         self.phase = phase
-        self.optimizer, self.schedule = _make_optimizer(self.trainable, self.cfg, phase, self.device)
+        self.optimizer, self.schedule = _make_optimizer(self.trainable, self.scales, self.cfg, phase, self.device)
 
     def _record(self, label: str) -> dict:
         scores = _evaluate(self.teacher, self.student, self.eval_batches, self.autocast)
