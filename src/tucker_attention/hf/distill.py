@@ -228,7 +228,11 @@ class _Run:
         self.generator.set_state(state["rng"]["data"])
         self._start_phase(_phase(self.step, self.cfg))
         if state["phase"] == self.phase:                  # a checkpoint at a phase's end starts the next afresh
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as err:
+                raise ValueError(f"run folder {str(self.run_dir)!r}: its optimizer state does not fit this version's "
+                                 f"optimizer ({err}); start a new run (another --run-dir)") from None
             self.schedule.load_state_dict(state["schedule"])
         if self.world > 1:
             torch.distributed.barrier()
