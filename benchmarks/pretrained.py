@@ -4,8 +4,9 @@
     python benchmarks/pretrained.py --quick            # three rows on fewer tokens: a smoke run
     python benchmarks/pretrained.py --model my.gguf --out my.md --json my.json
     python benchmarks/pretrained.py --recover --rows tucker-kv-1/4-p50 mla-kv-1/4 gqa-1   # + distillation
+    python benchmarks/pretrained.py --curve RUN/summary.json        # a tucker-attn distill run's curve
 
-Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.pipeline.convert_model`:
+Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.convert_settings.convert_model`:
 the plan, the measured choice of partial RoPE and key width, activation-aware conversion) on one
 loaded model and one set of calibration statistics. Calibration: pieces of the built-in
 Shakespeare plays outside the held-out plays; every choice is measured on those. Evaluation:
@@ -55,7 +56,7 @@ PROMPT = "What is the capital of France?"
 
 
 def greedy_answer(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
-    from tucker_attention.hf.source import greedy_reply
+    from tucker_attention.hf.fidelity import greedy_reply
 
     return greedy_reply(model, tokenizer, prompt, tokens)
 
@@ -70,7 +71,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def scores(model, converted, tokenizer, data: dict) -> dict:
     """Held-out KL, top-1 and perplexity (short pieces), KL on the long pieces, the greedy answer."""
-    from tucker_attention.hf.source import fidelity
+    from tucker_attention.hf.fidelity import fidelity
 
     short = fidelity(model, converted, data["eval"], "decoder")
     long = fidelity(model, converted, data["long"], "decoder")
@@ -80,8 +81,8 @@ def scores(model, converted, tokenizer, data: dict) -> dict:
 
 def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict) -> tuple[dict, object]:
     """(the row, the converted model)."""
-    from tucker_attention.hf.pipeline import convert_model
-    from tucker_attention.hf.source import attention_summary
+    from tucker_attention.hf.convert_settings import convert_model
+    from tucker_attention.hf.fidelity import attention_summary
 
     model, tokenizer = source["model"], source["tokenizer"]
     start = time.perf_counter()
@@ -180,7 +181,33 @@ def plot_recovery(results: dict, meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def plot_curve(summaries: list[Path], path: Path) -> None:
+    """Held-out KL and perplexity against training tokens of ``tucker-attn distill`` runs (their
+    ``summary.json``): what more tokens buy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl, ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for summary in summaries:
+        history = json.loads(Path(summary).read_text())["history"]
+        tokens = [h["tokens"] for h in history]
+        label = Path(summary).parent.name
+        kl.plot(tokens, [h["kl"] for h in history], marker=".", label=label)
+        ppl.plot(tokens, [h["ppl"] for h in history], marker=".", label=label)
+        ppl.axhline(history[0]["source_ppl"], color="gray", linestyle="--", label="original")
+    for ax, name in ((kl, "held-out next-token KL"), (ppl, "held-out perplexity")):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="a bundled name, a .gguf file or a model folder")
     p.add_argument("--out", default="docs/pretrained-table.md", help="the markdown table to write")
@@ -199,16 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="pretrained-runs", help="the distillation run folders of --recover")
     p.add_argument("--recovery-out", default="docs/pretrained-recovery.md", help="the recovery table")
     p.add_argument("--plot", default="docs/pretrained-recovery.png", help="perplexity against tokens")
-    args = p.parse_args(argv)
-    from tucker_attention.hf.distill import DistillConfig
-    from tucker_attention.hf.distill_data import load_data
+    p.add_argument("--curve", nargs="*", metavar="SUMMARY",
+                   help="only plot these tucker-attn distill runs' summary.json (KL, perplexity against tokens)")
+    p.add_argument("--curve-out", default="docs/pretrained-curve.png", help="the PNG of --curve")
+    return p.parse_args(argv)
 
-    lrs = {k: v for k, v in (("layer_lr", args.layer_lr), ("lr", args.lr)) if v is not None}
-    distilling = DistillConfig(layer_steps=args.layer_steps, steps=args.steps, batch_size=args.batch_size,
-                               seq_len=args.seq_len, eval_interval=args.eval_interval,
-                               checkpoint_interval=max(args.eval_interval, 50), **lrs)
+
+def load(args) -> tuple[dict, dict, dict]:
+    """(the source, its data: calibration, evaluation, long pieces, statistics, distillation tokens; the meta)."""
     from tucker_attention.hf.calibration import attention_statistics
-    from tucker_attention.hf.source import attention_summary, fidelity, load_source, make_inputs
+    from tucker_attention.hf.distill_data import load_data
+    from tucker_attention.hf.fidelity import attention_summary, fidelity, make_inputs
+    from tucker_attention.hf.source_model import load_source
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -224,42 +253,63 @@ def main(argv: list[str] | None = None) -> None:
             "tokens": load_data(None, tokenizer, model.config.vocab_size)}
     print(f"{described}; long pieces: {long_described.split('evaluation: ')[1]}; statistics in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    path = Path(args.json)
-    saved = json.loads(path.read_text()) if path.exists() else {}
     meta = {"name": args.model, "source": attention_summary(model, torch.float32), "data": described,
             "long": long_described, "long_len": args.long_len, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "quick": args.quick,
             "source_ppl": fidelity(model, model, ev, "decoder")["ppl"],
             "source_answer": greedy_answer(model, tokenizer)}
+    return source, data, meta
+
+
+def run_row(key: str, label: str, method: str, options: dict, results: dict, args, distilling, source: dict,
+            data: dict, save) -> None:
+    """Measure one row (unless done before) and, with --recover, distil it (unless done with these settings)."""
+    converted = None
+    if key in results:
+        print(f"{label}: done before (resumed)", flush=True)
+    else:
+        row, converted = measure(key, label, method, options, source, data)
+        results[key] = row
+        save()
+        print(f"{label}: {row['setting']}, KL {row['kl']:.4g}, top-1 {row['top1']:.3f}, ppl {row['ppl']:.2f}, "
+              f"KL long {row['kl_long']:.4g}, {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
+    if not args.recover or results[key].get("recovery", {}).get("config") == dataclasses.asdict(distilling):
+        return
+    if converted is None:                          # the same pipeline again (deterministic)
+        _, converted = measure(key, label, method, options, source, data)
+    runs = Path(args.runs) / key.replace("/", "-")
+    results[key]["recovery"] = recovery = recover(converted, source, data, distilling, runs)
+    save()
+    for phase in ("per_layer", "end_to_end"):
+        if phase in recovery:
+            r = recovery[phase]
+            print(f"{label}, after {phase.replace('_', ' ')}: KL {r['kl']:.4g}, top-1 {r['top1']:.3f}, "
+                  f"ppl {r['ppl']:.2f}, KL long {r['kl_long']:.4g}, {r['answer']!r} ({r['tokens']:,} tokens, "
+                  f"{r['seconds']:.0f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tucker_attention.hf.distill import DistillConfig
+
+    args = parse_args(argv)
+    if args.curve:
+        plot_curve([Path(c) for c in args.curve], Path(args.curve_out))
+        return
+    lrs = {k: v for k, v in (("layer_lr", args.layer_lr), ("lr", args.lr)) if v is not None}
+    distilling = DistillConfig(layer_steps=args.layer_steps, steps=args.steps, batch_size=args.batch_size,
+                               seq_len=args.seq_len, eval_interval=args.eval_interval,
+                               checkpoint_interval=max(args.eval_interval, 50), **lrs)
+    source, data, meta = load(args)
+    path = Path(args.json)
+    saved = json.loads(path.read_text()) if path.exists() else {}
     if saved.get("meta", {}).get("quick") != args.quick or saved.get("meta", {}).get("name") != args.model:
         saved = {}                                         # another run's results: start over
     results = saved.get("results", {})
     wanted = QUICK if args.quick else (args.rows or [r[0] for r in ROWS])
     for key, label, method, options in ROWS:
-        if key not in wanted:
-            continue
-        converted = None
-        if key in results:
-            print(f"{label}: done before (resumed)", flush=True)
-        else:
-            row, converted = measure(key, label, method, options, source, data)
-            results[key] = row
-            write_json(path, {"meta": meta, "results": results})
-            print(f"{label}: {row['setting']}, KL {row['kl']:.4g}, top-1 {row['top1']:.3f}, ppl {row['ppl']:.2f}, "
-                  f"KL long {row['kl_long']:.4g}, {row['answer']!r} ({row['seconds']:.0f} s)", flush=True)
-        if not args.recover or results[key].get("recovery", {}).get("config") == dataclasses.asdict(distilling):
-            continue
-        if converted is None:                          # the same pipeline again (deterministic)
-            _, converted = measure(key, label, method, options, source, data)
-        runs = Path(args.runs) / key.replace("/", "-")
-        results[key]["recovery"] = recovery = recover(converted, source, data, distilling, runs)
-        write_json(path, {"meta": meta, "results": results})
-        for phase in ("per_layer", "end_to_end"):
-            if phase in recovery:
-                r = recovery[phase]
-                print(f"{label}, after {phase.replace('_', ' ')}: KL {r['kl']:.4g}, top-1 {r['top1']:.3f}, "
-                      f"ppl {r['ppl']:.2f}, KL long {r['kl_long']:.4g}, {r['answer']!r} ({r['tokens']:,} tokens, "
-                      f"{r['seconds']:.0f} s)", flush=True)
+        if key in wanted:
+            run_row(key, label, method, options, results, args, distilling, source, data,
+                    lambda: write_json(path, {"meta": meta, "results": results}))
     recovered = {k: results[k] for k, *_ in ROWS if "recovery" in results.get(k, {})}
     if recovered:
         Path(args.recovery_out).write_text(recovery_markdown(recovered, meta) + "\n")

@@ -19,7 +19,7 @@ import torch
 T = pytest.importorskip("transformers", reason="tucker-attn convert needs transformers (extra 'hf')")
 
 from tucker_attention.cli import main  # noqa: E402
-from tucker_attention.hf.pipeline import ConvertError, convert_folder  # noqa: E402
+from tucker_attention.hf.convert_command import ConvertError, convert_folder  # noqa: E402
 from tucker_attention.tensors import converted_cost  # noqa: E402
 
 D, HEADS, LAYERS, VOCAB = 32, 4, 2, 64
@@ -151,7 +151,7 @@ def test_budget_kv_picks_the_largest_gqa_setting(folders, tmp_path):
 
 def test_budget_params_mla_is_largest_within_and_costs_what_it_says(folders, tmp_path):
     from tucker_attention.hf import attention_layers
-    from tucker_attention.hf.pipeline import load_source
+    from tucker_attention.hf.convert_command import load_source
 
     report = convert_folder(folders["gpt2"], "mla", budget_params=0.8, out=tmp_path / "o", **KW)
     src, conv = report["source"], report["converted"]
@@ -228,7 +228,7 @@ def test_mla_kv_budget_takes_a_query_latent_rather_than_more_parameters(folders,
     assert conv["attention_params"] <= src["attention_params"]
     assert conv["kv_floats_per_token"] <= 0.75 * src["kv_floats_per_token"]
     from tucker_attention.hf import attention_layers
-    from tucker_attention.hf.pipeline import load_source
+    from tucker_attention.hf.convert_command import load_source
     from tucker_attention.tensors import plan_setting
 
     layers = attention_layers(load_source(folders["llama"])["model"])
@@ -401,7 +401,7 @@ def test_converted_cost_is_the_conversions_own_accounting():
 
 
 def test_plan_setting(folders):
-    from tucker_attention.hf.pipeline import load_source, plan_setting
+    from tucker_attention.hf.convert_command import load_source, plan_setting
     from tucker_attention.layers import MultiHeadAttention
     from tucker_attention.tensors import plan_setting as layer_plan
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import string
 
 import pytest
@@ -17,9 +18,9 @@ from tucker_attention.cli import main  # noqa: E402
 from tucker_attention.hf import convert  # noqa: E402
 from tucker_attention.hf.convert import converted_blocks, load_converted  # noqa: E402
 from tucker_attention.hf.distill import DistillConfig, block_errors, check_pair, distill, trained_modules  # noqa: E402
+from tucker_attention.hf.distill_command import distill_folder  # noqa: E402
 from tucker_attention.hf.distill_data import TokenData, load_data  # noqa: E402
-from tucker_attention.hf.distill_folder import distill_folder  # noqa: E402
-from tucker_attention.hf.source import ConvertError  # noqa: E402
+from tucker_attention.hf.source_model import ConvertError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(batch_size=4, seq_len=16, eval_windows=8, eval_interval=5, checkpoint_interval=4, progress=False)
@@ -156,6 +157,43 @@ def test_params_all_trains_every_weight_and_attention_only_the_blocks(pair, tmp_
         trained_modules(base, "mlp")
 
 
+def test_a_non_finite_loss_stops_the_run_and_no_checkpoint_holds_it(pair, tmp_path):
+    from tucker_attention.training.guard import NonFiniteError
+
+    teacher, base = pair
+    student = copy.deepcopy(base)
+    block = next(iter(converted_blocks(student).values()))
+    with torch.no_grad():
+        next(block.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="max_bad_steps"):
+        distill(teacher, student, _random_data(), tmp_path / "run", DistillConfig(layer_steps=3, steps=0, **FAST))
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert records[-1].get("stopped")
+
+
+def test_bf16_autocast_run(pair, tmp_path):
+    teacher, base = pair
+    summary = distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run",
+                      DistillConfig(layer_steps=2, steps=2, precision="bf16", **FAST))
+    assert summary["precision"] == "bf16" and all(map(math.isfinite, (summary["final"]["kl"], summary["final"]["ppl"])))
+
+
+def test_relative_lr_rule_scales_each_parameter_by_its_rms(pair):
+    from tucker_attention.hf.distill import _make_optimizer, lr_scales
+
+    _, base = pair
+    params = list(trained_modules(copy.deepcopy(base), "attention").parameters())
+    scales = lr_scales(params, 32, "relative")
+    for p, scale in zip(params, scales):
+        expected = float(p.double().pow(2).mean().sqrt()) * 32 ** 0.5 if p.dim() >= 2 else 1.0
+        assert scale == pytest.approx(expected, rel=1e-5)
+    assert lr_scales(params, 32, "uniform") == [1.0] * len(params)
+    cfg = DistillConfig(layer_lr=1e-3, lr_rule="relative", **FAST)
+    optimizer, _ = _make_optimizer(params, scales, cfg, "layer", torch.device("cpu"))
+    assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * s for s in scales])
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="distill.lr"):
         DistillConfig(lr=0.0)
@@ -270,4 +308,5 @@ def test_two_ddp_processes_match_one(folders, tmp_path):
     assert summary["world_size"] == 2
     wa, wb = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    assert any(not torch.equal(wa[k], v) for k, v in load_file(str(folders / "converted" / "model.safetensors")).items())
+    before = load_file(str(folders / "converted" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], v) for k, v in before.items())

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from tucker_attention._checks import check_ids
 from tucker_attention.cli import main
-from tucker_attention.data.text import load_corpus, read_documents
+from tucker_attention.data.corpus import load_corpus
+from tucker_attention.data.text import read_documents
 from tucker_attention.models import GPT, GPTConfig, ViT, ViTConfig
 
 VOCAB, BLOCK = 12, 8

@@ -19,9 +19,10 @@ from tucker_attention.cli import main
 from tucker_attention.data import prepare, prepared
 from tucker_attention.data import text as text_module
 from tucker_attention.data import tokenizers as tokenizers_module  # not the tokenizers package
+from tucker_attention.data.corpus import load_corpus
 from tucker_attention.data.prepare import PrepareError, prepare_data
 from tucker_attention.data.prepared import document_starts, is_prepared, open_prepared, read_meta
-from tucker_attention.data.text import load_corpus, read_documents, split_documents
+from tucker_attention.data.text import read_documents, split_documents
 from tucker_attention.training import RunConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tucker_attention.data import text as text_module
+from tucker_attention.data.corpus import load_corpus
 from tucker_attention.data.text import (
     ByteTokenizer,
     CharTokenizer,
     TextCorpus,
-    load_corpus,
     read_documents,
     shakespeare_plays,
     split_documents,

@@ -168,8 +168,7 @@ def _dataset(train_x, train_y, val_x, val_y, source: str, flip: bool, n_classes:
     train_y = _labels(train_y, len(train_x), f"the training labels of {source}")
     val_y = _labels(val_y, len(val_x), f"the validation labels of {source}")
     if len(train_x) == 0 or len(val_x) == 0:
-        raise ValueError(f"the dataset {source} is empty ({len(train_x)} training and {len(val_x)} validation "
-                         f"images)")
+        raise ValueError(f"the dataset {source} is empty ({len(train_x)} training and {len(val_x)} validation images)")
     if train_x.shape[1:] != val_x.shape[1:]:
         raise ValueError(f"the training images of {source} are {tuple(train_x.shape[1:])} (C, H, W) but the "
                          f"validation images are {tuple(val_x.shape[1:])}")
@@ -331,8 +330,7 @@ def _digits_dataset(val_fraction: float, seed: int) -> ImageDataset:
         raise ImportError("the 'digits' dataset is scikit-learn's: pip install scikit-learn") from None
     digits = load_digits()
     x = torch.from_numpy(np.rint(digits.images * (255 / 16)).astype(np.uint8))  # values 0..16 -> 0..255
-    return _split_dataset(x, torch.from_numpy(digits.target), val_fraction, seed, "scikit-learn 8x8 digits", False,
-                          10)
+    return _split_dataset(x, torch.from_numpy(digits.target), val_fraction, seed, "scikit-learn 8x8 digits", False, 10)
 
 
 def load_images(source: str = "fashion-mnist", path: str | Path | None = None, *, val_fraction: float = 0.1,
@@ -398,5 +396,4 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, pad: int = 2, flip: 
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-__all__ = ["FASHION_MNIST_DIR", "IMAGE_SOURCES", "ImageDataset", "augment", "channel_stats", "load_images",
-           "read_idx"]
+__all__ = ["FASHION_MNIST_DIR", "IMAGE_SOURCES", "ImageDataset", "augment", "channel_stats", "load_images", "read_idx"]

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .text import ByteTokenizer, CharTokenizer, TextCorpus
-from .tokenizers import TransformersTokenizer, tokenizer_identity
+from .text import TextCorpus
+from .tokenizers import ByteTokenizer, CharTokenizer, TransformersTokenizer, tokenizer_identity
 
 FORMAT, VERSION = "tucker-attention/prepared-tokens", 1
 SPLITS = ("train", "val")

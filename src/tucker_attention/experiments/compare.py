@@ -4,20 +4,55 @@ compare validation quality against attention parameters and KV cache (paper §7,
 Every model trains in ``OUT/runs/<label>`` with the shared trainer; a finished run (its
 ``summary.json`` written by the same config) is reused and an interrupted one resumes from
 its checkpoint, so re-running the command continues where it stopped.
+
+This module holds the presets (the models and budgets compared), their run configs and
+:func:`run_compare`; the run folders and records are in :mod:`.compare_runs`, the tables, claim
+checks and plot in :mod:`.compare_report` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._table import text_table
 from ..training import RunConfig, apply_overrides, make_task, train
 from ..training.checkpoint import step_dirs
+from .compare_report import (
+    _METHOD_NAMES,
+    BASELINE_METHODS,
+    CLAIM_CHECKS,
+    MATCH_TOLERANCE,
+    PAPER_RATIO,
+    claim_check,
+    claim_check_title,
+    compare_claim,
+    format_adaptive_ranks,
+    format_compare_table,
+    matched_quality,
+    matched_quality_ratio,
+    pareto_front,
+    plot_compare,
+)
+from .compare_runs import (
+    _finished,
+    _record,
+    _same_config,
+    _slug,
+    add_ratios,
+    make_task_type,
+    spec_record,
+    write_json_atomic,
+)
+
+__all__ = [
+    "BASELINE_METHODS", "CLAIM_CHECKS", "LM_PRESETS", "MATCH_TOLERANCE", "PAPER_RATIO", "PRESETS", "VIT_PRESETS",
+    "ComparePreset", "add_ratios", "claim_check", "claim_check_title", "compare_claim", "compare_configs",
+    "format_adaptive_ranks", "format_compare_table", "make_task_type", "matched_quality", "matched_quality_ratio",
+    "pareto_front", "plot_compare", "run_compare", "spec_record", "split_entry", "write_json_atomic",
+    # private helpers other experiments import from here
+    "_METHOD_NAMES", "_finished", "_record", "_same_config", "_slug",
+]
 
 # lr 5e-3 was the best of {2, 3, 5, 8}e-3 for MHA under this budget (docs/lm-study.md)
 _CPU_TRAIN = {"steps": 600, "batch_size": 32, "lr": 5e-3, "warmup_steps": 60, "eval_interval": 200,
@@ -264,18 +299,6 @@ def compare_configs(preset: str = "default", *, steps: int | None = None, overri
     return configs
 
 
-def make_task_type(task: str):
-    from ..training.tasks import TASK_TYPES
-
-    if task not in TASK_TYPES:
-        raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {task!r}")
-    return TASK_TYPES[task]
-
-
-def _slug(label: str) -> str:
-    """A folder name for a model label: "Tucker [4,16,8]" -> "tucker-4-16-8"."""
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-
 
 def run_compare(preset: str = "default", out: str | Path = "compare-out", *, steps: int | None = None,
                 overrides: list[str] = (), task: str = "lm", progress: bool = True) -> list[dict]:
@@ -306,255 +329,3 @@ def run_compare(preset: str = "default", out: str | Path = "compare-out", *, ste
     plot_compare(records, out / "compare.png", metric=task_type.metric,
                  lower_is_better=not task_type.higher_is_better)
     return records
-
-
-def add_ratios(records: list[dict], metric: str, higher_is_better: bool) -> None:
-    """Add ``attention_param_ratio`` and ``<metric>_vs_mha`` (relative change of a loss; difference
-    of an accuracy) to every record, against the MHA record."""
-    mha = next((r for r in records if r["method"] == "mha"), None)
-    for r in records:
-        r["attention_param_ratio"] = r["attention_params"] / mha["attention_params"] if mha else None
-        if mha is None:
-            r[f"{metric}_vs_mha"] = None
-        else:
-            r[f"{metric}_vs_mha"] = r[metric] - mha[metric] if higher_is_better else r[metric] / mha[metric] - 1
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _same_config(run_dir: Path, config: RunConfig) -> bool:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return False
-    try:  # through RunConfig, so a run written before a train option existed gets its default
-        stored = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
-    except (ValueError, TypeError, KeyError):
-        return False
-    stored["train"]["progress"] = config.train.progress
-    return json.loads(json.dumps(stored)) == json.loads(json.dumps(config.to_dict()))
-
-
-def _finished(run_dir: Path, config: RunConfig) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.is_file() or not _same_config(run_dir, config):
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("steps") == config.train.steps else None
-
-
-def spec_record(label: str, spec: dict) -> dict:
-    """``label``, ``method`` and the method's own size arguments of an attention spec."""
-    spec = dict(spec)
-    method = spec.pop("method")
-    return {"label": label, "method": method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
-
-
-def _record(label: str, config: RunConfig, summary: dict, task_type, train_settings: dict | None = None) -> dict:
-    """One model's results. A rank-adaptive run's record adds its final per-layer ``ranks``
-    ([[r1, r2, r3], [r1~, r2~, r3~]] per layer, as in its summary.json) and ``rank_budget``."""
-    metric, speed = task_type.metric, f"{task_type.unit}_per_s"
-    baselines = {k: v for k, v in summary.items() if k.startswith(("unigram", "majority"))}
-    adaptive = {k: summary[k] for k in ("ranks", "rank_budget") if "rank_budget" in summary and k in summary}
-    extra = {"train_settings": dict(train_settings)} if train_settings else {}
-    return {**spec_record(label, config.model["attention"]), **adaptive, **extra,
-            "attention_params": summary["attention_params"],
-            "params": summary["params"], "kv_bytes_per_token": summary["kv_bytes_per_token"],
-            metric: summary[metric], "val_loss": summary["val_loss"], f"best_{metric}": summary[f"best_{metric}"],
-            speed: summary[speed], "steps": summary["steps"], **baselines}
-
-
-def format_compare_table(records: list[dict], metric: str = "val_loss", unit: str = "tokens") -> str:
-    """A plain-text table of the records (sorted by attention parameters, largest first)."""
-    head = ["model", "method", "attn params", "vs MHA", "KV B/token (bf16)", metric, "Δ vs MHA", f"{unit}/s"]
-    rows = []
-    for r in sorted(records, key=lambda r: -r["attention_params"]):
-        ratio = f"{r['attention_param_ratio']:.3f}" if r.get("attention_param_ratio") is not None else "-"
-        delta = r.get(f"{metric}_vs_mha")
-        delta = "-" if delta is None else f"{100 * delta:+.1f}" + ("%" if metric == "val_loss" else " pts")
-        rows.append([r["label"], r["method"], f"{r['attention_params']:,}", ratio, str(r["kv_bytes_per_token"]),
-                     f"{r[metric]:.4f}", delta, f"{r[f'{unit}_per_s']:,.0f}"])
-    return text_table(head, rows)
-
-
-def format_adaptive_ranks(records: list[dict]) -> list[str]:
-    """One line per rank-adaptive record: its budget and the final ranks of each layer."""
-    lines = []
-    for r in records:
-        if "rank_budget" not in r:
-            continue
-        b = r["rank_budget"]
-        unit = "attention params" if b["kind"] == "params" else "KV floats/token"
-        layers = "; ".join(f"[{','.join(map(str, w))}]/[{','.join(map(str, v))}]" for w, v in r["ranks"])
-        lines.append(f"{r['label']}: budget {b['budget']:,} {unit} ({b['budget'] / b['mha']:.1%} of MHA's), "
-                     f"ends at {r['attention_params']:,} params; ranks per layer [r1,r2,r3]/[r1~,r2~,r3~]: {layers}")
-    return lines
-
-
-# (max share of MHA's attention parameters, val-loss tolerance vs MHA) of the claim checks
-CLAIM_CHECKS = ((0.25, 0.03), (0.10, 0.05))
-BASELINE_METHODS = ("gqa", "mqa", "mla")
-MATCH_TOLERANCE = 0.01  # LM: 1 % of the val loss; ViT: 1 point of accuracy
-
-
-def claim_check(records: list[dict], *, max_ratio: float = 0.25, tolerance: float = 0.03) -> list[str]:
-    """The paper's claim in miniature, stated per model from the measured records: the best Tucker
-    setting with at most ``max_ratio`` of MHA's attention parameters is within ``tolerance`` of
-    MHA's val loss, and the GQA/MLA models (larger than it) do no better."""
-    mha = next((r for r in records if r["method"] == "mha"), None)
-    small = [r for r in records if r["method"] == "tucker" and mha and r["attention_params"] <= max_ratio *
-             mha["attention_params"]]
-    if not small:
-        return [f"no Tucker setting with at most {max_ratio:.0%} of MHA's attention parameters to check"]
-    best = min(small, key=lambda r: r["val_loss"])
-    delta = best["val_loss"] / mha["val_loss"] - 1
-    verdict = "yes" if delta <= tolerance else "NO"
-    lines = [f"{best['label']} ({best['attention_params'] / mha['attention_params']:.1%} of MHA's attention "
-             f"parameters): val loss {delta:+.1%} vs MHA -> within {tolerance:.0%}: {verdict}"]
-    for r in records:
-        if r["method"] in BASELINE_METHODS:
-            better = r["val_loss"] < best["val_loss"]
-            lines.append(f"{r['label']} ({r['attention_params'] / best['attention_params']:.1f}x its size): val loss "
-                         f"{r['val_loss'] / mha['val_loss'] - 1:+.1%} vs MHA -> no better than it: "
-                         f"{'NO' if better else 'yes'}")
-    return lines
-
-
-def claim_check_title(max_ratio: float, tolerance: float) -> str:
-    return (f"claim (a Tucker setting <= {max_ratio:.0%} of MHA's attention parameters within {tolerance:.0%} of "
-            f"MHA's val loss; GQA/MLA no better):")
-
-
-def _within(value: float, best: float, higher_is_better: bool, tolerance: float) -> bool:
-    slack = 1e-12  # a value exactly at the bound counts, whatever the binary rounding of the bound
-    return value >= best - tolerance - slack if higher_is_better else value <= best * (1 + tolerance) + slack
-
-
-def matched_quality_ratio(records: list[dict], metric: str = "val_loss", higher_is_better: bool = False,
-                          tolerance: float = MATCH_TOLERANCE) -> tuple[float, dict, dict] | None:
-    """The paper's "order of magnitude fewer attention parameters at comparable quality", measured:
-    the best GQA/MQA/MLA record by ``metric``; the Tucker records (fixed or rank-adaptive) within
-    ``tolerance`` of it (a loss: at most best x (1 + tolerance); an accuracy: at least best -
-    tolerance); the smallest of those by attention parameters. Returns (its attention parameters
-    / the baseline's, the Tucker record, the baseline record), or None when no baseline or no
-    Tucker record qualifies."""
-    baselines = [r for r in records if r["method"] in BASELINE_METHODS]
-    if not baselines:
-        return None
-    sign = -1 if higher_is_better else 1
-    base = min(baselines, key=lambda r: sign * r[metric])
-    close = [r for r in records if r["method"] == "tucker"
-             and _within(r[metric], base[metric], higher_is_better, tolerance)]
-    if not close:
-        return None
-    tucker = min(close, key=lambda r: (r["attention_params"], sign * r[metric]))
-    return tucker["attention_params"] / base["attention_params"], tucker, base
-
-
-PAPER_RATIO = 0.1  # "an order of magnitude fewer attention parameters"
-
-
-def matched_quality(records: list[dict], metric: str = "val_loss", higher_is_better: bool = False,
-                    tolerance: float = MATCH_TOLERANCE) -> dict:
-    """:func:`matched_quality_ratio` as JSON data with a one-line ``text``; with no Tucker record
-    within tolerance, the closest one (best ``metric``) and its ``gap`` instead of a ratio."""
-    points = 100 * tolerance
-    tol_text = (f"{points:g} point{'' if points == 1 else 's'} of accuracy" if higher_is_better
-                else f"{tolerance:.0%} val loss")
-    found = matched_quality_ratio(records, metric, higher_is_better, tolerance)
-    out = {"metric": metric, "tolerance": tolerance, "tolerance_kind": "absolute" if higher_is_better else "relative",
-           "paper_ratio": PAPER_RATIO}
-    baselines = [r for r in records if r["method"] in BASELINE_METHODS]
-    tuckers = [r for r in records if r["method"] == "tucker"]
-    if found is not None:
-        ratio, tucker, base = found
-        verdict = "yes" if ratio <= PAPER_RATIO else "NO"
-        out.update(ratio=ratio, tucker=_brief(tucker, metric), baseline=_brief(base, metric),
-                   within_paper_ratio=ratio <= PAPER_RATIO,
-                   text=f"parameter ratio at matched quality: {tucker['label']} ({tucker['attention_params']:,}) / "
-                        f"{base['label']} ({base['attention_params']:,}) = {ratio:.3f} (the smallest Tucker within "
-                        f"{tol_text} of the best GQA/MLA; the paper's order of magnitude: <= {PAPER_RATIO}: "
-                        f"{verdict})")
-        return out
-    out["ratio"] = None
-    if not baselines or not tuckers:
-        out["text"] = "parameter ratio at matched quality: - (needs a GQA/MLA and a Tucker record)"
-        return out
-    sign = -1 if higher_is_better else 1
-    base = min(baselines, key=lambda r: sign * r[metric])
-    closest = min(tuckers, key=lambda r: sign * r[metric])
-    gap = base[metric] - closest[metric] if higher_is_better else closest[metric] / base[metric] - 1
-    gap_text = f"{100 * gap:.1f} points lower" if higher_is_better else f"{gap:+.1%}"
-    out.update(baseline=_brief(base, metric), closest=_brief(closest, metric), gap=gap,
-               text=f"parameter ratio at matched quality: none - no Tucker setting is within {tol_text} of "
-                    f"{base['label']} ({metric} {base[metric]:.4f}); the closest, {closest['label']} "
-                    f"({closest['attention_params']:,} attention params, "
-                    f"{closest['attention_params'] / base['attention_params']:.3f}x), is {gap_text}")
-    return out
-
-
-def _brief(r: dict, metric: str) -> dict:
-    return {"label": r["label"], "method": r["method"], "attention_params": r["attention_params"],
-            metric: r[metric]}
-
-
-def compare_claim(records: list[dict], task: str = "lm") -> dict:
-    """What ``claim.json`` holds: the matched-quality ratio and, for the LM, the claim checks."""
-    task_type = make_task_type(task)
-    claim = {"matched_quality": matched_quality(records, task_type.metric, task_type.higher_is_better)}
-    if task_type.metric == "val_loss":
-        claim["claim_checks"] = [{"max_ratio": m, "tolerance": t, "title": claim_check_title(m, t),
-                                  "lines": claim_check(records, max_ratio=m, tolerance=t)} for m, t in CLAIM_CHECKS]
-    return claim
-
-
-def pareto_front(records: list[dict], metric: str = "val_loss", lower_is_better: bool = True) -> list[dict]:
-    """Records no other record beats on both attention parameters and ``metric``, by parameters."""
-    sign = 1 if lower_is_better else -1
-    front, best = [], float("inf")
-    for r in sorted(records, key=lambda r: (r["attention_params"], sign * r[metric])):
-        if sign * r[metric] < best:
-            front.append(r)
-            best = sign * r[metric]
-    return front
-
-
-_METHOD_NAMES = {"mha": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "tucker": "Tucker"}
-
-
-def plot_compare(records: list[dict], path: str | Path, *, metric: str = "val_loss",
-                 lower_is_better: bool = True) -> Path:
-    """``metric`` against attention parameters (log x): one labelled point per model, the
-    Pareto front as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"mha": "black", "gqa": "tab:blue", "mqa": "tab:cyan", "mla": "tab:green", "tucker": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, adaptive in dict.fromkeys((r["method"], "rank_budget" in r) for r in records):
-        pts = [r for r in records if r["method"] == method and ("rank_budget" in r) == adaptive]
-        name = _METHOD_NAMES.get(method, method) + (" (rank-adaptive)" if adaptive else "")
-        ax.scatter([r["attention_params"] for r in pts], [r[metric] for r in pts], color=colors.get(method),
-                   marker="D" if adaptive else "o", label=name, zorder=3)
-        for r in pts:
-            ax.annotate(r["label"], (r["attention_params"], r[metric]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-    front = pareto_front(records, metric, lower_is_better)
-    ax.plot([r["attention_params"] for r in front], [r[metric] for r in front], "--", color="gray",
-            label="Pareto front", zorder=2)
-    ax.set_xscale("log")
-    ax.set_xlabel("attention parameters (whole model)")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .read import find_blocks
+from .reading import find_blocks
 
 
 @dataclass(frozen=True)

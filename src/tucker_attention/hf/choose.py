@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .source import ConvertError
+from .source_model import ConvertError
 
 #: Shares of the lowest RoPE frequencies that partial-RoPE candidates stop rotating.
 NOPE_FRACTIONS = (0.0, 0.25, 0.5, 0.625)
@@ -80,7 +80,7 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     middle = len(settings) // 2
     if len(nopes) == 1 and len(settings) == 1:
         return _convert(model, method, settings[0], 0, nopes[0], calibration, progress)
-    from .source import fidelity, reference_outputs
+    from .fidelity import fidelity, reference_outputs
 
     selection = batches[:SELECTION_BATCHES]
     reference = reference_outputs(model, selection, kind)

@@ -36,7 +36,7 @@ from .auto import config_class, converted_class, model_class, place_block, to_co
 from .blocks import HFAttention
 from .cache import SharedRope
 from .calibration import BlockStatistics
-from .read import Block, attention_layers, find_blocks
+from .reading import Block, attention_layers, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"

@@ -1,6 +1,6 @@
 """Recovery of a converted causal LM: knowledge distillation from the original it was converted from.
 
-Two phases, one run (``tucker-attn distill``, :func:`distill_folder`; the loop is :func:`distill`):
+Two phases, one run (``tucker-attn distill``, :func:`~.distill_command.distill_folder`; the loop is :func:`distill`):
 
 1. **per-layer** (``layer_steps``): every converted attention block learns to give the original
    block's output on the original's own block inputs (hooks on the original's attention modules
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._fields import check_fields, typed
@@ -46,16 +45,19 @@ from ..training.run_folder import MetricsLog, prepare, resume_from, set_aside
 from ..training.tasks import all_reduce_sum
 from ..training.trainer import _distributed, _on_rank0, lr_factor
 from .distill_data import TokenData
-from .source import fidelity
+from .distill_losses import PARAMS, block_errors, check_pair, layer_loss, logit_kl, trained_modules
+from .fidelity import fidelity
 
-PARAMS = ("attention", "all")
+# fields added after runs were written without them, at the values those runs trained with
+LATER_FIELDS = {"lr_rule": "uniform"}
 
 
 @dataclass
 class DistillConfig:
     """One distillation run. ``layer_steps`` / ``steps``: optimizer steps of the per-layer and
     end-to-end phases (either may be 0), each AdamW with linear warmup (``warmup_steps``) and
-    cosine decay to ``min_lr_ratio`` × its peak (``layer_lr``, ``lr``). A step trains on
+    cosine decay to ``min_lr_ratio`` × its peak (``layer_lr``, ``lr``; per parameter times
+    :func:`lr_scales` of ``lr_rule``). A step trains on
     ``batch_size`` × ``grad_accum_steps`` windows of ``seq_len`` tokens (``batch_size`` is global:
     split across DDP processes). ``eval_windows`` held-out windows are measured every
     ``eval_interval`` steps; a checkpoint is written every ``checkpoint_interval`` steps and at
@@ -73,6 +75,7 @@ class DistillConfig:
     weight_decay: float = typed(0.0, low=0)
     grad_clip: float = typed(1.0, low=0)
     params: str = typed("attention", choices=PARAMS)
+    lr_rule: str = typed("uniform", choices=("uniform", "relative"))
     eval_windows: int = typed(16, low=1)
     eval_interval: int = typed(50, low=1)
     checkpoint_interval: int = typed(50, low=1)
@@ -94,126 +97,30 @@ class DistillConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "progress")}
 
 
-# -- the two losses --------------------------------------------------------------------------------
-
-def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict:
-    """{path: (args, kwargs, output)} of the original's attention modules at ``paths`` on ``input_ids``."""
-    caught = {}
-
-    def hook(path, module, args, kwargs, output):
-        caught[path] = (args, kwargs, output[0] if isinstance(output, tuple) else output)
-
-    handles = [teacher.get_submodule(p).register_forward_hook(functools.partial(hook, p), with_kwargs=True)
-               for p in paths]
-    try:
-        with torch.no_grad():
-            teacher(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return caught
-
-
-def _relative_errors(student: nn.Module, caught: dict) -> dict[str, torch.Tensor]:
-    """{path: (B,) ||y_student - y||² / ||y||² per window} of each converted block on the original
-    block's inputs (B, T, d)."""
-    errors = {}
-    for path, (args, kwargs, target) in caught.items():
-        out = student.get_submodule(path)(*args, **kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).float()
-        target = target.float()
-        errors[path] = (out - target).pow(2).sum((1, 2)) / target.pow(2).sum((1, 2)).clamp_min(1e-30)
-    return errors
-
-
-def layer_loss(teacher: nn.Module, student: nn.Module, paths: list[str], input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-layer matching: the mean over blocks and windows of the relative squared output error
-    (a mean over windows, so DDP's slices and accumulation's micro-batches average to it)."""
-    errors = _relative_errors(student, _block_io(teacher, paths, input_ids))
-    return torch.stack(list(errors.values())).mean()
-
-
-def logit_kl(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """End-to-end: KL(original ‖ converted) of the next-token distributions, mean over positions."""
-    with torch.no_grad():
-        target = teacher(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
-    got = student(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
-    return F.kl_div(got.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
-
-
-@torch.no_grad()
-def block_errors(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> dict[str, float]:
-    """{block path: relative squared output error} of every converted block on the original's
-    block inputs of ``batches`` (summed over the batches before the ratio)."""
-    from .convert import converted_blocks
-
-    paths = list(converted_blocks(student))
-    num, den = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
-    for batch in batches:
-        caught = _block_io(teacher, paths, batch["input_ids"])
-        for path, (args, kwargs, target) in caught.items():
-            out = student.get_submodule(path)(*args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            num[path] += float((out.double() - target.double()).pow(2).sum())
-            den[path] += float(target.double().pow(2).sum())
-    return {p: num[p] / max(den[p], 1e-300) for p in paths}
-
-
-# -- what trains -----------------------------------------------------------------------------------
-
-def trained_modules(student: nn.Module, params: str) -> nn.Module:
-    """The module whose parameters train (and whose state a checkpoint holds): the converted
-    blocks (``"attention"``, gathered in a ModuleDict keyed by path with ``/`` for ``.``) or the
-    whole model (``"all"``)."""
-    from .convert import converted_blocks
-
-    if params not in PARAMS:
-        raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
-    if params == "all":
-        return student
-    blocks = converted_blocks(student)
-    if not blocks:
-        raise ValueError("the student has no converted attention blocks (convert it with tucker_attention.hf.convert)")
-    return nn.ModuleDict({path.replace(".", "/"): block for path, block in blocks.items()})
-
-
-def check_pair(teacher: nn.Module, student: nn.Module) -> None:
-    """Refuse a converted model that was not converted from ``teacher``: every weight outside the
-    converted blocks (embeddings, MLPs, norms) must be the original's (to 1e-3 of its scale: the
-    converted folder may be stored in a lower precision)."""
-    from .convert import converted_blocks
-
-    inside = tuple(f"{p}." for p in converted_blocks(student))
-    theirs = dict(teacher.named_parameters(remove_duplicate=False))
-    ours = dict(student.named_parameters(remove_duplicate=False))
-    outside = [n for n in theirs if not n.startswith(inside)]
-    missing = [n for n in outside if n not in ours]
-    if missing or not outside:
-        raise ValueError(f"converted: its weights do not match the original model's structure (the original has "
-                         f"{', '.join(missing[:3]) or 'no weights outside attention'} that the converted model lacks); "
-                         f"give the model it was converted from")
-    for name in outside:
-        a, b = theirs[name].detach(), ours[name].detach()
-        if a.shape != b.shape or (a.numel() and float((a.float() - b.float()).abs().max())
-                                  > 1e-3 * max(float(a.abs().max()), 1e-12)):
-            raise ValueError(f"converted: weight {name!r} differs from the original's, so it was converted from "
-                             f"another model; give the model it was converted from")
-
-
 # -- the loop --------------------------------------------------------------------------------------
 
 def _phase(step: int, cfg: DistillConfig) -> str:
     return "layer" if step < cfg.layer_steps else "e2e"
 
 
-def _make_optimizer(trainable: list, cfg: DistillConfig, phase: str, device) -> tuple:
-    """(AdamW, its LambdaLR) of ``phase``: its own peak lr, warmup and cosine over its own steps."""
+def lr_scales(trainable: list, d_model: int, rule: str) -> list[float]:
+    """Each trained parameter's lr multiplier: ``relative``: its RMS × sqrt(d_model) for matrices and
+    cores (under Adam every weight then moves by the same fraction of its own scale per step as a
+    projection of RMS 1/sqrt(d_model) at multiplier 1; a converted Tucker's factors differ in
+    scale by 1000x), 1 for vectors; ``uniform``: 1. Taken from the converted weights, before any step."""
+    if rule == "uniform":
+        return [1.0] * len(trainable)
+    return [float(p.detach().float().pow(2).mean().sqrt()) * d_model ** 0.5 if p.dim() >= 2 else 1.0
+            for p in trainable]
+
+
+def _make_optimizer(trainable: list, scales: list[float], cfg: DistillConfig, phase: str, device) -> tuple:
+    """(AdamW, its LambdaLR) of ``phase``: its own peak lr (times each parameter's scale), warmup and
+    cosine over its own steps."""
     peak, total = (cfg.layer_lr, cfg.layer_steps) if phase == "layer" else (cfg.lr, cfg.steps)
-    decay = [p for p in trainable if p.dim() >= 2]
-    rest = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda" or None)
+    groups = [{"params": [p], "lr": peak * scale, "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
+              for p, scale in zip(trainable, scales)]
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
     factor = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=max(total, 1), min_ratio=cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -284,6 +191,8 @@ class _Run:
         teacher.to(device).eval().requires_grad_(False)
         student.to(device).eval().requires_grad_(False)        # dropout off: the teacher's outputs are exact
         self.trainable = [p.requires_grad_(True) for p in self.holder.parameters()]
+        d_model = next(iter(converted_blocks(student).values())).layer.d_model
+        self.scales = lr_scales(self.trainable, d_model, cfg.lr_rule)
         self.eval_batches = data.eval_batches(cfg.seq_len, cfg.eval_windows, device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step, self.tokens, self.seconds, self.history, self.errors, self.bad = 0, 0, 0.0, [], {}, 0
@@ -308,8 +217,9 @@ class _Run:
         path, state, _, notes = resume_from(self.run_dir, lambda _: self.holder)
         for note in notes if self.rank == 0 else []:
             print(f"distill: {note}", flush=True)
-        if state["config"] != self.cfg.fixed():
-            changed = sorted(k for k in self.cfg.fixed() if state["config"].get(k) != self.cfg.fixed()[k])
+        stored = {**LATER_FIELDS, **state["config"]}          # runs written before a field existed
+        if stored != self.cfg.fixed():
+            changed = sorted(k for k in self.cfg.fixed() if stored.get(k) != self.cfg.fixed()[k])
             raise ValueError(f"run folder {str(self.run_dir)!r} was distilled with other settings ({', '.join(changed)}"
                              f" differ); resume it with its own (only steps may change)")
         self.step, self.tokens, self.seconds, self.bad = state["step"], state["tokens"], state["seconds"], state["bad"]
@@ -318,7 +228,11 @@ class _Run:
         self.generator.set_state(state["rng"]["data"])
         self._start_phase(_phase(self.step, self.cfg))
         if state["phase"] == self.phase:                  # a checkpoint at a phase's end starts the next afresh
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as err:
+                raise ValueError(f"run folder {str(self.run_dir)!r}: its optimizer state does not fit this version's "
+                                 f"optimizer ({err}); start a new run (another --run-dir)") from None
             self.schedule.load_state_dict(state["schedule"])
         if self.world > 1:
             torch.distributed.barrier()
@@ -327,7 +241,7 @@ class _Run:
 
     def _start_phase(self, phase: str) -> None:
         self.phase = phase
-        self.optimizer, self.schedule = _make_optimizer(self.trainable, self.cfg, phase, self.device)
+        self.optimizer, self.schedule = _make_optimizer(self.trainable, self.scales, self.cfg, phase, self.device)
 
     def _record(self, label: str) -> dict:
         scores = _evaluate(self.teacher, self.student, self.eval_batches, self.autocast)

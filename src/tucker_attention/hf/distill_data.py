@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.text import TextCorpus
-from .source import ConvertError
+from .source_model import ConvertError
 
 PROBE = "The quick brown fox, 1234 — naïve café! ¿Qué? 東京\n\tdone."
 EVAL_BATCH = 4
@@ -66,7 +66,7 @@ def _check_tokenizer(tokenizer, corpus, path: Path, vocab_size: int) -> None:
 def load_data(path, tokenizer, vocab_size: int) -> TokenData:
     """:class:`TokenData` of ``path`` (prepared folder, text file or folder; None: the built-in plays)."""
     from ..data.prepared import is_prepared, open_prepared
-    from .source import _text_split
+    from .fidelity import _text_split
 
     if path is not None and is_prepared(path):
         try:

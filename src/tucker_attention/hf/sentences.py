@@ -152,6 +152,40 @@ def _targets(teacher, tokenizer, sentences: list[str], max_length: int, name: st
     return targets
 
 
+def _check_distill(sentences, *, steps: int, batch_size: int, eval_every: int, max_bad_steps: int) -> None:
+    """The argument checks of :func:`distill` (before any embedding is computed)."""
+    check_int("steps", steps, low=0)
+    check_int("batch_size", batch_size)
+    check_int("eval_every", eval_every)
+    check_int("max_bad_steps", max_bad_steps, low=0)
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+
+
+def _val_targets(teacher, val_teacher, tokenizer, val_sentences: list[str] | None, max_length: int):
+    """The validation targets (M, d) of :func:`distill`, None without ``val_sentences``."""
+    if val_sentences is None:
+        return None
+    val_teacher = teacher if val_teacher is None else val_teacher
+    if not isinstance(val_teacher, nn.Module) and val_teacher is teacher:
+        raise ValueError("val_sentences with teacher embeddings needs val_teacher (the model or their embeddings)")
+    return _targets(val_teacher, tokenizer, val_sentences, max_length, "val_teacher")
+
+
+def _next_batch(order: list[int], generator: torch.Generator, n: int, batch_size: int) -> tuple[list[int], list[int]]:
+    """(the next ``batch_size`` indices, the rest of ``order``), walking seeded permutations of range(n)."""
+    while len(order) < batch_size:
+        order += torch.randperm(n, generator=generator).tolist()
+    return order[:batch_size], order[batch_size:]
+
+
+@torch.no_grad()
+def _copy_into(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Copy each of ``values`` into the parameter of the same shape in ``params``, in place."""
+    for p, value in zip(params, values):
+        p.copy_(value)
+
+
 def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 3e-4,
             batch_size: int = 32, seed: int = 0, params: str = "attention", max_length: int = 128,
             val_sentences: list[str] | None = None, val_teacher=None, eval_every: int = 25,
@@ -174,19 +208,9 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
     """
     from tqdm.auto import tqdm
 
-    check_int("steps", steps, low=0)
-    check_int("batch_size", batch_size)
-    check_int("eval_every", eval_every)
-    check_int("max_bad_steps", max_bad_steps, low=0)
-    if isinstance(sentences, str) or not sentences:
-        raise ValueError("sentences must be a non-empty list of strings")
+    _check_distill(sentences, steps=steps, batch_size=batch_size, eval_every=eval_every, max_bad_steps=max_bad_steps)
     targets = _targets(teacher, tokenizer, sentences, max_length, "teacher")
-    val_targets = None
-    if val_sentences is not None:
-        val_teacher = teacher if val_teacher is None else val_teacher
-        if not isinstance(val_teacher, nn.Module) and val_teacher is teacher:
-            raise ValueError("val_sentences with teacher embeddings needs val_teacher (the model or their embeddings)")
-        val_targets = _targets(val_teacher, tokenizer, val_sentences, max_length, "val_teacher")
+    val_targets = _val_targets(teacher, val_teacher, tokenizer, val_sentences, max_length)
     trainable = _trainable(student, params)
     targets = targets.to(_device(student))
     chosen = {id(p) for p in trainable}
@@ -215,9 +239,7 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
         validate(0)
         bar = tqdm(range(1, steps + 1), desc="distill", disable=not progress, leave=False)
         for step in bar:
-            while len(order) < batch_size:
-                order += torch.randperm(len(sentences), generator=generator).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
+            idx, order = _next_batch(order, generator, len(sentences), batch_size)
             out = embed(student, tokenizer, [sentences[i] for i in idx], batch_size=batch_size, max_length=max_length,
                         grad=True)
             loss = 1 - F.cosine_similarity(out, targets[idx], dim=1).mean()
@@ -231,9 +253,7 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
             if step % eval_every == 0 or step == steps:
                 validate(step)
         if best is not None:
-            with torch.no_grad():
-                for p, value in zip(trainable, best[2]):
-                    p.copy_(value)
+            _copy_into(trainable, best[2])
             result["best_step"] = best[1]
     finally:
         for p, flag in saved.items():

@@ -104,7 +104,7 @@ def build(family: str, *, seed: int = 0, unit_scale: bool = False):
 
 def block_io(model, **inputs) -> dict:
     """{block path: (input (B, T, d), output (B, T, d))} of every attention block in one forward."""
-    from .read import find_blocks
+    from .reading import find_blocks
 
     captured, handles = {}, []
     for block in find_blocks(model):

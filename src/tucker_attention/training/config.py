@@ -17,9 +17,9 @@ import torch
 
 from .._fields import NO_RULE, check_fields, check_keys, field_types, parse_text, typed
 from ..data.images import IMAGE_SOURCES
-from ..data.text import TOKENIZERS
+from ..data.tokenizers import TOKENIZERS
 from ..models.blocks import attention_arguments, attention_spec
-from .tasks import TASK_TYPES
+from .task_models import TASK_MODELS
 
 TASKS = ("lm", "vit")
 ATTENTION_LRS = ("relative", "uniform")
@@ -171,7 +171,7 @@ class RunConfig:
         if not isinstance(self.train, TrainConfig):
             self.train = _from_dict(TrainConfig, self.train, "train")
         check_fields(self)
-        TASK_TYPES[self.task].check_model(self.model, self.train)
+        TASK_MODELS[self.task].check_model(self.model, self.train)
 
     def to_dict(self) -> dict:
         """The config as JSON data (tuples become lists), as ``config.json`` and checkpoints store it."""

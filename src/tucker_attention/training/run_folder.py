@@ -137,3 +137,30 @@ def set_aside(run_dir: Path, after_step: int) -> list[str]:
             os.rename(path, target)
             notes.append(f"kept the damaged {path.name} for inspection as {target.name}")
     return notes
+
+
+def check_resumable(run_dir: Path, config) -> None:
+    """Errors a resume can know before it touches the folder: no checkpoints, another config."""
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from in {str(run_dir)!r} (it has no checkpoints/ folder)")
+    stored = run_dir / "config.json"
+    try:
+        fixed = fixed_part(json.loads(stored.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # missing or damaged: the checkpoint's own config is compared after loading
+    if fixed != fixed_part(config.to_dict()):
+        changed = sorted(f"{section}.{k}" for section in ("model", "data", "train") for k in
+                         set(fixed.get(section, {})) | set(config.to_dict()[section])
+                         if fixed.get(section, {}).get(k) != fixed_part(config.to_dict())[section].get(k))
+        raise ValueError(f"run folder {str(run_dir)!r} was trained with another config ({', '.join(changed) or 'task'}"
+                         f" differ); resume it with its own config (only train.steps and train.progress may change)")
+
+
+# train keys added after runs were written without them, at the values those runs trained with
+_LATER_TRAIN_KEYS = {"grad_accum_steps": 1, "compile": False}
+
+
+def fixed_part(config: dict) -> dict:
+    """A config without the keys a resumed run may change (and with the keys added since it was written)."""
+    train = {k: v for k, v in {**_LATER_TRAIN_KEYS, **config["train"]}.items() if k not in ("steps", "progress")}
+    return {**config, "train": train}

@@ -3,20 +3,15 @@ draws training batches, computes the loss and evaluates; the trainer does the re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from .._fields import check_values
+from ..data.corpus import load_corpus
 from ..data.images import ImageDataset, augment, load_images
-from ..data.text import TextCorpus, load_corpus
-from ..models import GPT, GPTConfig, ViT, ViTConfig
-from . import ranks
-
-if TYPE_CHECKING:  # config.py imports this module
-    from ..data.prepared import PreparedCorpus
-    from .config import RunConfig
+from ..data.prepared import PreparedCorpus, check_run_tokenizer
+from ..data.text import TextCorpus
+from .config import RunConfig
+from .task_models import LMModel, TaskModel, VisionModel
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -28,44 +23,10 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-class Task:
+class Task(TaskModel):
     """What the tasks share: the model class built from ``self.model_config`` and the loss of a
-    ``(inputs, targets)`` batch (the model returns ``(outputs, loss)``)."""
-
-    model_cls: type
-    config_cls: type
-
-    @classmethod
-    def check_model(cls, model: dict, train) -> None:
-        """Refuse an invalid ``model`` dict (``RunConfig.model``) before any data is read or folder
-        made: each given key by its field's type and range, then the config (the keys the data
-        decides at stand-in values where not given) and the model itself, built on the meta device
-        (no memory), so cross-field and layer checks (e.g. Tucker ranks <= d_model) and the
-        rank-adaptive budget (``train.rank_budget_*``) are checked too."""
-        config = cls.model_config_of({**cls.stand_ins(check_values(cls.config_cls, model, "model")), **model}, train)
-        with torch.device("meta"):
-            cls.model_cls(config)
-
-    @classmethod
-    def model_config_of(cls, model: dict, train):
-        """The model config of a complete ``model`` dict; a rank-adaptive run's attention spec gets
-        its starting ranks (:func:`~tucker_attention.training.ranks.starting_spec`)."""
-        if not ranks.adaptive(train):
-            return cls.config_cls(**model)
-        base = cls.config_cls(**{**model, "attention": "mha"})   # the shapes, checked
-        spec = ranks.starting_spec(model.get("attention", "mha"), train, d_model=base.d_model, n_heads=base.n_heads,
-                                   n_layers=base.n_layers, rope=cls.rope(base), bias=base.bias)
-        return cls.config_cls(**{**model, "attention": spec})
-
-    @staticmethod
-    def rope(config) -> bool:
-        """Whether the model's attention layers use their positional RoPE."""
-        return False
-
-    @staticmethod
-    def stand_ins(model: dict) -> dict:
-        """Values of the model keys the data decides, for :meth:`check_model` (defaults fit)."""
-        return {}
+    ``(inputs, targets)`` batch (the model returns ``(outputs, loss)``); the model side
+    (:meth:`check_model`, :meth:`model_config_of`) is :class:`~tucker_attention.training.task_models.TaskModel`'s."""
 
     def build_model(self) -> nn.Module:
         return self.model_cls(self.model_config)
@@ -78,7 +39,7 @@ class Task:
         return model(x, y)[1]
 
 
-class LMTask(Task):
+class LMTask(LMModel, Task):
     """Next-token prediction on a text corpus with a :class:`GPT`.
 
     Training batches are random windows of ``block_size + 1`` tokens; validation is the mean
@@ -89,14 +50,9 @@ class LMTask(Task):
     """
 
     name = "lm"
-    model_cls, config_cls = GPT, GPTConfig
     unit = "tokens"
     metric = "val_loss"
     higher_is_better = False
-
-    @staticmethod
-    def rope(config) -> bool:
-        return config.positions == "rope"
 
     def __init__(self, config: RunConfig, data: TextCorpus | PreparedCorpus | None = None):
         d = self.data_config = config.data
@@ -134,8 +90,6 @@ class LMTask(Task):
 
     def check_resume(self, extra: dict) -> None:
         """A prepared folder must still hold ids of the checkpoint's tokenizer (not prepared again with another)."""
-        from ..data.prepared import PreparedCorpus, check_run_tokenizer
-
         if isinstance(self.corpus, PreparedCorpus):
             check_run_tokenizer(extra, self.corpus.path)
 
@@ -147,7 +101,7 @@ class LMTask(Task):
         return {"unigram_val_loss": self.corpus.unigram_loss()}
 
 
-class VisionTask(Task):
+class VisionTask(VisionModel, Task):
     """Image classification with a :class:`ViT`.
 
     Training batches are random images (augmented: random crop with padding, flips where the
@@ -156,15 +110,9 @@ class VisionTask(Task):
     """
 
     name = "vit"
-    model_cls, config_cls = ViT, ViTConfig
     unit = "images"
     metric = "val_accuracy"
     higher_is_better = True
-
-    @staticmethod
-    def stand_ins(model: dict) -> dict:
-        """image_size is decided by the data: stand in one patch when only patch_size is given."""
-        return {"image_size": model["patch_size"]} if "patch_size" in model else {}
 
     def __init__(self, config: RunConfig, data: ImageDataset | None = None):
         d = self.data_config = config.data

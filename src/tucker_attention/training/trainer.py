@@ -1,28 +1,26 @@
-"""The training loop shared by every task: AdamW + warmup/cosine, clipping, autocast, DDP,
-periodic validation, metrics, atomic checkpoints and bit-for-bit resume.
+"""The training loop shared by every task: AdamW + warmup/cosine, clipping, autocast, DDP, periodic validation,
+metrics, atomic checkpoints and bit-for-bit resume.
 
-Distributed data parallel is switched on by ``torchrun`` (its ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
-environment): every process draws the same global batch from the same seeded generator and
-trains on its slice, so N processes follow the single-process run with the same global batch.
+Distributed data parallel is switched on by ``torchrun`` (its ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` environment):
+every process draws the same global batch from the same seeded generator and trains on its slice, so N processes
+follow the single-process run with the same global batch.
 
-Gradient accumulation (``train.grad_accum_steps`` k): a step draws one global batch of
-k × ``batch_size`` examples and trains on it in k micro-batches of ``batch_size`` (rows
-j·B:(j+1)·B of the global batch make micro-batch j; each process takes its slice of every
-micro-batch), each loss scaled by 1/k, with DDP's all-reduce only after the last one
-(``no_sync``). All micro-batches have the same number of examples and the losses are means
-(the LM's training windows hold no ignored ``-1`` targets), so the step's gradient is the
-gradient of the mean loss over the k·B examples: the step equals one without accumulation
-and ``batch_size`` k·B. Tokens per step: batch_size × grad_accum_steps × block_size, for any
-number of processes (``batch_size`` is global).
+Gradient accumulation (``train.grad_accum_steps`` k): a step draws one global batch of k × ``batch_size`` examples
+and trains on it in k micro-batches of ``batch_size`` (rows j·B:(j+1)·B of the global batch make micro-batch j; each
+process takes its slice of every micro-batch), each loss scaled by 1/k, with DDP's all-reduce only after the last
+one (``no_sync``). All micro-batches have the same number of examples and the losses are means (the LM's training
+windows hold no ignored ``-1`` targets), so the step's gradient is the gradient of the mean loss over the k·B
+examples: the step equals one without accumulation and ``batch_size`` k·B. Tokens per step: batch_size ×
+grad_accum_steps × block_size, for any number of processes (``batch_size`` is global).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from .checkpoint import save_run_checkpoint, write_json_atomic
 from .config import DEFAULT_ATTENTION_LR, RunConfig, resolve_device
 from .guard import NonFiniteError, NonFiniteGuard
 from .lock import RunLock
-from .run_folder import MetricsLog, prepare, resume_from, say, set_aside
+from .run_folder import MetricsLog, check_resumable, fixed_part, prepare, resume_from, say, set_aside
 from .tasks import all_reduce_sum, make_task
 
 
@@ -107,33 +105,27 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
           task=None, init_state: dict | None = None) -> dict:
     """Train ``config`` in ``run_dir``; returns the summary (also written to ``summary.json``).
 
-    resume: continue from the newest intact checkpoint in ``run_dir`` (same config and data tokenizer;
-        ``train.steps`` may grow); damaged newer checkpoints are passed over and named.
-    overwrite: start afresh in a ``run_dir`` that holds an earlier run (its checkpoints and
-        metrics are deleted); without it such a folder is refused.
+    resume: continue from the newest intact checkpoint in ``run_dir`` (same config and data tokenizer; ``train.steps``
+        may grow); damaged newer checkpoints are passed over and named.
+    overwrite: start afresh in a ``run_dir`` that holds an earlier run (its checkpoints and metrics are deleted);
+        without it such a folder is refused.
     task: a prebuilt task (tests and ``compare`` pass one to share a loaded corpus).
-    init_state: weights to start from (a state dict of the config's model), e.g. a converted
-        model to fine-tune; a resumed run reads its checkpoint instead.
+    init_state: weights to start from (a state dict of the config's model), e.g. a converted model to fine-tune; a
+        resumed run reads its checkpoint instead.
 
-    Everything is checked (config, device, data, model, ``init_state``) before the folder is
-    touched; then ``RUN_DIR/.lock`` keeps out a second writer for the whole run. A step with a
-    non-finite loss or gradient norm is skipped, and after ``train.max_bad_steps`` of them the
-    run stops with :class:`~tucker_attention.training.guard.NonFiniteError`; checkpoints hold
-    finite values only.
+    Everything is checked (config, device, data, model, ``init_state``) before the folder is touched; then
+    ``RUN_DIR/.lock`` keeps out a second writer for the whole run. A step with a non-finite loss or gradient norm is
+    skipped, and after ``train.max_bad_steps`` of them the run stops with
+    :class:`~tucker_attention.training.guard.NonFiniteError`; checkpoints hold finite values only.
     """
     rank, world, local_rank, started_group = _distributed()
     tc = config.train
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
     device = resolve_device(tc.device, local_rank)
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
     run_dir = Path(run_dir)
     if resume:
-        _check_resumable(run_dir, config)
+        check_resumable(run_dir, config)
     task = task or make_task(config)
     torch.manual_seed(tc.seed)
     model = None if resume else task.build_model()   # a resumed run builds its checkpoint's model
@@ -152,79 +144,171 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overw
     for note in _on_rank0(world, rank, start) or []:
         say(note)
     try:
-        return _train(config, run_dir, task, model, device, autocast, use_bf16, resume, rank, world)
+        return _Run(config, run_dir, task, model, device, resume, rank, world).run()
     finally:
         lock.release()
         if started_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: torch.device, autocast, use_bf16: bool,
-           resume: bool, rank: int, world: int) -> dict:
-    """The training loop of :func:`train`, in a run folder this process holds."""
-    tc = config.train
-    with torch.device("meta"):  # the starting model: lr scales by parameter name and the rank cuts come from it
-        start = task.build_model()
-    scales = attention_lr_scales(start, attention_lr_scale=tc.attention_lr_scale, attention_lr=tc.attention_lr)
-    plan = ranks.schedule(tc, start)
+class _Run:
+    """The loop of :func:`train` in a run folder this process holds, from ``model`` or (``resume``) the newest
+    checkpoint: model, optimizer, lr schedule, data generator and counters, which checkpoints save and restore."""
 
-    def lr_at(s: int) -> float:
-        return lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio)
+    def __init__(self, config: RunConfig, run_dir: Path, task, model: nn.Module | None, device: torch.device,
+                 resume: bool, rank: int, world: int):
+        tc = self.tc = config.train
+        self.config, self.run_dir, self.task, self.device = config, run_dir, task, device
+        self.rank, self.world, self.final = rank, world, None
+        self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.use_bf16 else nullcontext
+        with torch.device("meta"):  # the starting model: lr scales by parameter name and the rank cuts come from it
+            start = task.build_model()
+        self.scales = attention_lr_scales(start, attention_lr_scale=tc.attention_lr_scale, attention_lr=tc.attention_lr)
+        self.plan = ranks.schedule(tc, start)
+        self.lr_at = lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio)
+        self.generator = torch.Generator().manual_seed(tc.seed + 1)
+        self.better = max if task.higher_is_better else min
+        self.step, self.best = 0, -math.inf if task.higher_is_better else math.inf
+        self.train_time, self.units_done, self.loss_sum, self.loss_count = 0.0, 0, 0.0, 0
+        state = self._load_checkpoint() if resume else None  # a resumed run builds its checkpoint's model
+        self.model = (self.model if resume else model).to(device)
+        self.optimizer = self.make_optimizer()
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_at)
+        if resume:
+            self._restore(state)
+        elif rank == 0:
+            write_json_atomic(run_dir / "config.json", config.to_dict())
+        self.net, self.ddp = _training_net(self.model, world, tc.compile)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", rank == 0, self.step if resume else None)
+        self.guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=state.get("bad", 0) if resume else 0)
+        self.extra = {"task": config.task, "config": config.to_dict(), **task.extra_state(),
+                      "model_config": self.model.config.to_dict()}
+        if self.plan is not None and not resume:
+            self.metrics.log({"step": 0, **ranks.rank_record(self.model)})
+        if rank == 0:
+            print(self.model.summary())
 
-    def make_optimizer() -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(model, lr=tc.lr, weight_decay=tc.weight_decay, scales=scales),
-                                 betas=(tc.beta1, tc.beta2), fused=device.type == "cuda" or None)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        tc = self.tc
+        return torch.optim.AdamW(param_groups(self.model, lr=tc.lr, weight_decay=tc.weight_decay, scales=self.scales),
+                                 betas=(tc.beta1, tc.beta2), fused=self.device.type == "cuda" or None)
 
-    def build(model_config: dict | None) -> nn.Module:
+    def _build(self, model_config: dict | None) -> nn.Module:
+        task = self.task
         return task.model_cls(task.config_cls(**model_config)) if model_config else task.build_model()
 
-    generator = torch.Generator().manual_seed(tc.seed + 1)
-    better = max if task.higher_is_better else min
-    step, best, train_time, units_done = 0, -math.inf if task.higher_is_better else math.inf, 0.0, 0
-    loss_sum, loss_count, bad_steps = 0.0, 0, 0
-    if resume:
-        ckpt, state, model, notes = resume_from(run_dir, build)
-        for note in notes if rank == 0 else []:
+    def _load_checkpoint(self) -> dict:
+        """The newest intact checkpoint's state, checked against the config and the data; sets ``self.model``."""
+        ckpt, state, self.model, notes = resume_from(self.run_dir, self._build)
+        for note in notes if self.rank == 0 else []:
             say(note)
-        if _fixed_part(state["config"]) != _fixed_part(config.to_dict()):
+        if fixed_part(state["config"]) != fixed_part(self.config.to_dict()):
             raise ValueError(f"checkpoint {str(ckpt)!r} was written by a different config; resume it with "
                              f"its own config (only train.steps and train.progress may change)")
-        task.check_resume(read_metadata(ckpt / "model.safetensors")["extra"])  # e.g. the data's tokenizer
-    model = model.to(device)
-    optimizer = make_optimizer()
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    if resume:
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["data"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, best = state["step"], state["best_metric"]
-        train_time, units_done = state["train_time"], state["units"]
-        loss_sum, loss_count, bad_steps = state.get("loss_sum", 0.0), state.get("loss_count", 0), state.get("bad", 0)
-        if world > 1:
-            torch.distributed.barrier()  # every rank has read its checkpoint
-        for note in set_aside(run_dir, step) if rank == 0 else []:
-            say(note)
-    elif rank == 0:
-        write_json_atomic(run_dir / "config.json", config.to_dict())
-    net, ddp = _training_net(model, world, tc.compile)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", rank == 0, step if resume else None)
-    guard = NonFiniteGuard(tc.max_bad_steps, bad_steps=bad_steps)
-    extra = {"task": config.task, "config": config.to_dict(), **task.extra_state(),
-             "model_config": model.config.to_dict()}
-    if plan is not None and not resume:
-        metrics.log({"step": 0, **ranks.rank_record(model)})
-    if rank == 0:
-        print(model.summary())
+        self.task.check_resume(read_metadata(ckpt / "model.safetensors")["extra"])  # e.g. the data's tokenizer
+        return state
 
-    def cut_ranks(budget: int):
-        """Truncate to ``budget``; a new optimizer keeps every other parameter's state and the lrs."""
+    def _restore(self, state: dict) -> None:
+        """Optimizer, schedule, random states and counters from a checkpoint's ``state``."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["data"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step, self.best = state["step"], state["best_metric"]
+        self.train_time, self.units_done = state["train_time"], state["units"]
+        self.loss_sum, self.loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+        if self.world > 1:
+            torch.distributed.barrier()  # every rank has read its checkpoint
+        for note in set_aside(self.run_dir, self.step) if self.rank == 0 else []:
+            say(note)
+
+    def run(self) -> dict:
+        """Steps up to ``train.steps``, each with its logging, evaluation and checkpoint; returns the summary."""
+        tc, task = self.tc, self.task
+        self.model.train()
+        self.bar = tqdm(total=tc.steps, initial=self.step, disable=not tc.progress or self.rank != 0,
+                        desc=self.run_dir.name, dynamic_ncols=True)
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            batch = task.sample_batch(self.generator, tc.batch_size * tc.grad_accum_steps, self.rank, self.world)
+            norm_value = self.train_step(batch)  # on this process's share of the global batch
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_time += time.perf_counter() - t0
+            self.units_done += task.batch_units(batch) * self.world
+            self.report(norm_value)
+            self.bar.update(1)
+        self.bar.close()
+        return self.summary()
+
+    def train_step(self, batch) -> float:
+        """One optimizer step on ``batch`` in micro-batches (skipped if non-finite), then a rank cut if one is
+        due; returns the gradient norm."""
+        tc, guard, accum, ddp = self.tc, self.guard, self.tc.grad_accum_steps, self.ddp
+        step_loss = None  # the sum of the micro-batches' losses
+        for j, micro in enumerate(_micro_batches(batch, accum)):
+            # DDP all-reduces the accumulated gradients once, in the backward of the last micro-batch
+            with nullcontext() if ddp is None or j == accum - 1 else ddp.no_sync():
+                with self.autocast():
+                    loss = self.task.loss(self.net, micro, self.device)
+                (loss / accum if accum > 1 else loss).backward()
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        loss = step_loss / accum if accum > 1 else step_loss  # the mean over the step's micro-batches
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        loss_value, norm_value = NonFiniteGuard.values(loss, grad_norm)
+        (loss_value,) = all_reduce_sum([loss_value], self.device)  # a NaN on any rank stays NaN
+        try:
+            good = guard.check(self.step + 1, loss=loss_value, grad_norm=norm_value)
+        except NonFiniteError as err:
+            self.step += 1
+            self.stop(err)
+        if good:
+            self.optimizer.step()
+            self.loss_sum += loss_value / self.world
+            self.loss_count += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.step += 1
+        if self.plan is not None and self.plan.budget_at(self.step) is not None:
+            self.optimizer, self.schedule = self.cut_ranks(self.plan.budget_at(self.step))
+            self.net, self.ddp = _training_net(self.model, self.world, tc.compile)  # new layers: new DDP and compile
+        if not good:
+            self.metrics.log({"step": self.step, "skipped": f"loss {loss_value}, grad_norm {norm_value}"})
+            self.bar.write(f"step {self.step}: skipped (loss {loss_value}, grad norm {norm_value}); "
+                           f"{guard.bad_steps} of train.max_bad_steps={tc.max_bad_steps} used")
+        return norm_value
+
+    def report(self, norm_value: float) -> None:
+        """Metrics, evaluation and checkpoint after a step, each at its interval and after the last step."""
+        tc, task, step, bar = self.tc, self.task, self.step, self.bar
+        if step % tc.log_interval == 0 or step == tc.steps:
+            mean_loss = self.loss_sum / self.loss_count if self.loss_count else None
+            self.loss_sum, self.loss_count = 0.0, 0
+            speed = self.units_done / max(self.train_time, 1e-9)
+            self.metrics.log({"step": step, "train_loss": mean_loss, "lr": tc.lr * self.lr_at(step - 1),
+                              f"{task.unit}_per_s": speed, "grad_norm": norm_value})
+            bar.set_postfix(loss=f"{mean_loss:.4f}" if mean_loss is not None else "skipped",
+                            **{f"{task.unit}/s": f"{speed:.0f}"})
+        if step % tc.eval_interval == 0 or step == tc.steps:
+            result = self.evaluate()
+            self.best = self.better(self.best, result[task.metric])
+            self.metrics.log({"step": step, **result})
+            if self.rank == 0:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            self.final = result if step == tc.steps else None
+        if step % tc.checkpoint_interval == 0 or step == tc.steps:
+            self.checkpoint()
+
+    def cut_ranks(self, budget: int):
+        """Truncate to ``budget``; (a new optimizer keeping every other parameter's state and the lrs, its schedule)."""
+        model, optimizer, plan, step = self.model, self.optimizer, self.plan, self.step
         saved = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
         lrs = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
         replaced = set(ranks.cut(model, budget, plan.kind))
-        new = make_optimizer()
+        new = self.make_optimizer()
         if [len(g["params"]) for g in new.param_groups] != [len(g["params"]) for g in optimizer.param_groups]:
             raise RuntimeError("a rank cut changed the optimizer's parameter groups")  # cannot happen: same names
         for group, (lr, initial) in zip(new.param_groups, lrs):
@@ -232,122 +316,64 @@ def _train(config: RunConfig, run_dir: Path, task, model: nn.Module, device: tor
         for name, p in model.named_parameters():
             if name in saved and name not in replaced:
                 new.state[p] = saved[name]
-        extra["model_config"] = model.config.to_dict()
+        self.extra["model_config"] = model.config.to_dict()
         record = {"step": step, **ranks.rank_record(model)}
-        metrics.log(record)
-        if rank == 0:
-            bar.write(f"step {step}: ranks cut to {plan.kind} budget {budget:,}: attention params "
-                      f"{record['attention_params']:,}, KV floats/token {record['kv_floats_per_token']}")
-        return new, torch.optim.lr_scheduler.LambdaLR(new, lr_at, last_epoch=step - 1)
+        self.metrics.log(record)
+        if self.rank == 0:
+            self.bar.write(f"step {step}: ranks cut to {plan.kind} budget {budget:,}: attention params "
+                           f"{record['attention_params']:,}, KV floats/token {record['kv_floats_per_token']}")
+        return new, torch.optim.lr_scheduler.LambdaLR(new, self.lr_at, last_epoch=step - 1)
 
-    def evaluate() -> dict:
-        model.eval()
-        result = task.evaluate(model, device, rank, world, tc.batch_size, autocast)
-        model.train()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        result = self.task.evaluate(self.model, self.device, self.rank, self.world, self.tc.batch_size, self.autocast)
+        self.model.train()
         bad = {k: v for k, v in result.items() if not math.isfinite(v)}
         if bad:
-            stop(NonFiniteError(f"non-finite validation {bad} at step {step}; the run stopped"))
+            self.stop(NonFiniteError(f"non-finite validation {bad} at step {self.step}; the run stopped"))
         return result
 
-    def checkpoint():
-        state = {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "data": generator.get_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                 "best_metric": best, "train_time": train_time, "units": units_done, "config": config.to_dict(),
-                 "loss_sum": loss_sum, "loss_count": loss_count, "bad": guard.bad_steps}
-        if rank == 0:
+    def checkpoint(self) -> None:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state(),
+                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                 "best_metric": self.best, "train_time": self.train_time, "units": self.units_done,
+                 "config": self.config.to_dict(), "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                 "bad": self.guard.bad_steps}
+        if self.rank == 0:
             try:
-                save_run_checkpoint(run_dir, step, model, state, extra=extra, keep=tc.keep_checkpoints)
+                save_run_checkpoint(self.run_dir, self.step, self.model, state, extra=self.extra,
+                                    keep=self.tc.keep_checkpoints)
             except NonFiniteError as err:
-                stop(err)
-        if world > 1:
+                self.stop(err)
+        if self.world > 1:
             torch.distributed.barrier()
 
-    def stop(err: NonFiniteError):
-        metrics.log({"step": step, "stopped": str(err)})
-        bar.close()
+    def stop(self, err: NonFiniteError):
+        self.metrics.log({"step": self.step, "stopped": str(err)})
+        self.bar.close()
         raise err
 
-    model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress or rank != 0, desc=run_dir.name,
-               dynamic_ncols=True)
-    final = None
-    accum = tc.grad_accum_steps
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        batch = task.sample_batch(generator, tc.batch_size * accum, rank, world)  # this process's share
-        step_loss = None  # the sum of the micro-batches' losses
-        for j, micro in enumerate(_micro_batches(batch, accum)):
-            # DDP all-reduces the accumulated gradients once, in the backward of the last micro-batch
-            sync = ddp is None or j == accum - 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                with autocast():
-                    loss = task.loss(net, micro, device)
-                (loss / accum if accum > 1 else loss).backward()
-            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-        loss = step_loss / accum if accum > 1 else step_loss  # the mean over the step's micro-batches
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        loss_value, norm_value = NonFiniteGuard.values(loss, grad_norm)
-        (loss_value,) = all_reduce_sum([loss_value], device)  # a NaN on any rank stays NaN
-        try:
-            good = guard.check(step + 1, loss=loss_value, grad_norm=norm_value)
-        except NonFiniteError as err:
-            step += 1
-            stop(err)
-        if good:
-            optimizer.step()
-            loss_sum += loss_value / world
-            loss_count += 1
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        step += 1
-        if plan is not None and plan.budget_at(step) is not None:
-            optimizer, schedule = cut_ranks(plan.budget_at(step))
-            net, ddp = _training_net(model, world, tc.compile)  # new layers: a new DDP (and a new compile)
-        if not good:
-            metrics.log({"step": step, "skipped": f"loss {loss_value}, grad_norm {norm_value}"})
-            bar.write(f"step {step}: skipped (loss {loss_value}, grad norm {norm_value}); "
-                      f"{guard.bad_steps} of train.max_bad_steps={tc.max_bad_steps} used")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - t0
-        units_done += task.batch_units(batch) * world
-        if step % tc.log_interval == 0 or step == tc.steps:
-            mean_loss = loss_sum / loss_count if loss_count else None
-            loss_sum, loss_count = 0.0, 0
-            speed = units_done / max(train_time, 1e-9)
-            metrics.log({"step": step, "train_loss": mean_loss, "lr": tc.lr * lr_at(step - 1),
-                         f"{task.unit}_per_s": speed, "grad_norm": norm_value})
-            bar.set_postfix(loss=f"{mean_loss:.4f}" if mean_loss is not None else "skipped",
-                            **{f"{task.unit}/s": f"{speed:.0f}"})
-        if step % tc.eval_interval == 0 or step == tc.steps:
-            result = evaluate()
-            best = better(best, result[task.metric])
-            metrics.log({"step": step, **result})
-            if rank == 0:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            final = result if step == tc.steps else None
-        if step % tc.checkpoint_interval == 0 or step == tc.steps:
-            checkpoint()
-        bar.update(1)
-    bar.close()
-    final = final or evaluate()
-    summary = {"task": config.task, "attention": model.config.attention, "steps": step, **final,
-               f"best_{task.metric}": better(best, final[task.metric]), "params": model.n_params,
-               "attention_params": model.attention_params,
-               "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16),
-               f"{task.unit}_per_s": units_done / max(train_time, 1e-9), "train_time_s": train_time,
-               "world_size": world, "device": str(device), "precision": "bf16" if use_bf16 else "fp32",
-               "skipped_steps": guard.bad_steps, **task.baselines()}
-    if plan is not None:
-        summary.update(rank_budget={"kind": plan.kind, "budget": plan.final, "mha": plan.reference},
-                       **ranks.rank_record(model))
-    if rank == 0:
-        write_json_atomic(run_dir / "summary.json", summary)
+    def summary(self) -> dict:
+        """The run's summary (final validation, best metric, sizes, speed), also written to ``summary.json``."""
+        task, model, plan, final = self.task, self.model, self.plan, self.final or self.evaluate()
+        summary = {"task": self.config.task, "attention": model.config.attention, "steps": self.step, **final,
+                   f"best_{task.metric}": self.better(self.best, final[task.metric]), "params": model.n_params,
+                   "attention_params": model.attention_params,
+                   "kv_bytes_per_token": model.kv_bytes_per_token(torch.bfloat16),
+                   f"{task.unit}_per_s": self.units_done / max(self.train_time, 1e-9), "train_time_s": self.train_time,
+                   "world_size": self.world, "device": str(self.device),
+                   "precision": "bf16" if self.use_bf16 else "fp32", "skipped_steps": self.guard.bad_steps,
+                   **task.baselines()}
         if plan is not None:
-            records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "ranks" in r]
-            ranks.plot_ranks(records, run_dir / "ranks.png")
-    return summary
+            summary.update(rank_budget={"kind": plan.kind, "budget": plan.final, "mha": plan.reference},
+                           **ranks.rank_record(model))
+        if self.rank == 0:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            if plan is not None:
+                records = [r for r in map(json.loads, (self.run_dir / "metrics.jsonl").open()) if "ranks" in r]
+                ranks.plot_ranks(records, self.run_dir / "ranks.png")
+        return summary
 
 
 def _micro_batches(batch, k: int) -> list:
@@ -378,28 +404,4 @@ def _training_net(model: nn.Module, world: int, compile: bool) -> tuple[nn.Modul
     return net, None
 
 
-def _check_resumable(run_dir: Path, config: RunConfig) -> None:
-    """Errors a resume can know before it touches the folder: no checkpoints, another config."""
-    if not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoint to resume from in {str(run_dir)!r} (it has no checkpoints/ folder)")
-    stored = run_dir / "config.json"
-    try:
-        fixed = _fixed_part(json.loads(stored.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # missing or damaged: the checkpoint's own config is compared after loading
-    if fixed != _fixed_part(config.to_dict()):
-        changed = sorted(f"{section}.{k}" for section in ("model", "data", "train") for k in
-                         set(fixed.get(section, {})) | set(config.to_dict()[section])
-                         if fixed.get(section, {}).get(k) != _fixed_part(config.to_dict())[section].get(k))
-        raise ValueError(f"run folder {str(run_dir)!r} was trained with another config ({', '.join(changed) or 'task'}"
-                         f" differ); resume it with its own config (only train.steps and train.progress may change)")
-
-
-# train keys added after runs were written without them, at the values those runs trained with
-_LATER_TRAIN_KEYS = {"grad_accum_steps": 1, "compile": False}
-
-
-def _fixed_part(config: dict) -> dict:
-    """A config without the keys a resumed run may change (and with the keys added since it was written)."""
-    train = {k: v for k, v in {**_LATER_TRAIN_KEYS, **config["train"]}.items() if k not in ("steps", "progress")}
-    return {**config, "train": train}
+_fixed_part = fixed_part            # importable from here as before

@@ -20,7 +20,8 @@ from .._files import write_folder
 from .._table import text_table
 from .distill import DistillConfig, check_pair, distill
 from .distill_data import load_data
-from .source import ConvertError, _read_config, _source_dtype, greedy_reply, load_source
+from .fidelity import greedy_reply
+from .source_model import ConvertError, _read_config, _source_dtype, load_source
 
 PROMPT = "What is the capital of France?"
 
@@ -64,7 +65,7 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
     Raises :class:`~.source.ConvertError` naming the argument for bad input, before anything is
     written. Returns the report :func:`format_report` prints.
     """
-    from .pipeline import _transformers_bars
+    from .convert_command import _transformers_bars
 
     config = config or DistillConfig()
     with _transformers_bars(config.progress):
@@ -73,7 +74,7 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
 
 
 def _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt, prompt_tokens):
-    from .pipeline import _check_out, _save
+    from .convert_command import _check_out, _save
 
     start = time.perf_counter()
     student_path, student, stored_dtype = _load_student(converted)

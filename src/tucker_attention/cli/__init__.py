@@ -1,0 +1,67 @@
+"""The ``tucker-attn`` command line: argument parsing only, work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._types import _int_list, _ranks
+from .data_commands import _add_prepare_data, _prepare_data_command
+from .hf_commands import (
+    _add_compress,
+    _add_convert,
+    _add_distill,
+    _compress_command,
+    _convert_command,
+    _convert_ranks,
+    _distill_command,
+    _partial_rope,
+)
+from .training_commands import (
+    _add_compare,
+    _add_finetune_compare,
+    _add_generate,
+    _add_params,
+    _add_ranks,
+    _add_train,
+    _check_prepared_tokenizer,
+    _compare_command,
+    _data_override,
+    _finetune_command,
+    _generate_command,
+    _params,
+    _ranks_command,
+    _run_config,
+    _train_command,
+)
+
+__all__ = ["build_parser", "main",  # the helpers below were this module's before it became a package
+           "_int_list", "_ranks", "_params", "_ranks_command", "_run_config", "_check_prepared_tokenizer",
+           "_data_override", "_train_command", "_generate_command", "_compare_command", "_finetune_command",
+           "_compress_command", "_convert_ranks", "_partial_rope", "_convert_command", "_distill_command",
+           "_add_distill", "_prepare_data_command"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tucker-attn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_params, _add_ranks, _add_train, _add_generate, _add_compare, _add_finetune_compare,
+                _add_compress, _add_convert, _add_distill, _add_prepare_data):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (arguments, config, data, files), 3 a run stopped on a
+    non-finite loss, gradient norm or weight (its good checkpoints are kept)."""
+    from ..training.guard import NonFiniteError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"tucker-attn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"tucker-attn {args.command}: stopped: {err}", file=sys.stderr)
+        return 3

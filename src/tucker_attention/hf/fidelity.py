@@ -1,0 +1,258 @@
+"""How a converted model is measured against its original: the calibration and held-out
+evaluation inputs (:func:`make_inputs`: text pieces, random token ids or random images), the
+fidelity of a converted copy (:func:`fidelity`: KL, top-1, perplexity, cosine), a greedy reply
+(:func:`greedy_reply`) and the attention accounting (:func:`attention_summary`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..accounting import attention_param_count, kv_cache_floats_per_token
+from .source_model import ConvertError
+
+BUILTIN_TEXT = "the built-in Shakespeare plays"
+# defaults: 64 calibration pieces of <= 128 tokens (~8k tokens, what the MiniLM calibration of `compress` uses),
+# 16 held-out evaluation pieces
+N_CALIBRATION, N_EVAL, SEQ_LEN, BATCH_SIZE = 64, 16, 128, 8
+
+
+# -- calibration and evaluation inputs -------------------------------------------------------------
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _text_split(calibration) -> tuple[str, str, str]:
+    """(calibration text, held-out evaluation text, description)."""
+    from ..data.text import read_documents, shakespeare_plays, split_documents
+
+    if calibration is None:
+        docs, what = shakespeare_plays(), BUILTIN_TEXT
+    else:
+        path = Path(calibration)
+        if not path.exists():
+            raise ConvertError("calibration", f"{str(path)!r} does not exist (give a text file or a folder of .txt "
+                                              f"files)")
+        try:
+            docs = read_documents(path)
+        except (ValueError, OSError, UnicodeDecodeError) as err:
+            raise ConvertError("calibration", f"{str(path)!r} cannot be read as text: {err}") from None
+        what = repr(str(path))
+    if not any(t.split() for t in docs.values()):
+        raise ConvertError("calibration", f"{what} holds no text")
+    train, held_out, _ = split_documents(docs, 0.1)
+    return train, held_out, what
+
+
+def _pieces(text: str, n: int, words: int) -> list[str]:
+    """Up to ``n`` pieces of consecutive lines with about ``words`` words each (long lines are cut)."""
+    pieces, current, count = [], [], 0
+    for line in text.splitlines():
+        tokens = line.split()
+        while tokens:
+            take = tokens[:words - count]
+            tokens = tokens[len(take):]
+            current.append(" ".join(take))
+            count += len(take)
+            if count >= words:
+                pieces.append("\n".join(current))
+                current, count = [], 0
+                if len(pieces) == n:
+                    return pieces
+    if current:
+        pieces.append("\n".join(current))
+    return pieces
+
+
+def _token_batches(tokenizer, pieces: list[str], seq_len: int, batch_size: int) -> list[dict]:
+    """Tokenizer output (with special tokens, truncated to ``seq_len``), right-padded by hand with
+    an attention mask (so tokenizers without a pad token work)."""
+    encoded = tokenizer(pieces, truncation=True, max_length=seq_len)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        rows = [list(r) for r in encoded[i:i + batch_size] if len(r)]
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _random_id_batches(vocab: int, n: int, seq_len: int, batch_size: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        ids = torch.randint(0, vocab, (min(batch_size, n - i), seq_len), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _image_batches(config, n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    size = getattr(config, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    channels = getattr(config, "num_channels", 3)
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(min(batch_size, n - i), channels, *size, generator=gen) for i in range(0, n, batch_size)]
+
+
+def _tokens(batches) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration: int = N_CALIBRATION,
+                n_eval: int = N_EVAL, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0):
+    """(calibration batches, evaluation batches, description): text pieces of the calibration
+    text (default: the built-in Shakespeare plays; evaluation on its held-out part) for models
+    with a tokenizer, random token ids for text models without one, random N(0, 1) images for
+    image models (which take no calibration text)."""
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "pixel_values":
+        if calibration is not None:
+            raise ConvertError("calibration", f"{type(model).__name__} takes images, and calibration is a text file; "
+                                              f"image models calibrate on random N(0, 1) images (leave it out)")
+        cal = _image_batches(model.config, n_calibration, batch_size, seed)
+        ev = _image_batches(model.config, n_eval, batch_size, seed + 1)
+        return cal, ev, (f"calibration: {n_calibration} random N(0, 1) images (no calibration data for image models); "
+                         f"evaluation: {n_eval} other random images")
+    if main_input != "input_ids":
+        raise ConvertError("src", f"{type(model).__name__} takes {main_input!r}; convert handles text (input_ids) "
+                                  f"and image (pixel_values) models")
+    limit = _max_positions(model)
+    seq_len = min(seq_len, limit) if limit else seq_len
+    if tokenizer is None:
+        if calibration is not None:
+            raise ConvertError("calibration", "the source folder has no tokenizer, so calibration text cannot be "
+                                              "tokenized; add the tokenizer files to the folder or leave it out")
+        vocab = model.get_input_embeddings().num_embeddings
+        cal = _random_id_batches(vocab, n_calibration, seq_len, batch_size, seed)
+        ev = _random_id_batches(vocab, n_eval, seq_len, batch_size, seed + 1)
+        return cal, ev, (f"calibration: {n_calibration} random token-id sequences of {seq_len} tokens (no tokenizer "
+                         f"in SRC); evaluation: {n_eval} other random sequences")
+    train, held_out, what = _text_split(calibration)
+    words = max(1, int(seq_len * 0.75))
+    cal_pieces = _pieces(train, n_calibration, words)
+    eval_pieces = _pieces(held_out, n_eval, words)
+    where = "held-out part"
+    if not eval_pieces:
+        eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
+    cal = _token_batches(tokenizer, cal_pieces, seq_len, batch_size)
+    ev = _token_batches(tokenizer, eval_pieces, seq_len, batch_size)
+    if not cal or not ev:
+        raise ConvertError("calibration", f"{what} gives no tokens")
+    return cal, ev, (f"calibration: {len(cal_pieces)} pieces ({_tokens(cal):,} tokens) of {what}; "
+                     f"evaluation: {len(eval_pieces)} pieces ({_tokens(ev):,} tokens) of its {where}")
+
+
+def _run(model: nn.Module, batch, kind: str):
+    if isinstance(batch, torch.Tensor):
+        out = model(pixel_values=batch, output_hidden_states=kind == "encoder")
+    else:
+        extra = {"use_cache": False} if kind == "decoder" else {"output_hidden_states": kind == "encoder"}
+        out = model(**batch, **extra)
+    if kind == "encoder":
+        hidden = getattr(out, "last_hidden_state", None)
+        return hidden if hidden is not None else out.hidden_states[-1]
+    return out.logits
+
+
+@torch.no_grad()
+def reference_outputs(source: nn.Module, batches, kind: str) -> list[torch.Tensor]:
+    """The source's outputs on ``batches`` (what :func:`fidelity` compares against), to measure several
+    converted models without running the source again."""
+    return [_run(source, batch, kind).detach() for batch in batches]
+
+
+@torch.no_grad()
+def fidelity(source: nn.Module | list, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
+    """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
+    positions) and each model's perplexity of the text itself ('ppl' converted, 'source_ppl'),
+    classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled last hidden
+    states). ``source``: the model, or its :func:`reference_outputs` on ``batches``."""
+    from tqdm.auto import tqdm
+
+    sums = {"kl": 0.0, "top1": 0.0, "cosine": 0.0, "nll": 0.0, "source_nll": 0.0}
+    count = tokens = 0
+    given = isinstance(source, list)
+    for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
+        a = (source[i] if given else _run(source, batch, kind)).double()
+        b = _run(converted, batch, kind).double()
+        mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"].bool()
+        if kind == "encoder":
+            weights = (torch.ones(a.shape[:2], dtype=a.dtype) if mask is None else mask.to(a.dtype)).unsqueeze(-1)
+            pa, pb = (a * weights).sum(1) / weights.sum(1), (b * weights).sum(1) / weights.sum(1)
+            sums["cosine"] += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).sum())
+            count += pa.shape[0]
+            continue
+        la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        if kind == "decoder":
+            for key, logp in (("source_nll", la), ("nll", lb)):
+                nll, n = _next_token_nll(logp, batch)
+                sums[key] += nll
+            tokens += n
+        if kind == "decoder" and mask is not None:
+            la, lb = la[mask], lb[mask]                           # (tokens, vocab)
+        else:
+            la, lb = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
+        sums["kl"] += float((la.exp() * (la - lb)).sum(-1).clamp(min=0).sum())
+        sums["top1"] += float((la.argmax(-1) == lb.argmax(-1)).sum())
+        count += la.shape[0]
+    if kind == "encoder":
+        return {"cosine": sums["cosine"] / count}
+    scores = {"kl": sums["kl"] / count, "top1": sums["top1"] / count}
+    if kind == "decoder" and tokens:
+        scores.update(ppl=math.exp(sums["nll"] / tokens), source_ppl=math.exp(sums["source_nll"] / tokens))
+    return scores
+
+
+def _next_token_nll(logp: torch.Tensor, batch) -> tuple[float, int]:
+    """(summed negative log-likelihood of each next token, their count) over non-padding positions;
+    logp (B, T, vocab) log-probabilities."""
+    targets, keep = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+    picked = logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(-picked[keep].sum()), int(keep.sum())
+
+
+def greedy_reply(model: nn.Module, tokenizer, prompt: str, tokens: int = 24) -> str:
+    """The model's greedy reply to ``prompt`` (through its chat template when the tokenizer has
+    one), ``tokens`` new tokens at most, special tokens dropped."""
+    inputs = tokenizer(prompt, return_tensors="pt")
+    if getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# -- accounting ------------------------------------------------------------------------------------
+
+def attention_summary(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Attention parameters, KV floats and bytes per token (all layers, cached in ``dtype``) of a
+    source or converted model."""
+    from .convert import converted_blocks
+    from .reading import attention_layers
+
+    blocks = converted_blocks(model)
+    layers = [b.layer for b in blocks.values()] if blocks else list(attention_layers(model).values())
+    floats = sum(kv_cache_floats_per_token(layer) for layer in layers)
+    return {"attention_params": sum(attention_param_count(layer) for layer in layers), "kv_floats_per_token": floats,
+            "kv_bytes_per_token": floats * torch.empty((), dtype=dtype).element_size(), "n_layers": len(layers)}
