@@ -198,6 +198,7 @@ def plot_curve(summaries: list[Path], path: Path) -> None:
         ppl.plot(tokens, [h["ppl"] for h in history], marker=".", label=label)
         ppl.axhline(history[0]["source_ppl"], color="gray", linestyle="--", label="original")
     for ax, name in ((kl, "held-out next-token KL"), (ppl, "held-out perplexity")):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         ax.set_xlabel("training tokens")
         ax.set_ylabel(name)
         ax.legend(fontsize=7)
