@@ -414,3 +414,23 @@ def test_plan_setting(folders):
         layer_plan(layers, "gqa", kv=8)
     model = load_source(folders["llama"])["model"]
     assert plan_setting(model, "gqa", kv=0.5).setting == 1
+
+
+@pytest.mark.parametrize("old, name, new", [("read", "attention_layers", "reading"),
+                                            ("readers", "_read_gqa", "family_readers"),
+                                            ("pipeline", "convert_folder", "convert_command"),
+                                            ("models", "model_path", "model_files"),
+                                            ("source", "load_source", "source_model"),
+                                            ("source", "fidelity", "fidelity"),
+                                            ("source", "_load_gguf", "gguf")])
+def test_old_hf_paths_import_with_a_deprecation_warning(old, name, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"tucker_attention.hf.{old}", None)
+    with pytest.warns(DeprecationWarning, match=f"tucker_attention.hf.{old} is deprecated"):
+        module = importlib.import_module(f"tucker_attention.hf.{old}")
+    target = importlib.import_module(f"tucker_attention.hf.{new}")
+    assert getattr(module, name) is getattr(target, "load_gguf" if name == "_load_gguf" else name)
+    with pytest.raises(AttributeError, match="no attribute"):
+        _ = module.not_a_name

@@ -283,21 +283,12 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
 
 def test_two_ddp_processes_match_one(folders, tmp_path):
     """``torchrun --nproc_per_node=2 tucker-attn distill`` against one process: same losses, same weights."""
-    import os
-    import subprocess
-    import sys
-
+    from ddp import run_one_and_two
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["distill", str(folders / "original"), str(folders / "converted"), "--layer-steps", "2", "--steps", "2",
             "--seq-len", "16", "--batch-size", "4", "--eval-windows", "2", "--no-progress", "--prompt", ""]
-    for name, launcher in (("one", [sys.executable, "-m", "tucker_attention.cli"]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2", "-m", "tucker_attention.cli"])):
-        proc = subprocess.run(launcher + args + ["--out", str(tmp_path / name)], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_one_and_two(lambda name: args + ["--out", str(tmp_path / name)], timeout=300)
     one, two = ([json.loads(line) for line in (tmp_path / f"{n}.run" / "metrics.jsonl").open()] for n in ("one", "two"))
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for a, b in zip(one, two):

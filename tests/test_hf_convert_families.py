@@ -85,16 +85,21 @@ def test_the_familys_own_structure_converts_exactly(family, monkeypatch):
     assert (got - want).abs().max() <= tolerance
 
 
-@pytest.mark.parametrize("method", ["tucker", "mla"])
-@pytest.mark.parametrize("family", HEAD_ROPE)
-def test_full_rank_keeps_head_rope_exactly(family, method, monkeypatch):
+def _float64_source(family: str, attention: str, monkeypatch):
+    """(tiny model of ``family`` computing in float64 throughout, token ids, its logits on them)."""
     model = build(family, unit_scale=True)
-    model.set_attn_implementation(implementation(family))
+    model.set_attn_implementation(attention)
     float64_internals(model, monkeypatch)
     float64_rope(model, monkeypatch)
     tokens = ids()
     with torch.no_grad():
-        want = model(input_ids=tokens).logits
+        return model, tokens, model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("method", ["tucker", "mla"])
+@pytest.mark.parametrize("family", HEAD_ROPE)
+def test_full_rank_keeps_head_rope_exactly(family, method, monkeypatch):
+    model, tokens, want = _float64_source(family, implementation(family), monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)       # exact: no warning
         converted = convert(model, method, inplace=False)
@@ -170,13 +175,7 @@ def test_one_key_head_keeps_its_q_k_norms_exactly(family, monkeypatch, tmp_path)
 
     name, make_config, structure, cls = FAMILIES[family]
     monkeypatch.setitem(tiny.FAMILIES, family, (name, lambda: _one_key_head(make_config()), structure, cls))
-    model = build(family, unit_scale=True)
-    model.set_attn_implementation("sdpa")
-    float64_internals(model, monkeypatch)
-    float64_rope(model, monkeypatch)
-    tokens = ids()
-    with torch.no_grad():
-        want = model(input_ids=tokens).logits
+    model, tokens, want = _float64_source(family, "sdpa", monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)       # exact: nothing linearized
         converted = convert(model, "tucker", inplace=False)
