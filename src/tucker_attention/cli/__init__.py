@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._extras import explain
 from ._types import _int_list, _ranks
 from .data_commands import _add_prepare_data, _prepare_data_command
 from .hf_commands import (
@@ -52,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad input (arguments, config, data, files), 3 a run stopped on a
+    """Exit codes: 0 done, 2 bad input (arguments, config, data, files) or a missing extra, 3 a run stopped on a
     non-finite loss, gradient norm or weight (its good checkpoints are kept)."""
     from ..training.guard import NonFiniteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except ImportError as err:                            # an extra this command needs: say which
+        print(f"tucker-attn {args.command}: error: {explain(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"tucker-attn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:

@@ -1,4 +1,5 @@
-"""Sub-commands on Hugging Face (transformers) models: compress, convert, distill."""
+"""Sub-commands on Hugging Face (transformers) models: compress, convert, distill. Building their
+parsers imports nothing optional; each command imports :mod:`tucker_attention.hf` when it runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .._fields import check_value, describe, field_types, parse_text
+from ..training.distill_config import DistillConfig
 from ._types import _int_list
 
 
@@ -179,7 +182,6 @@ def _add_convert(sub) -> None:
 
 
 def _distill_command(args: argparse.Namespace) -> int:
-    from ..hf.distill import DistillConfig
     from ..hf.distill_command import distill_folder, format_report
     from ..hf.source_model import ConvertError
 
@@ -200,8 +202,6 @@ def _distill_command(args: argparse.Namespace) -> int:
 
 def _add_distill(sub) -> None:
     """``tucker-attn distill``: its flags are DistillConfig's fields (checked by their declared types)."""
-    from .._fields import check_value, describe, field_types, parse_text
-    from ..hf.distill import DistillConfig
 
     def reader(flag: str, annotation, rule):
         def read(text: str):

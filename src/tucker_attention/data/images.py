@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, check_int
+from .._extras import require
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SOURCES = ("fashion-mnist", "idx", "npz", "folder", "digits")
@@ -324,11 +325,7 @@ def _folder_dataset(path: Path, val_fraction: float, seed: int) -> ImageDataset:
 
 
 def _digits_dataset(val_fraction: float, seed: int) -> ImageDataset:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the 'digits' dataset is scikit-learn's: pip install scikit-learn") from None
-    digits = load_digits()
+    digits = require("sklearn.datasets", "the 'digits' dataset").load_digits()
     x = torch.from_numpy(np.rint(digits.images * (255 / 16)).astype(np.uint8))  # values 0..16 -> 0..255
     return _split_dataset(x, torch.from_numpy(digits.target), val_fraction, seed, "scikit-learn 8x8 digits", False, 10)
 

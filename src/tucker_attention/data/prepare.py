@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._extras import require
 from .._files import write_folder
 from . import text as text_module
 from .prepared import FORMAT, SPLITS, VERSION, is_prepared
@@ -142,11 +143,7 @@ class _Dataset:
     """A ``datasets`` dataset saved with ``save_to_disk``: one document a non-empty row of ``column``."""
 
     def __init__(self, path: Path, column: str, val_fraction: float):
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError("reading a Hugging Face dataset needs `pip install datasets` "
-                              "(pip install 'tucker-attention[datasets]')") from None
+        datasets = require("datasets", "reading a Hugging Face dataset")
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as err:  # datasets raises many types for a folder it cannot read

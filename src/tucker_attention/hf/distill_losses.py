@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PARAMS = ("attention", "all")
-
+from ..training.distill_config import PARAMS
 
 
 def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict:

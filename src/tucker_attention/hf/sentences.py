@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_int
+from ..training.distill_config import PARAMS
 from ..training.guard import NonFiniteGuard
 
 SPLITS = ("train", "val")
-PARAMS = ("attention", "all")
 
 
 def _documents(path) -> dict[str, str]:
