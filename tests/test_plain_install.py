@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
 
     import tucker_attention
     for info in pkgutil.walk_packages(tucker_attention.__path__, "tucker_attention."):
-        if info.name.endswith(".__main__") or info.name == "tucker_attention.hf" or info.name.startswith("tucker_attention.hf."):
+        if info.name.endswith(".__main__") or (info.name + ".").startswith("tucker_attention.hf."):
             continue
         importlib.import_module(info.name)
         report["imported"].append(info.name)
