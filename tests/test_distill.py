@@ -157,6 +157,51 @@ def test_params_all_trains_every_weight_and_attention_only_the_blocks(pair, tmp_
         trained_modules(base, "mlp")
 
 
+def test_attention_only_runs_hold_the_frozen_weights_once(pair, tmp_path):
+    """params='attention': the student's weights outside attention are the teacher's own tensors
+    (shared, not copied), and stay equal to the original's; params='all' keeps its own copies."""
+    teacher, base = pair
+    original = _params(teacher)
+    student = copy.deepcopy(base)
+    distill(teacher, student, _random_data(), tmp_path / "run", DistillConfig(layer_steps=1, steps=1, **FAST))
+    theirs = dict(teacher.named_parameters())
+    frozen = [n for n, _ in student.named_parameters() if "self_attn" not in n]
+    assert frozen and all(dict(student.named_parameters())[n] is theirs[n] for n in frozen)
+    assert all(torch.equal(v, original[k]) for k, v in _params(teacher).items())
+    own = copy.deepcopy(base)
+    distill(teacher, own, _random_data(), tmp_path / "all", DistillConfig(layer_steps=0, steps=1, params="all", **FAST))
+    assert not any(dict(own.named_parameters())[n] is theirs[n] for n in frozen)
+
+
+def test_chunked_end_to_end_kl_equals_the_whole_logits_formula(pair, monkeypatch):
+    """The KL taken a few positions at a time (logits recomputed in backward) has the value and the
+    gradients of the formula on whole logits."""
+    from tucker_attention.hf import distill_losses
+
+    teacher, base = pair
+    ids = torch.randint(0, 89, (3, 16), generator=torch.Generator().manual_seed(0))
+
+    def value_and_grads(student):
+        loss = distill_losses.logit_kl(teacher, student, ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    whole = copy.deepcopy(base)
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits.log_softmax(-1)
+    got = whole(input_ids=ids).logits.log_softmax(-1)
+    want = (target.exp() * (target - got)).sum(-1).mean()
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in whole.named_parameters()}
+    monkeypatch.setattr(distill_losses, "KL_CHUNK", 5)                  # 16 positions: chunks of 5, 5, 5, 1
+    loss, grads = value_and_grads(copy.deepcopy(base))
+    assert distill_losses._chunkable(teacher, base, ids)
+    assert float(loss) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
+
+
 def test_a_non_finite_loss_stops_the_run_and_no_checkpoint_holds_it(pair, tmp_path):
     from tucker_attention.training.guard import NonFiniteError
 

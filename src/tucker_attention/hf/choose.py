@@ -106,14 +106,19 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
 
 
 def _convert(model, method: str, setting: tuple, index: int, nope: float, calibration, progress: bool) -> Choice:
+    """One candidate: a copy of ``model`` sharing its weights outside attention, the new layers in the
+    dtype they were computed in (at least float32: measured before any rounding to the stored dtype)."""
     from .convert import convert
+    from .family_readers import reading_dtype
 
     ranks, value_ranks = setting
+    dtype = reading_dtype(next(model.parameters()).dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=calibration,
-                                nope_fraction=nope, inplace=False, progress=progress).eval()
+                                nope_fraction=nope, inplace=False, share_weights=True, dtype=dtype,
+                                progress=progress).eval()
         except ValueError as err:
             raise ConvertError("ranks", str(err)) from None
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]

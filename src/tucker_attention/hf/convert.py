@@ -150,7 +150,7 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
 
 def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, calibration=None,
             hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0, inplace: bool = True,
-            progress: bool = False) -> nn.Module:
+            share_weights: bool = False, dtype: torch.dtype | None = None, progress: bool = False) -> nn.Module:
     """Replace every supported attention block of a transformers model by ``method``.
 
     ranks: one setting for every block (a tuple or int), a list (one per block, in module
@@ -162,7 +162,11 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         outputs on real inputs, measured on MiniLM in the README). None: weights only.
     hosvd: 'hosvd' | 'hooi' for Tucker. nope_fraction: partial RoPE for Tucker / MLA (the lowest
         frequencies stop rotating, see :func:`tucker_attention.tensors.rope.derotated`; 0: exact RoPE).
-    inplace: convert ``model`` itself (default) or a copy.
+    inplace: convert ``model`` itself (default) or a copy; ``share_weights``: the copy's parameters and
+        buffers outside the converted blocks are the model's own tensors (no memory; a change to one
+        is a change to both), as a conversion pipeline measuring candidates wants.
+    dtype: of the new layers (default: each block's own weights'; the conversion math runs in at
+        least float32 whatever the model's dtype, see :func:`~.family_readers.reading_dtype`).
     progress: a progress bar over the blocks.
 
     All new layers are built before the model is touched: on any error the model is
@@ -173,7 +177,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         raise ValueError("this model's attention was already converted; convert the original model")
     if hasattr(model, "config"):
         converted_class(model)                      # a class we can save, checked before any change
-    target = model if inplace else copy.deepcopy(model)
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
+    target = model if inplace else copy.deepcopy(model, memo)
     blocks = find_blocks(target)
     rank_list = _per_block("ranks", ranks, blocks)
     value_list = _per_block("value_ranks", value_ranks, blocks)
@@ -206,6 +211,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
                       f"measures by how much; fine-tuning recovers it)", stacklevel=2)
     rope_source = SharedRope()                                  # one table source for the model's blocks
     for block, layer in zip(blocks, layers):
+        stored = next(target.get_submodule(block.path).parameters(), None)
+        layer = layer.to(dtype or (stored.dtype if stored is not None else layer.dtype))
         facts = {"kind": block.kind, "layer_idx": block.layer_idx, "resid_dropout": block.resid_dropout,
                  "model_rope": block.model_rope and layer.rope == "head",   # takes the model's RoPE tables
                  "sliding_window": block.sliding_window, "softcap": block.softcap}

@@ -13,6 +13,10 @@ classifiers KL of the class distributions and top-1 agreement; other models (enc
 mean cosine of the mean-pooled last hidden states. The work runs in float32 (the
 decompositions in float64); the folder is written in ``dtype`` (default: the source's).
 
+Memory: the source stays in its stored dtype (a bf16 model is computed in float32 one module at
+a time, :func:`~.compute.float32_compute`); the converted candidates share its weights outside
+attention; logits are scored in chunks (:func:`~.fidelity.fidelity`).
+
 The source side (loading, calibration / evaluation inputs, fidelity, accounting) is in
 :mod:`.source_model` and :mod:`.fidelity`; their public names are importable from here as well.
 """
@@ -27,11 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .._files import write_folder
 from .._table import text_table
+from .compute import float32_compute
 from .convert_settings import (  # noqa: F401  (re-exported: importable from here as before)
     METHODS,
     _budget,
@@ -168,7 +172,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         raise ConvertError("src", str(err)) from None
     out = _check_out(out, src_path, overwrite)
 
-    source = load_source(src)
+    source = load_source(src, dtype="stored")          # bf16 stays bf16: computed in float32 module by module
     model, tokenizer, kind = source["model"], source["tokenizer"], source["kind"]
     check_weights(model, str(source["path"]))
     target_dtype = source["dtype"] if dtype == "auto" else DTYPES[dtype]
@@ -179,19 +183,20 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     checked = _normalized_ranks(method, ranks, value_ranks, layers)
     if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
         _settings(model, method, layers, *checked, _budget(budgets, layers), None)
+    del layers                                          # float32 copies of every block: not held from here on
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
-    stats = attention_statistics(model, cal, progress=progress)
-    converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
-                                    budget_kv=budget_kv, partial_rope=partial_rope, statistics=stats, batches=cal,
-                                    kind=kind, progress=progress)
-    before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
-    scores = fidelity(model, converted, ev, kind, progress=progress)
+    with float32_compute():
+        stats = attention_statistics(model, cal, progress=progress)
+        converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks,
+                                        budget_params=budget_params, budget_kv=budget_kv, partial_rope=partial_rope,
+                                        statistics=stats, batches=cal, kind=kind, progress=progress)
+        before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
+        scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
     if "source_ppl" in scores:
         reference["ppl"] = scores.pop("source_ppl")
-    if target_dtype != torch.float32:
-        converted = converted.to(target_dtype)
+    converted = converted.to(target_dtype)        # its weights outside attention are the source's (shared)
     generation_config = source["generation_config"]
     write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
                  error=ConvertError)

@@ -234,6 +234,7 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
     budget = _budget(budgets, layers)
     settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, statistics)
+    layers = {path: layer.to("meta") for path, layer in layers.items()}    # their structure only from here on
     choice = measured(model, method, settings, layers, partial_rope, calibration=statistics, batches=batches,
                       kind=kind, progress=progress)
     ranks, value_ranks = choice.setting

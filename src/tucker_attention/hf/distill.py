@@ -44,7 +44,7 @@ from ..training.run_folder import MetricsLog, prepare, resume_from, set_aside
 from ..training.tasks import all_reduce_sum
 from ..training.trainer import _distributed, _on_rank0, lr_factor
 from .distill_data import TokenData
-from .distill_losses import block_errors, check_pair, layer_loss, logit_kl, trained_modules
+from .distill_losses import block_errors, check_pair, layer_loss, logit_kl, share_frozen, trained_modules
 from .fidelity import fidelity
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -91,9 +91,13 @@ def distill(teacher: nn.Module, student: nn.Module, data: TokenData, run_dir, co
     resume: continue from the newest intact checkpoint in ``run_dir`` (same config but for
         ``steps``); overwrite: start afresh in a folder that holds a run. ``on_step(step)`` is
         called after every optimizer step (a test stops a run with it).
+    With ``params="attention"`` the student's weights outside attention become the teacher's own
+    tensors (:func:`~.distill_losses.share_frozen`): both models fit in the memory of one.
     """
     cfg = config or DistillConfig()
     check_pair(teacher, student)
+    if cfg.params == "attention":
+        share_frozen(teacher, student)
     rank, world, local_rank, started_group = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"distill: batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")

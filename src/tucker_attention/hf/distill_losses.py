@@ -52,12 +52,64 @@ def layer_loss(teacher: nn.Module, student: nn.Module, paths: list[str], input_i
     return torch.stack(list(errors.values())).mean()
 
 
-def logit_kl(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """End-to-end: KL(original ‖ converted) of the next-token distributions, mean over positions."""
+#: positions of one chunk of the end-to-end KL (its logits: chunk x vocabulary floats, recomputed
+#: in the backward pass instead of kept)
+KL_CHUNK = 128
+
+
+def _split_head(model: nn.Module):
+    """(base model giving the last hidden states, output head) of a causal LM whose logits are
+    ``head(hidden)`` (checked by :func:`_chunkable`), or None."""
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if base is None or base is model or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    return base, head
+
+
+def _kl_chunk(student_hidden, teacher_hidden, head) -> torch.Tensor:
+    """Summed KL(teacher ‖ student) over the positions of one chunk of hidden states (B, t, d)."""
     with torch.no_grad():
-        target = teacher(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
-    got = student(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
-    return F.kl_div(got.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+        target = head(teacher_hidden).float().log_softmax(-1)
+    got = head(student_hidden).float().log_softmax(-1)
+    return F.kl_div(got.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="sum")
+
+
+def logit_kl(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """End-to-end: KL(original ‖ converted) of the next-token distributions, mean over positions.
+
+    Where the logits are the output head of the last hidden states (checked against the models'
+    own logits on two positions), the KL is taken :data:`KL_CHUNK` positions at a time, each chunk's
+    logits recomputed in the backward pass (``torch.utils.checkpoint``): no (batch, tokens,
+    vocabulary) tensor of either model is held. Otherwise from the whole logits."""
+    split = _split_head(student) if _chunkable(teacher, student, input_ids) else None
+    if split is None:
+        with torch.no_grad():
+            target = teacher(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
+        got = student(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)
+        return F.kl_div(got.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+    base, head = split
+    with torch.no_grad():
+        teacher_hidden = _split_head(teacher)[0](input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+    total = sum(torch.utils.checkpoint.checkpoint(_kl_chunk, h, t, head, use_reentrant=False)
+                for h, t in zip(hidden.split(KL_CHUNK, dim=1), teacher_hidden.split(KL_CHUNK, dim=1)))
+    return total / (input_ids.shape[0] * input_ids.shape[1])
+
+
+@torch.no_grad()
+def _chunkable(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether both models' logits are ``head(last hidden states)`` (to float round-off), tried on the
+    first two positions of the first row (two tiny forwards a step)."""
+    ids = input_ids[:1, :2]
+    for model in (teacher, student):
+        split = _split_head(model)
+        if split is None:
+            return False
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        got = split[1](split[0](input_ids=ids, use_cache=False).last_hidden_state).float()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -118,3 +170,21 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
                              f"another model; give the model it was converted from")
 
 
+
+
+def share_frozen(teacher: nn.Module, student: nn.Module) -> int:
+    """Make every student parameter outside the converted blocks the teacher's own tensor (they are
+    equal, :func:`check_pair`; when only attention trains they are frozen in both): the weights are
+    held once, not twice. Returns the number of parameters shared."""
+    from .convert import converted_blocks
+
+    inside = tuple(f"{p}." for p in converted_blocks(student))
+    theirs = dict(teacher.named_parameters(remove_duplicate=False))
+    shared = 0
+    for name, ours in list(student.named_parameters(remove_duplicate=False)):
+        if name.startswith(inside) or name not in theirs or theirs[name] is ours:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        student.get_submodule(owner)._parameters[leaf] = theirs[name]
+        shared += ours.numel()
+    return shared

@@ -28,6 +28,12 @@ def _dropout_p(value) -> float:
     return float(value.p if isinstance(value, nn.Dropout) else value or 0.0)
 
 
+def reading_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a block's layer is read in: its own, at least float32 (the conversion math and the
+    measurements of a bf16 / fp16 model run in float32; its weights are exact there)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _linear(module, name: str) -> bool:
     return isinstance(getattr(module, name, None), nn.Linear)
 
@@ -303,7 +309,7 @@ def _read_gqa(module: nn.Module, structure: str, parent: nn.Module | None):
                "qk_norm": bool(gains), "norm_eps": norm_eps}
     layer = (MultiHeadAttention(d, n_heads, **options) if n_kv == n_heads
              else GroupedQueryAttention(d, n_heads, n_kv, **options))
-    layer = layer.to(device=ref.device, dtype=ref.dtype).train(module.training)
+    layer = layer.to(device=ref.device, dtype=reading_dtype(ref.dtype)).train(module.training)
     with torch.no_grad():
         for proj, (weight, bias) in zip((layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj), weights):
             proj.weight.copy_(weight)
@@ -357,7 +363,7 @@ def _read_mla(module: nn.Module):
         causal=bool(getattr(module, "is_causal", True)), dropout=_dropout_p(getattr(module, "attention_dropout", 0.0)),
         bias=out.bias is not None, down_bias=down_bias, scale=float(module.scaling), rope_base=_rope_base(config))
     ref = kv_a.weight
-    layer = layer.to(device=ref.device, dtype=ref.dtype).train(module.training)
+    layer = layer.to(device=ref.device, dtype=reading_dtype(ref.dtype)).train(module.training)
     perm = (_interleave_permutation(rope_dim) if interleaved else torch.arange(rope_dim)).to(ref.device)
     with torch.no_grad():
         w64 = lambda t: t.detach().to(torch.float64)                     # noqa: E731

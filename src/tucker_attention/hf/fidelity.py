@@ -19,6 +19,8 @@ BUILTIN_TEXT = "the built-in Shakespeare plays"
 # defaults: 64 calibration pieces of <= 128 tokens (~8k tokens, what the MiniLM calibration of `compress` uses),
 # 16 held-out evaluation pieces
 N_CALIBRATION, N_EVAL, SEQ_LEN, BATCH_SIZE = 64, 16, 128, 8
+#: elements of one (positions, vocabulary) block of logits scored at once (float64: 64 MB a tensor)
+CHUNK_ELEMENTS = 1 << 23
 
 
 # -- calibration and evaluation inputs -------------------------------------------------------------
@@ -182,49 +184,65 @@ def fidelity(source: nn.Module | list, converted: nn.Module, batches, kind: str,
     """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
     positions) and each model's perplexity of the text itself ('ppl' converted, 'source_ppl'),
     classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled last hidden
-    states). ``source``: the model, or its :func:`reference_outputs` on ``batches``."""
+    states). ``source``: the model, or its :func:`reference_outputs` on ``batches``. Logits are
+    scored :data:`CHUNK_ELEMENTS` at a time (float64 within a chunk, sums in float64): the memory
+    does not grow with the vocabulary beyond the models' own float32 logits."""
     from tqdm.auto import tqdm
 
-    sums = {"kl": 0.0, "top1": 0.0, "cosine": 0.0, "nll": 0.0, "source_nll": 0.0}
-    count = tokens = 0
+    sums = dict.fromkeys(("kl", "top1", "cosine", "nll", "source_nll", "count", "tokens"), 0.0)
     given = isinstance(source, list)
     for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
-        a = (source[i] if given else _run(source, batch, kind)).double()
-        b = _run(converted, batch, kind).double()
-        mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"].bool()
+        a = source[i] if given else _run(source, batch, kind)
+        b = _run(converted, batch, kind)
         if kind == "encoder":
+            mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"]
+            a, b = a.double(), b.double()
             weights = (torch.ones(a.shape[:2], dtype=a.dtype) if mask is None else mask.to(a.dtype)).unsqueeze(-1)
             pa, pb = (a * weights).sum(1) / weights.sum(1), (b * weights).sum(1) / weights.sum(1)
             sums["cosine"] += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).sum())
-            count += pa.shape[0]
+            sums["count"] += pa.shape[0]
             continue
-        la, lb = a.log_softmax(-1), b.log_softmax(-1)
-        if kind == "decoder":
-            for key, logp in (("source_nll", la), ("nll", lb)):
-                nll, n = _next_token_nll(logp, batch)
-                sums[key] += nll
-            tokens += n
-        if kind == "decoder" and mask is not None:
-            la, lb = la[mask], lb[mask]                           # (tokens, vocab)
-        else:
-            la, lb = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
-        sums["kl"] += float((la.exp() * (la - lb)).sum(-1).clamp(min=0).sum())
-        sums["top1"] += float((la.argmax(-1) == lb.argmax(-1)).sum())
-        count += la.shape[0]
+        for key, value in _logit_sums(a, b, batch if kind == "decoder" else None).items():
+            sums[key] += value
     if kind == "encoder":
-        return {"cosine": sums["cosine"] / count}
-    scores = {"kl": sums["kl"] / count, "top1": sums["top1"] / count}
-    if kind == "decoder" and tokens:
-        scores.update(ppl=math.exp(sums["nll"] / tokens), source_ppl=math.exp(sums["source_nll"] / tokens))
+        return {"cosine": sums["cosine"] / sums["count"]}
+    scores = {"kl": sums["kl"] / sums["count"], "top1": sums["top1"] / sums["count"]}
+    if kind == "decoder" and sums["tokens"]:
+        scores.update(ppl=math.exp(sums["nll"] / sums["tokens"]),
+                      source_ppl=math.exp(sums["source_nll"] / sums["tokens"]))
     return scores
 
 
-def _next_token_nll(logp: torch.Tensor, batch) -> tuple[float, int]:
-    """(summed negative log-likelihood of each next token, their count) over non-padding positions;
-    logp (B, T, vocab) log-probabilities."""
-    targets, keep = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
-    picked = logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(-picked[keep].sum()), int(keep.sum())
+def _logit_sums(a: torch.Tensor, b: torch.Tensor, batch: dict | None) -> dict:
+    """Summed KL(a || b), top-1 agreements and their count over the rows of logits a, b (..., vocab);
+    with a decoder's ``batch``: only non-padding positions, and each model's summed negative
+    log-likelihood of the next token ('source_nll', 'nll') over the 'tokens' that have one."""
+    vocab = a.shape[-1]
+    a, b = a.reshape(-1, vocab), b.reshape(-1, vocab)
+    scored = torch.ones(a.shape[0], dtype=torch.bool)
+    counted = targets = None
+    if batch is not None:
+        mask = batch["attention_mask"].bool()
+        scored = mask.reshape(-1)
+        counted, targets = torch.zeros_like(mask), torch.zeros_like(batch["input_ids"])
+        counted[:, :-1], targets[:, :-1] = mask[:, 1:], batch["input_ids"][:, 1:]
+        counted, targets = counted.reshape(-1), targets.reshape(-1)
+    sums = dict.fromkeys(("kl", "top1", "count", "nll", "source_nll", "tokens"), 0.0)
+    rows = (scored if counted is None else scored | counted).nonzero().squeeze(-1)
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    for part in rows.split(step):
+        la, lb = a[part].double().log_softmax(-1), b[part].double().log_softmax(-1)
+        keep = scored[part]
+        kl = (la.exp() * (la - lb)).sum(-1).clamp(min=0)
+        sums["kl"] += float(kl[keep].sum())
+        sums["top1"] += float((la.argmax(-1) == lb.argmax(-1))[keep].sum())
+        sums["count"] += int(keep.sum())
+        if counted is not None:
+            has, picked = counted[part], targets[part].unsqueeze(-1)
+            sums["source_nll"] -= float(la.gather(-1, picked).squeeze(-1)[has].sum())
+            sums["nll"] -= float(lb.gather(-1, picked).squeeze(-1)[has].sum())
+            sums["tokens"] += int(has.sum())
+    return sums
 
 
 def greedy_reply(model: nn.Module, tokenizer, prompt: str, tokens: int = 24) -> str:

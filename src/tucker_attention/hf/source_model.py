@@ -74,9 +74,12 @@ def _source_dtype(config: dict) -> torch.dtype:
     return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
 
 
-def load_source(src) -> dict:
-    """{'path', 'model' (float32, eval), 'tokenizer' (or None), 'kind', 'class', 'dtype' (stored),
-    'generation_config' (or None)} of a local model folder, a GGUF file or a bundled name, offline."""
+def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
+    """{'path', 'model' (eval), 'tokenizer' (or None), 'kind', 'class', 'dtype' (stored),
+    'generation_config' (or None)} of a local model folder, a GGUF file or a bundled name, offline.
+    dtype: the model's (default float32), or 'stored': as its files hold it (bf16 stays bf16; run it
+    under :func:`~.compute.float32_compute` to compute in float32). A GGUF file loads in float32
+    (transformers dequantizes it)."""
     from .model_files import _require_transformers, model_path
 
     transformers = _require_transformers()
@@ -93,13 +96,15 @@ def load_source(src) -> dict:
     if config.get("tucker_attention"):
         raise ConvertError("src", f"{str(path)!r} is already a converted model (its config has tucker_attention); "
                                   f"convert the original model")
+    if dtype == "stored":
+        dtype = _source_dtype(config)
     architecture = (config.get("architectures") or [None])[0]
     class_name, kind = model_kind(architecture)
     cls = getattr(transformers, class_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+            model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype,
                                               output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ConvertError("src", f"could not load a transformers model from {str(path)!r} with {class_name}: "

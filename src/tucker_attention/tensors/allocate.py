@@ -61,7 +61,7 @@ def _energy_chains(layer: TuckerAttention, rope_pairs: bool = False) -> tuple[li
 
 
 def allocate_ranks(layers, *, params: int | None = None, kv: int | None = None,
-                   rope_pairs: bool = False) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+                   rope_pairs: bool = False, chains=None) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
     """Per-layer (ranks, value_ranks) for truncating Tucker layers (``layer.truncated``) to a budget.
 
     layers: TuckerAttention layers (a sequence, or a dict's values in order). Give one or both of
@@ -81,10 +81,13 @@ def allocate_ranks(layers, *, params: int | None = None, kv: int | None = None,
     taking an increment the smaller one could not afford, and every later increment has a lower
     ratio, the kept energy never decreases with the budget.
 
+    chains: the layers' :func:`_energy_chains` when already taken (then the layers are only read for
+    their structure: they may be on the meta device).
+
     Raises ValueError when even the smallest setting exceeds a budget.
     """
     layers, limits = _allocation_inputs(layers, params, kv)
-    chains, steps = zip(*(_energy_chains(layer, rope_pairs) for layer in layers))
+    chains, steps = zip(*(chains or [_energy_chains(layer, rope_pairs) for layer in layers]))
     current = [list(layer.ranks) + list(layer.value_ranks) for layer in layers]
     state = [_lowest_ranks(layer, c, s, now, params is not None)   # per layer: [r1, r2, r3, r1~, r2~, r3~]
              for layer, c, s, now in zip(layers, chains, steps, current)]

@@ -143,15 +143,26 @@ def _limits(params, kv, source_params: int, source_kv: int) -> list[int | None]:
             for name, value, total in (("params", params, source_params), ("kv", kv, source_kv))]
 
 
+def _exact_forms(layers: dict[str, Attention]) -> tuple[list[TuckerAttention], list]:
+    """The layers' exact latent-RoPE Tucker forms on the meta device (their structure: ranks, costs)
+    and their :func:`~.allocate._energy_chains`, taken one layer at a time: one exact form (float64,
+    H x d x r3 cores) is held at once, not one per layer."""
+    forms, chains = [], []
+    for layer in layers.values():
+        exact = to_tucker(layer)
+        chains.append(_energy_chains(exact, rope_pairs=True))
+        forms.append(exact.to("meta"))
+    return forms, chains
+
+
 def _plan_rope(layers: dict[str, Attention], params, kv) -> RankPlan:
     """:func:`plan_ranks` for layers with RoPE: greedy allocation on their exact latent-RoPE forms."""
     source_params, source_kv = _source_totals(layers)
     limits = _limits(params, kv, source_params, source_kv)
-    exact = [to_tucker(layer) for layer in layers.values()]
-    plan = allocate_ranks(exact, params=limits[0], kv=limits[1], rope_pairs=True)
+    exact, spectra = _exact_forms(layers)
+    plan = allocate_ranks(exact, params=limits[0], kv=limits[1], rope_pairs=True, chains=spectra)
     errors, n_params, n_kv = [], 0, 0
-    for layer, (r, v) in zip(exact, plan):
-        chains, steps = _energy_chains(layer, rope_pairs=True)
+    for layer, (r, v), (chains, steps) in zip(exact, plan, spectra):
         dropped = [sum(chain[rank // step:]) if chain is not None else 0.0
                    for chain, step, rank in zip(chains, steps, r + v)]
         if layer.shared_kv:
@@ -175,7 +186,7 @@ def plan_uniform(layers: dict[str, Attention], *, params=None, kv=None, r3: int 
         raise ValueError("layers is empty: no attention layers to plan ranks for")
     source_params, source_kv = _source_totals(layers)
     limits = _limits(params, kv, source_params, source_kv)
-    exact = [to_tucker(layer) for layer in layers.values()]
+    exact, spectra = _exact_forms(layers)
     step = 2 if any(t.rope is not None for t in exact) else 1
     top3 = min(min(t.ranks[2], t.value_ranks[2]) for t in exact) // step * step
     top2 = min(min(t.ranks[1], t.value_ranks[1]) for t in exact)
@@ -212,8 +223,7 @@ def plan_uniform(layers: dict[str, Attention], *, params=None, kv=None, r3: int 
                          f"(r2 = 1, r3 = {keys[0]})")
     plan = [setting(t, k, q) for t in exact]
     errors = []
-    for t, (r, v) in zip(exact, plan):
-        chains, steps = _energy_chains(t, rope_pairs=True)
+    for (r, v), (chains, steps) in zip(plan, spectra):
         dropped = [sum(chain[rank // s:]) if chain is not None else 0.0 for chain, s, rank in zip(chains, steps, r + v)]
         errors.append(tuple(max(0.0, sum(dropped[3 * side:3 * side + 3])) ** 0.5 for side in (0, 1)))
     n_params, n_kv = cost(k, q)
