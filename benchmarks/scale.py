@@ -237,6 +237,30 @@ def build_folder(spec: dict, models: Path, seed: int, shard_gb: float, check: bo
     return folder
 
 
+def with_tokenizer(folder: Path) -> Path:
+    """``folder`` with a tokenizer: a sibling ``<name>-tok`` whose files are hard links to ``folder``'s,
+    plus SmolLM2's tokenizer (its ids lie within every shape's vocabulary), so that ``convert`` calibrates
+    and ``distill`` trains on the built-in text as for a real model."""
+    import transformers
+
+    from tucker_attention.hf.model_files import model_path
+
+    tok = folder.with_name(folder.name + "-tok")
+    if (tok / "tokenizer.json").is_file() and (tok / MARKER).is_file() and \
+            (tok / MARKER).read_text() == (folder / MARKER).read_text():
+        return tok
+    shutil.rmtree(tok, ignore_errors=True)
+    tok.mkdir(parents=True)
+    for file in folder.iterdir():
+        os.link(file, tok / file.name)
+    gguf = model_path("smollm2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(tok)
+    return tok
+
+
 def check_folder(folder: Path, label: str) -> None:
     """Load the folder with transformers (bf16, the whole model in memory): no missing, unexpected or
     mismatched keys, the tied head tied."""
@@ -390,7 +414,8 @@ def run_shape(name: str, args, results: dict, saved: dict, save, bar) -> None:
     if spec["src"]:
         src = spec["src"]
     else:
-        src = str(build_folder(spec, Path(args.models), args.seed, args.shard_gb, check=args.check))
+        src = build_folder(spec, Path(args.models), args.seed, args.shard_gb, check=args.check)
+        src = str(with_tokenizer(src) if args.tokenizer else src)
     work = Path(args.work)
     converted = work / f"{spec['label']}-{args.method}"
     row = run_one(f"{spec['label']}/convert", convert_command(src, converted, args), base, args, results, saved,
@@ -543,7 +568,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="convert --seq-len (tokens per piece)")
     p.add_argument("--convert-arg", action="append", default=[], metavar="ARGS",
                    help="more convert arguments (shell-split; use the = form: --convert-arg='--dtype float32')")
-    p.add_argument("--distill", action="store_true", help="also measure tucker-attn distill after each convert")
+    p.add_argument("--tokenizer", action="store_true",
+                   help="give the built shapes SmolLM2's tokenizer (calibrate on text; needed by --distill)")
+    p.add_argument("--distill", action="store_true", help="also measure tucker-attn distill after each convert "
+                                                          "(with --tokenizer)")
     p.add_argument("--distill-layer-steps", type=int, default=0, help="distill --layer-steps")
     p.add_argument("--distill-steps", type=int, default=10, help="distill --steps")
     p.add_argument("--distill-batch-size", type=int, default=4, help="distill --batch-size")
@@ -565,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    args.tokenizer = args.tokenizer or args.distill         # distill tokenizes its data with the model's tokenizer
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for name in names:
         shape_spec(name, None)                              # unknown names fail before anything runs

@@ -19,6 +19,7 @@ T = pytest.importorskip("transformers", reason="the conversion needs transformer
 
 from safetensors.torch import load_file  # noqa: E402
 
+from tucker_attention.hf import calibration as calibration_module  # noqa: E402
 from tucker_attention.hf import convert, convert_folder, find_blocks  # noqa: E402
 from tucker_attention.hf import fidelity as fidelity_module  # noqa: E402
 from tucker_attention.hf.calibration import attention_statistics  # noqa: E402
@@ -56,10 +57,13 @@ def test_float32_compute_is_the_float32_model_exactly(bf16_folder):
     stored, upcast = _load(bf16_folder, torch.bfloat16), _load(bf16_folder, torch.float32)
     before = {name: p for name, p in stored.named_parameters()}
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    seen = []
+    stored.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
     with torch.no_grad(), float32_compute():
         got = stored(input_ids=ids).logits
     want = upcast(input_ids=ids).logits
     assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert seen == [torch.bfloat16]                          # the table is not copied: its rows are cast
     after = dict(stored.named_parameters())
     assert all(after[name] is p and p.dtype == torch.bfloat16 for name, p in before.items())
     broken = stored.model.layers[1].mlp.up_proj
@@ -88,12 +92,16 @@ def test_converted_copy_shares_the_weights_outside_attention():
     assert all("self_attn" in b.path for b in find_blocks(model))          # the source keeps its attention
 
 
-def test_bf16_source_converts_to_the_float32_paths_folder(bf16_folder, tmp_path):
-    """convert_folder keeps a bf16 source in bf16; the folder equals the one the float32 model gives."""
+def test_bf16_source_converts_to_the_float32_paths_folder(bf16_folder, tmp_path, monkeypatch):
+    """convert_folder keeps a bf16 source in bf16, calibrates layer by layer and keeps statistics and
+    reference logits on disk; the folder equals the one the float32 model gives all at once (the
+    whole model run per batch, everything in memory)."""
     out = tmp_path / "new"
     report = convert_folder(bf16_folder, "tucker", budget_kv=0.5, out=out, progress=False, **KW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]          # the spill folder is gone
     model = _load(bf16_folder, torch.float32)                 # the float32 path: statistics, choice, conversion
     cal, ev, _ = make_inputs(model, None, **KW)
+    monkeypatch.setattr(calibration_module, "layer_stack", lambda model, paths: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stats = attention_statistics(model, cal)

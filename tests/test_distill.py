@@ -173,6 +173,27 @@ def test_attention_only_runs_hold_the_frozen_weights_once(pair, tmp_path):
     assert not any(dict(own.named_parameters())[n] is theirs[n] for n in frozen)
 
 
+def test_activation_checkpointing_recomputes_the_blocks_and_trains_the_same_student(pair, tmp_path):
+    """The student's layers are run once more per step (recomputed in the backward pass instead of keeping
+    their activations) and the trained weights are the ones a run without it gives; the model's layers
+    are left as they were."""
+    teacher, base = pair
+    students, calls = [], []
+    for checkpointing in (False, True):
+        student = copy.deepcopy(base)
+        count = [0]
+        attention = student.model.layers[0].self_attn
+        attention.register_forward_hook(lambda *args, count=count: count.__setitem__(0, count[0] + 1))
+        distill(teacher, student, _random_data(), tmp_path / f"run{checkpointing}",
+                DistillConfig(layer_steps=0, steps=2, activation_checkpointing=checkpointing, **FAST))
+        assert all("forward" not in vars(layer) for layer in student.model.layers)
+        students.append(_params(student))
+        calls.append(count[0])
+    assert calls[1] == calls[0] + 2                                      # one recomputation per step
+    assert all(torch.equal(v, students[0][k]) for k, v in students[1].items())
+    assert any(not torch.equal(v, _params(base)[k]) for k, v in students[1].items())
+
+
 def test_chunked_end_to_end_kl_equals_the_whole_logits_formula(pair, monkeypatch):
     """The KL taken a few positions at a time (logits recomputed in backward) has the value and the
     gradients of the formula on whole logits."""

@@ -6,6 +6,13 @@ block's inputs, ``convert(..., calibration=stats)`` truncates where the inputs a
 (see :func:`tucker_attention.tensors.input_transform`). :func:`attention_statistics` adds the
 second moment of the attention-mixed inputs z_m = sum_n a_mn x_n of every head: a value error
 reaches the block's output only through them, so the value side is truncated where they lie.
+
+The statistics are gathered layer by layer where the model allows it (its blocks in one list of
+layers, as every transformers decoder and encoder has): the model runs once per batch with stand-ins
+for its layers (recording what each layer is given: embeddings, masks, RoPE tables), then each layer
+runs on all batches before the next, so one layer's sums are in memory
+(with ``spill``, finished ones wait on disk) and the head never runs. The result is the whole-model
+pass's bit for bit (tested on every supported family).
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .reading import find_blocks
+from .reading import find_blocks, layer_stack
 
 
 @dataclass(frozen=True)
@@ -28,11 +36,14 @@ class BlockStatistics:
     mixed: torch.Tensor | None = None
 
 
-def _run_blocks(model: nn.Module, batches, record: Callable, progress: bool) -> None:
+def _run_blocks(model: nn.Module, batches, record: Callable, progress: bool, done: Callable) -> None:
     """Run ``model`` on ``batches`` (eval mode, restored after) calling ``record(block, x, keep)`` with
-    every block's input x (B, T, d) and the (B, T) bool mask of its non-padding tokens (or None)."""
-    from tqdm.auto import tqdm
+    every block's input x (B, T, d) and the (B, T) bool mask of its non-padding tokens (or None), and
+    ``done(paths)`` once the blocks ``paths`` have seen every batch.
 
+    When the blocks sit in one list of layers (a decoder's or encoder's), layer by layer
+    (:func:`_layer_by_layer`): only one layer's work is in memory and the model's head never runs;
+    otherwise the whole model per batch."""
     blocks = find_blocks(model)
     keep: list[torch.Tensor | None] = [None]
 
@@ -44,24 +55,86 @@ def _run_blocks(model: nn.Module, batches, record: Callable, progress: bool) -> 
         return hook
 
     handles = [model.get_submodule(b.path).register_forward_pre_hook(recorder(b), with_kwargs=True) for b in blocks]
+    stack = layer_stack(model, [b.path for b in blocks])
     training = model.training
     try:
         model.eval()
         with torch.no_grad():
+            if stack is not None:
+                _layer_by_layer(model, stack, batches, keep, done, progress)
+                return
             for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
-                if isinstance(batch, torch.Tensor):
-                    keep[0] = None
-                    model(batch)
-                elif isinstance(batch, Mapping):             # a dict, or a tokenizer's BatchEncoding
-                    mask = batch.get("attention_mask")
-                    keep[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                    model(**batch)
-                else:
-                    raise TypeError(f"batches must hold dicts of model inputs or tensors, got {type(batch).__name__}")
+                keep[0] = _padding(batch)
+                _call(model, batch)
+            done([b.path for b in blocks])
     finally:
         for handle in handles:
             handle.remove()
         model.train(training)
+
+
+def _padding(batch) -> torch.Tensor | None:
+    """The (B, T) bool mask of a batch's non-padding tokens, or None (no mask: every token counts)."""
+    if isinstance(batch, torch.Tensor):
+        return None
+    if isinstance(batch, Mapping):                               # a dict, or a tokenizer's BatchEncoding
+        mask = batch.get("attention_mask")
+        return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    raise TypeError(f"batches must hold dicts of model inputs or tensors, got {type(batch).__name__}")
+
+
+def _call(model: nn.Module, batch):
+    return model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
+
+
+class _Captured(Exception):
+    """Raised by the last layer's stand-in: every layer's call is recorded, the rest of the model is not run."""
+
+
+def _layer_by_layer(model: nn.Module, stack: list, batches, keep: list, done: Callable, progress: bool) -> None:
+    """Record every layer's call on each batch with the layers standing in (each returns its input; the
+    last stops the model), then run the layers one at a time on all batches, each on the previous
+    layer's outputs with the arguments the model gave it (masks, RoPE tables, cache)."""
+    layers = [layer for layer, _ in stack]
+    calls: list[list] = []                                      # per batch: per layer (hidden, args, kwargs)
+
+    def stand_in(index: int, record: list):
+        def forward(*args, **kwargs):
+            named = not args
+            hidden = kwargs.pop("hidden_states") if named else args[0]
+            record.append((hidden if index == 0 else None, named, args[1:], kwargs))
+            if index == len(layers) - 1:
+                raise _Captured
+            return hidden
+        return forward
+
+    masks = []
+    for batch in batches:
+        record: list = []
+        masks.append(_padding(batch))
+        for i, layer in enumerate(layers):
+            layer.forward = stand_in(i, record)
+        try:
+            _call(model, batch)
+        except _Captured:
+            pass
+        finally:
+            for layer in layers:
+                del layer.forward
+        if len(record) != len(layers):
+            raise RuntimeError(f"{type(model).__name__} ran {len(record)} of its {len(layers)} layers on a "
+                               f"calibration batch; layer-by-layer calibration needs every layer run once")
+        calls.append(record)
+    hidden = [record[0][0] for record in calls]
+    for i, (layer, paths) in enumerate(tqdm(stack, desc="calibration", unit="layer", disable=not progress,
+                                            leave=False)):
+        for b, record in enumerate(calls):
+            _, named, args, kwargs = record[i]
+            keep[0] = masks[b]
+            out = layer(hidden_states=hidden[b], **kwargs) if named else layer(hidden[b], *args, **kwargs)
+            hidden[b] = out[0] if isinstance(out, tuple) else out
+            record[i] = None                                   # its arguments are not needed again
+        done(paths)
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
@@ -77,20 +150,29 @@ def input_statistics(model: nn.Module, batches, *, progress: bool = False) -> di
     output; its ``attention_mask`` (B, T) excludes padding tokens) or a tensor (the first
     positional argument, e.g. pixel values). The model is run in eval mode and left as it was.
     """
-    return {path: stats.inputs for path, stats in _statistics(model, batches, False, progress).items()}
+    return {path: stats.inputs for path, stats in _statistics(model, batches, False, progress, {}).items()}
 
 
 @torch.no_grad()
-def attention_statistics(model: nn.Module, batches, *, progress: bool = False) -> dict[str, BlockStatistics]:
+def attention_statistics(model: nn.Module, batches, *, progress: bool = False,
+                         spill=None) -> Mapping[str, BlockStatistics]:
     """{block path: :class:`BlockStatistics`}: :func:`input_statistics` and, per block, the mean of
     z^T z over its heads and (non-padding) query tokens, z_m = sum_n a_mn x_n with a_mn the head's
     attention weights (the block's own layer, mask, sliding window and soft-cap). Costs one more
-    attention computation per block and batch."""
-    return _statistics(model, batches, True, progress)
+    attention computation per block and batch.
+
+    spill: a :class:`~.spill.Spill`: each block's statistics go to disk as soon as its layer is done
+    and the result is a :class:`~.spill.SpilledStatistics` reading one block's at a time (memory:
+    one layer's statistics, not all of them)."""
+    from .spill import SpilledStatistics
+
+    return _statistics(model, batches, True, progress, {} if spill is None else SpilledStatistics(spill))
 
 
-def _statistics(model: nn.Module, batches, mixed: bool, progress: bool) -> dict[str, BlockStatistics]:
+def _statistics(model: nn.Module, batches, mixed: bool, progress: bool, out):
+    """Fill ``out`` (a dict, or anything with ``store(path, stats)``) with each block's statistics."""
     sums: dict[str, list] = {}
+    seen = [0]
 
     def record(block, x: torch.Tensor, keep: torch.Tensor | None) -> None:
         d = x.shape[-1]
@@ -99,6 +181,7 @@ def _statistics(model: nn.Module, batches, mixed: bool, progress: bool) -> dict[
         rows = x.reshape(-1, d) if keep is None else x[keep]
         entry[0] += _gram(rows)
         entry[1] += rows.shape[0]
+        seen[0] += rows.shape[0]
         if mixed:
             z = _mixed_inputs(block, x, keep)                          # (B, H, T, d)
             z = z.transpose(1, 2)                                      # (B, T, H, d)
@@ -106,20 +189,32 @@ def _statistics(model: nn.Module, batches, mixed: bool, progress: bool) -> dict[
             entry[2] += _gram(z)
             entry[3] += z.shape[0]
 
-    _run_blocks(model, batches, record, progress)
-    if not any(entry[1] for entry in sums.values()):
-        raise ValueError("batches is empty: no inputs reached the attention blocks")
-    return {path: BlockStatistics(s / n, m / k if mixed and k else None) for path, (s, n, m, k) in sums.items()}
+    def done(paths: list[str]) -> None:
+        if not seen[0]:
+            raise ValueError("batches is empty: no inputs reached the attention blocks")
+        for path in paths:
+            if path in sums:
+                s, n, m, k = sums.pop(path)
+                stats = BlockStatistics(s / n, m / k if mixed and k else None)
+                if isinstance(out, dict):
+                    out[path] = stats
+                else:
+                    out.store(path, stats)
+
+    _run_blocks(model, batches, record, progress, done)
+    return out
 
 
 def _mixed_inputs(block, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """z (B, H, T, d) = a @ x for every head, a the block's attention weights, computed by its own layer
-    (``layer.forward`` with a kernel that keeps the weights)."""
+    (``layer.forward`` with a kernel that keeps the weights). Padding tokens' inputs are zeroed first:
+    their weight is 0, but a model may leave them non-finite (a fully masked row: NaN), and 0 x NaN is NaN."""
     from .tiny import window_mask
 
     layer = block.layer.to(device=x.device, dtype=x.dtype)
     steps = x.shape[1]
     mask = None if keep is None else keep[:, None, None, :]
+    x = x if keep is None else x.masked_fill(~keep[..., None], 0.0)
     band = window_mask(steps, block.sliding_window)
     if band is not None:
         mask = band.to(x.device) if mask is None else mask & band.to(x.device)

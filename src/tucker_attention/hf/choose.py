@@ -65,10 +65,11 @@ def _rope_kept(method: str, layers: dict) -> bool:
 
 
 def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict, partial_rope, *, calibration,
-             batches, kind: str, progress: bool = False) -> Choice:
+             batches, kind: str, progress: bool = False, spill=None) -> Choice:
     """Convert ``model`` (a copy) with ``settings`` [(ranks, value_ranks)] and the partial-RoPE shares
     ``partial_rope`` allows ('auto': :data:`NOPE_FRACTIONS` below full rank), measuring on the first
-    :data:`SELECTION_BATCHES` of ``batches`` when there is more than one candidate."""
+    :data:`SELECTION_BATCHES` of ``batches`` when there is more than one candidate (the source's
+    outputs on them kept in ``spill``, a :class:`~.spill.Spill`, when given)."""
     full = settings == [(None, None)]
     if partial_rope == "auto":
         nopes = list(NOPE_FRACTIONS) if _rope_kept(method, layers) and not full else [0.0]
@@ -83,7 +84,7 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     from .fidelity import fidelity, reference_outputs
 
     selection = batches[:SELECTION_BATCHES]
-    reference = reference_outputs(model, selection, kind)
+    reference = reference_outputs(model, selection, kind, spill=spill)
     best, scores = None, []
 
     def measure(index: int, nope: float) -> None:

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from .auto import config_class, converted_class, model_class, place_block, to_co
 from .blocks import HFAttention
 from .cache import SharedRope
 from .calibration import BlockStatistics
-from .reading import Block, attention_layers, find_blocks
+from .reading import Block, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"
@@ -82,22 +83,36 @@ def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
     return reasons
 
 
-def _per_block(name: str, value, blocks: list[Block]) -> list:
+def _per_block(name: str, value, blocks: list[Block]) -> Sequence:
     """A list has one setting per block, a dict one per block path; anything else (a tuple, an
     int, None) is one setting for every block."""
     paths = [b.path for b in blocks]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         unknown, missing = sorted(set(value) - set(paths)), [p for p in paths if p not in value]
         if unknown or missing:
             raise ValueError(f"{name} as a dict needs exactly the block paths {paths}; "
                              f"unknown: {unknown}, missing: {missing}")
-        return [value[p] for p in paths]
+        return _InOrder(value, paths)
     if isinstance(value, list):
         if len(value) != len(blocks):
             raise ValueError(f"{name} as a list needs one entry per attention block ({len(blocks)}), got "
                              f"{len(value)}; pass a tuple for one setting for every block")
         return value
     return [value] * len(blocks)
+
+
+class _InOrder(Sequence):
+    """A mapping's values in the order of ``keys``, each read when it is used (a
+    :class:`~.spill.SpilledStatistics` loads one block's statistics at a time)."""
+
+    def __init__(self, mapping: Mapping, keys: list):
+        self._mapping, self._keys = mapping, keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int):
+        return self._mapping[self._keys[index]]
 
 
 def _whitenings(input_cov, method: str) -> tuple[tuple, tuple] | None:
@@ -188,8 +203,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     from tqdm.auto import tqdm
 
     layers = []
-    for block, r, vr, cov in tqdm(list(zip(blocks, rank_list, value_list, covs)), desc=f"convert to {method}",
-                                  unit="block", disable=not progress, leave=False):
+    for block, r, vr, cov in tqdm(zip(blocks, rank_list, value_list, covs), total=len(blocks),
+                                  desc=f"convert to {method}", unit="block", disable=not progress, leave=False):
         try:
             layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter,
                                         nope_fraction=nope_fraction))
@@ -307,14 +322,27 @@ def plan_uniform(model: nn.Module, *, params=None, kv=None, calibration=None, r3
     return tensor_plan_uniform(_planning_layers(model, calibration), params=params, kv=kv, r3=r3)
 
 
-def _planning_layers(model: nn.Module, calibration) -> dict[str, Attention]:
-    """The model's layers as a conversion sees them: linearized, and whitened by the calibration."""
-    layers = attention_layers(model)
-    if calibration is None:
-        return {path: layer.linearized() for path, layer in layers.items()}
-    covs = _per_block("calibration", calibration, find_blocks(model))
-    whitened = {}
-    for (path, layer), cov in zip(layers.items(), covs):
+def _planning_layers(model: nn.Module, calibration) -> Mapping[str, Attention]:
+    """The model's layers as a conversion sees them: linearized, and whitened by the calibration;
+    each computed when it is read (a plan reads each once), so one is in memory at a time."""
+    return _Planning(find_blocks(model), calibration)
+
+
+class _Planning(Mapping):
+    def __init__(self, blocks: list[Block], calibration):
+        self._blocks = {b.path: b for b in blocks}
+        self._covs = None if calibration is None else _per_block("calibration", calibration, blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __iter__(self):
+        return iter(self._blocks)
+
+    def __getitem__(self, path: str) -> Attention:
+        layer = self._blocks[path].layer
+        if self._covs is None:
+            return layer.linearized()
+        cov = self._covs[list(self._blocks).index(path)]               # read now (spilled statistics: from disk)
         inputs = cov.inputs if isinstance(cov, BlockStatistics) else cov
-        whitened[path] = input_transform(layer.linearized(inputs), *_whitenings(cov, "tucker")[0])
-    return whitened
+        return input_transform(layer.linearized(inputs), *_whitenings(cov, "tucker")[0])

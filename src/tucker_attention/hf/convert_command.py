@@ -14,8 +14,10 @@ mean cosine of the mean-pooled last hidden states. The work runs in float32 (the
 decompositions in float64); the folder is written in ``dtype`` (default: the source's).
 
 Memory: the source stays in its stored dtype (a bf16 model is computed in float32 one module at
-a time, :func:`~.compute.float32_compute`); the converted candidates share its weights outside
-attention; logits are scored in chunks (:func:`~.fidelity.fidelity`).
+a time, :func:`~.compute.float32_compute`); the calibration runs layer by layer and each block's
+statistics, like the source's logits that candidates are measured against, wait on disk in a
+temporary folder beside ``out`` (:mod:`.spill`); the converted candidates share the source's
+weights outside attention; logits are scored in chunks (:func:`~.fidelity.fidelity`).
 
 The source side (loading, calibration / evaluation inputs, fidelity, accounting) is in
 :mod:`.source_model` and :mod:`.fidelity`; their public names are importable from here as well.
@@ -58,6 +60,7 @@ from .fidelity import (  # noqa: F401  (re-exported: importable from here as fro
     make_inputs,
 )
 from .source_model import DTYPES, TOKENIZER_FILES, ConvertError, check_weights, load_source, model_kind  # noqa: F401
+from .spill import Spill
 
 # -- the output folder -----------------------------------------------------------------------------
 
@@ -177,20 +180,20 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     check_weights(model, str(source["path"]))
     target_dtype = source["dtype"] if dtype == "auto" else DTYPES[dtype]
     try:
-        layers = attention_layers(model)
+        layers = attention_layers(model, lazy=True)
     except (ValueError, TypeError) as err:
         raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
     checked = _normalized_ranks(method, ranks, value_ranks, layers)
     if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
         _settings(model, method, layers, *checked, _budget(budgets, layers), None)
-    del layers                                          # float32 copies of every block: not held from here on
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
-    with float32_compute():
-        stats = attention_statistics(model, cal, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with float32_compute(), Spill(dir=out.parent) as spill:     # statistics, reference logits: on disk beside OUT
+        stats = attention_statistics(model, cal, progress=progress, spill=spill)
         converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks,
                                         budget_params=budget_params, budget_kv=budget_kv, partial_rope=partial_rope,
-                                        statistics=stats, batches=cal, kind=kind, progress=progress)
+                                        statistics=stats, batches=cal, kind=kind, progress=progress, spill=spill)
         before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
         scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself

@@ -18,9 +18,6 @@ from .source_model import DTYPES, ConvertError
 METHODS = ("tucker", "gqa", "mla")
 
 
-METHODS = ("tucker", "gqa", "mla")
-
-
 # -- settings --------------------------------------------------------------------------------------
 
 def plan_setting(model: nn.Module, method: str, *, params=None, kv=None):
@@ -213,7 +210,7 @@ def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stat
 
 def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None, budget_params=None,
                   budget_kv=None, partial_rope: str | float = "auto", statistics, batches, kind: str,
-                  progress: bool = False) -> tuple[nn.Module, dict]:
+                  progress: bool = False, spill=None) -> tuple[nn.Module, dict]:
     """What :func:`convert_folder` does to a model it has loaded and calibrated: plan the setting,
     choose what only a measurement settles (:mod:`.choose`) and convert a copy.
 
@@ -221,6 +218,7 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     budget_params / budget_kv / partial_rope: as for :func:`convert_folder` (one of ranks and a
     budget). statistics: :func:`~.calibration.attention_statistics` of ``batches``, the held-in
     calibration batches candidates are measured on. kind: 'decoder' | 'classifier' | 'encoder'.
+    spill: a :class:`~.spill.Spill` for the source's outputs the candidates are measured against.
 
     Returns (converted model, {'label', 'ranks', 'value_ranks', 'nope_fraction', 'choice' (the
     measurement table or None), 'plan' (the plan table or None), 'notes' (warnings)}).
@@ -230,13 +228,13 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
 
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
     _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None)
-    layers = attention_layers(model)
+    layers = attention_layers(model, lazy=True)           # read block by block: one float32 copy at a time
     ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
     budget = _budget(budgets, layers)
     settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, statistics)
     layers = {path: layer.to("meta") for path, layer in layers.items()}    # their structure only from here on
     choice = measured(model, method, settings, layers, partial_rope, calibration=statistics, batches=batches,
-                      kind=kind, progress=progress)
+                      kind=kind, progress=progress, spill=spill)
     ranks, value_ranks = choice.setting
     return choice.model, {"label": setting_label(method, ranks, value_ranks),
                           "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,

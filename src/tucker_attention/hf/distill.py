@@ -43,9 +43,11 @@ from ..training.lock import RunLock
 from ..training.run_folder import MetricsLog, prepare, resume_from, set_aside
 from ..training.tasks import all_reduce_sum
 from ..training.trainer import _distributed, _on_rank0, lr_factor
+from .convert import converted_blocks
 from .distill_data import TokenData
 from .distill_losses import block_errors, check_pair, layer_loss, logit_kl, share_frozen, trained_modules
 from .fidelity import fidelity
+from .reading import layer_stack
 
 # -- the loop --------------------------------------------------------------------------------------
 
@@ -119,7 +121,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: TokenData, run_dir, co
     for note in _on_rank0(world, rank, start) or []:
         print(f"distill: {note}", flush=True)
     try:
-        return _Run(teacher, student, data, run_dir, cfg, device, use_bf16, rank, world).go(resume, on_step)
+        with _checkpointed_layers(student, cfg.activation_checkpointing):
+            return _Run(teacher, student, data, run_dir, cfg, device, use_bf16, rank, world).go(resume, on_step)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -127,6 +130,37 @@ def distill(teacher: nn.Module, student: nn.Module, data: TokenData, run_dir, co
             lock.release()
         if started_group:
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(student: nn.Module, enabled: bool):
+    """With ``enabled``, each of the student's layers (the list holding its attention blocks) keeps no
+    activations for the backward pass and recomputes them in it (``torch.utils.checkpoint``,
+    non-reentrant); restored after. transformers' own gradient checkpointing needs train mode, which
+    distillation does not use (dropout stays off)."""
+    if not enabled:
+        yield
+        return
+    stack = layer_stack(student, list(converted_blocks(student)))
+    if stack is None:
+        raise ValueError(f"distill: activation_checkpointing=True needs the attention blocks of "
+                         f"{type(student).__name__} in one list of layers; leave it False")
+
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    layers = [layer for layer, _ in stack]
+    for layer in layers:
+        layer.forward = checkpointed(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 class _Run:

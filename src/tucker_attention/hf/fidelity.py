@@ -7,6 +7,7 @@ fidelity of a converted copy (:func:`fidelity`: KL, top-1, perplexity, cosine), 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -173,14 +174,22 @@ def _run(model: nn.Module, batch, kind: str):
 
 
 @torch.no_grad()
-def reference_outputs(source: nn.Module, batches, kind: str) -> list[torch.Tensor]:
+def reference_outputs(source: nn.Module, batches, kind: str, *, spill=None):
     """The source's outputs on ``batches`` (what :func:`fidelity` compares against), to measure several
-    converted models without running the source again."""
-    return [_run(source, batch, kind).detach() for batch in batches]
+    converted models without running the source again: a list, or with a :class:`~.spill.Spill` a
+    :class:`~.spill.SpilledList` on disk (one batch's logits in memory at a time)."""
+    if spill is None:
+        return [_run(source, batch, kind).detach() for batch in batches]
+    from .spill import SpilledList
+
+    outputs = SpilledList(spill, "reference")
+    for batch in batches:
+        outputs.append(_run(source, batch, kind))
+    return outputs
 
 
 @torch.no_grad()
-def fidelity(source: nn.Module | list, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
+def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
     """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
     positions) and each model's perplexity of the text itself ('ppl' converted, 'source_ppl'),
     classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled last hidden
@@ -190,10 +199,10 @@ def fidelity(source: nn.Module | list, converted: nn.Module, batches, kind: str,
     from tqdm.auto import tqdm
 
     sums = dict.fromkeys(("kl", "top1", "cosine", "nll", "source_nll", "count", "tokens"), 0.0)
-    given = isinstance(source, list)
+    given = not isinstance(source, nn.Module)
     for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
+        b = _run(converted, batch, kind)             # first: its head's float32 copy is gone before a is read
         a = source[i] if given else _run(source, batch, kind)
-        b = _run(converted, batch, kind)
         if kind == "encoder":
             mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"]
             a, b = a.double(), b.double()

@@ -38,8 +38,10 @@ The per-structure readers and their RoPE / norm probes are in :mod:`.family_read
 
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -86,7 +88,9 @@ class Block:
 
     path: its module path (e.g. ``encoder.layer.0.attention.self``). kind: its structure
     (:data:`STRUCTURES`: 'bert' | 'gpt2' | 'proj' | 'qkv_proj' | 'neox' | 'mla').
-    layer: our layer holding a copy of its weights. layer_idx: its index in the model's cache.
+    layer: our layer holding a copy of its weights, read from the module at each access (so a list
+    of blocks holds no copies, and a copy follows the module's current weights); ``read`` reads it.
+    layer_idx: its index in the model's cache.
     model_rope: the block takes RoPE tables (``position_embeddings``) from the model (head
     RoPE; our layer reproduces it with ``rope=RopeTables(None, given=...)``).
     resid_dropout: dropout the block applies after its output projection (GPT-2).
@@ -98,13 +102,17 @@ class Block:
     """
     path: str
     kind: str
-    layer: Attention
+    read: Callable[[], Attention] = field(repr=False, compare=False)
     layer_idx: int | None
     model_rope: bool
     resid_dropout: float
     rope_exact: bool = True
     sliding_window: int | None = None
     softcap: float | None = None
+
+    @property
+    def layer(self) -> Attention:
+        return self.read()
 
 
 # -- recognizing blocks ------------------------------------------------------------------------------
@@ -203,6 +211,10 @@ def read_block(module: nn.Module, parent: nn.Module | None = None) -> tuple[Atte
     return layer, info
 
 
+def _read_layer(module: nn.Module, parent: nn.Module | None) -> Attention:
+    return read_block(module, parent)[0]
+
+
 def find_blocks(model: nn.Module) -> list[Block]:
     """Every supported self-attention block of ``model``, in module order (nothing is changed).
 
@@ -221,8 +233,8 @@ def find_blocks(model: nn.Module) -> list[Block]:
             cross.append(path)
             continue
         parent = modules[path.rsplit(".", 1)[0]] if "." in path else model
-        layer, info = read_block(module, parent)
-        blocks.append(Block(path=path, layer=layer, **info))
+        _, info = read_block(module, parent)                     # checked now, read again when used
+        blocks.append(Block(path=path, read=functools.partial(_read_layer, module, parent), **info))
     taken = [b.path for b in blocks] + cross
     attention_like = [p for p, m in modules.items() if p and _looks_like_attention(m)]
     unread = []
@@ -243,10 +255,31 @@ def find_blocks(model: nn.Module) -> list[Block]:
     return blocks
 
 
-def attention_layers(model: nn.Module) -> dict[str, Attention]:
+def layer_stack(model: nn.Module, paths: list[str]) -> list[tuple[nn.Module, list[str]]] | None:
+    """[(layer, the block paths inside it)] for every layer of the one ``nn.ModuleList`` whose layers
+    hold all the blocks ``paths`` (the innermost such list), or None when there is none."""
+    modules = dict(model.named_modules())
+    owners = set()
+    for path in paths:
+        parts = path.split(".")
+        lists = [i for i in range(1, len(parts)) if isinstance(modules.get(".".join(parts[:i])), nn.ModuleList)]
+        if not lists:
+            return None
+        owners.add(".".join(parts[:lists[-1]]))
+    if len(owners) != 1:
+        return None
+    (owner,) = owners
+    stack = [(layer, [p for p in paths if p.startswith(f"{owner}.{i}.")])
+             for i, layer in enumerate(modules[owner])]
+    return stack if paths and sum(len(inside) for _, inside in stack) == len(paths) else None
+
+
+def attention_layers(model: nn.Module, *, lazy: bool = False) -> Mapping[str, Attention]:
     """{module path: our layer} for every self-attention block of a transformers model.
 
-    Weights are copied (the model is not changed). Each layer maps the block's input
+    Weights are copied (the model is not changed); ``lazy``: a read-only mapping that reads a
+    block's layer each time it is looked up (a fresh copy: one block's in memory at a time, for
+    passes over a large model), not a dict of all of them. Each layer maps the block's input
     hidden states (B, T, d) to its output before the residual (after the output projection);
     a head-RoPE block's layer applies RoPE at positions ``arange(T)`` with the model's
     frequencies (default, linear and llama3 RoPE types, per layer type as Gemma 3's; others
@@ -268,4 +301,18 @@ def attention_layers(model: nn.Module) -> dict[str, Attention]:
         warnings.warn(f"{len(capped)} blocks soft-cap their attention logits (softcap={capped[0].softcap}); the "
                       f"standalone layers do not (a converted model passes softcap to the model's kernel)",
                       stacklevel=2)
-    return {block.path: block.layer for block in blocks}
+    return _Layers(blocks) if lazy else {block.path: block.layer for block in blocks}
+
+
+class _Layers(Mapping):
+    def __init__(self, blocks: list[Block]):
+        self._blocks = {b.path: b for b in blocks}
+
+    def __getitem__(self, path: str) -> Attention:
+        return self._blocks[path].layer
+
+    def __iter__(self):
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)

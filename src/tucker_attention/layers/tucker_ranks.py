@@ -40,8 +40,16 @@ def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def _times(core: torch.Tensor, mode: int, matrix: torch.Tensor) -> torch.Tensor:
-    """core x_(mode+1) matrix, matrix (p, I_mode), mode 0-based."""
-    return torch.tensordot(matrix, core, dims=([1], [mode])).movedim(0, mode)
+    """core x_(mode+1) matrix, matrix (p, I_mode), mode 0-based. When most fibers of ``core`` along
+    ``mode`` are zero (an exact GQA / MHA form's core routes each head to one key group: 1 - 1/n_kv of
+    them), only the others are multiplied; the zero ones stay exactly zero."""
+    nonzero = core.ne(0).any(dim=mode)                                 # (the other modes)
+    if 2 * int(nonzero.sum()) > nonzero.numel():
+        return torch.tensordot(matrix, core, dims=([1], [mode])).movedim(0, mode)
+    fibers = core.movedim(mode, -1)
+    out = core.new_zeros(*fibers.shape[:-1], matrix.shape[0])
+    out[nonzero] = fibers[nonzero] @ matrix.T
+    return out.movedim(-1, mode)
 
 
 def _left_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,34 +73,45 @@ def _joint(layer) -> bool:
 
 
 def _decompose(layer, wanted=((True,) * 3,) * 2):
-    """Per side: the float64 CPU parameters, their QR pieces and C', plus the (P, s) of every free mode
-    ``wanted`` (per side, per mode; the others' entry is "kept": their basis Q is kept as it is)."""
+    """Per side: the float64 CPU parameters, their QR pieces, plus the (P, s) of every free mode
+    ``wanted`` (per side, per mode; the others' entry is "kept": their basis Q is kept as it is),
+    from C' (formed only when some mode needs it: it is a copy of the core)."""
     p = {name: t.detach().to("cpu", torch.float64) for name, t in layer.named_parameters()}
     sides = []
     for core, factors in ((p["core"], (p["U1"], p["U2"], p["U3"])),
                           (p["core_tilde"], (p["U1_tilde"], p["U2_tilde"], p.get("U3_tilde", p["U3"])))):
         qr = [torch.linalg.qr(U) for U in factors]                     # reduced: Q (n, r), R (r, r)
-        reduced = core
-        for mode, (_, R) in enumerate(qr):
-            reduced = _times(reduced, mode, R)
-        sides.append({"core": core, "factors": factors, "Q": [q for q, _ in qr], "R": [r for _, r in qr],
-                      "reduced": reduced})
+        sides.append({"core": core, "factors": factors, "Q": [q for q, _ in qr], "R": [r for _, r in qr]})
+    joint = _joint(layer) and (wanted[0][2] or wanted[1][2])
     for side, fixed, want in zip(sides, fixed_modes(layer), wanted):
+        if joint or any(w and not f for w, f in zip(want, fixed)):
+            side["reduced"] = _reduced(side)
         side["svd"] = [None if fixed[m] else _left_svd(_unfold(side["reduced"], m)) if want[m] else "kept"
                        for m in range(3)]
-    if _joint(layer) and (wanted[0][2] or wanted[1][2]):
+    if joint:
         joint = _left_svd(torch.cat([_unfold(side["reduced"], 2) for side in sides], dim=1))
         sides[0]["svd"][2] = sides[1]["svd"][2] = joint
+    for side in sides:
+        side.pop("reduced", None)
     return p, sides
+
+
+def _reduced(side: dict) -> torch.Tensor:
+    """C' = C x1 R1 x2 R2 x3 R3."""
+    reduced = side["core"]
+    for mode, R in enumerate(side["R"]):
+        reduced = _times(reduced, mode, R)
+    return reduced
 
 
 def _pair_inputs(layer, p: dict, sides: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U3, query-side rows (r3, s), frequencies) of the RoPE key latent: the mode-3 unfolding of
-    C x1 R1 x2 R2 (of both cores when the latent is shared)."""
+    C x1 R1 x2 R2 (of both cores when the latent is shared); each side keeps its C x1 R1 x2 R2 as
+    ``side['query']`` for :func:`truncated`, which needs the same product."""
     rows = []
     for side in sides[:2 if layer.shared_kv else 1]:
-        query = _times(_times(side["core"], 0, side["R"][0]), 1, side["R"][1])
-        rows.append(_unfold(query, 2))
+        side["query"] = _times(_times(side["core"], 0, side["R"][0]), 1, side["R"][1])
+        rows.append(_unfold(side["query"], 2))
     return p["U3"], torch.cat(rows, dim=1), layer.rotary.inv_freq
 
 
@@ -147,7 +166,10 @@ def truncated(layer, ranks, value_ranks):
     names = (("core", "U1", "U2", "U3"), ("core_tilde", "U1_tilde", "U2_tilde", "U3_tilde"))
     for side, new_ranks, side_names in zip(sides, (ranks, value_ranks), names):
         core, factors, key_map = side["core"], list(side["factors"]), None
-        for mode, svd in enumerate(side["svd"]):
+        start = 0
+        if "query" in side and side["svd"][:2] == ["kept", "kept"]:    # modes 1, 2 kept: C x1 R1 x2 R2 is known
+            core, factors[:2], start = side.pop("query"), side["Q"][:2], 2
+        for mode, svd in list(enumerate(side["svd"]))[start:]:
             if svd is None and pairs is not None:                      # the RoPE latent, by pairs
                 core, factors[mode], key_map = _times(core, mode, pairs[1]), pairs[0], pairs[1]
                 continue

@@ -143,23 +143,27 @@ def _limits(params, kv, source_params: int, source_kv: int) -> list[int | None]:
             for name, value, total in (("params", params, source_params), ("kv", kv, source_kv))]
 
 
-def _exact_forms(layers: dict[str, Attention]) -> tuple[list[TuckerAttention], list]:
-    """The layers' exact latent-RoPE Tucker forms on the meta device (their structure: ranks, costs)
-    and their :func:`~.allocate._energy_chains`, taken one layer at a time: one exact form (float64,
-    H x d x r3 cores) is held at once, not one per layer."""
-    forms, chains = [], []
+def _exact_forms(layers: dict[str, Attention], params, kv) -> tuple[list[TuckerAttention], list, tuple, list]:
+    """The layers' exact latent-RoPE Tucker forms on the meta device (their structure: ranks, costs),
+    their :func:`~.allocate._energy_chains`, the source totals (:func:`_source_totals`) and the
+    budgets' limits, taken in one pass one layer at a time: one exact form (float64, H x d x r3
+    cores) is held at once, not one per layer, and each layer is read once (``layers`` may compute
+    its values on access, e.g. whitened by calibration statistics)."""
+    _limits(params, kv, 1, 1)                               # the budgets' form, checked before the work
+    forms, chains, totals = [], [], [0, 0]
     for layer in layers.values():
+        for i, total in enumerate(_source_totals({"": layer})):
+            totals[i] += total
         exact = to_tucker(layer)
         chains.append(_energy_chains(exact, rope_pairs=True))
         forms.append(exact.to("meta"))
-    return forms, chains
+        del layer, exact
+    return forms, chains, tuple(totals), _limits(params, kv, *totals)
 
 
 def _plan_rope(layers: dict[str, Attention], params, kv) -> RankPlan:
     """:func:`plan_ranks` for layers with RoPE: greedy allocation on their exact latent-RoPE forms."""
-    source_params, source_kv = _source_totals(layers)
-    limits = _limits(params, kv, source_params, source_kv)
-    exact, spectra = _exact_forms(layers)
+    exact, spectra, (source_params, source_kv), limits = _exact_forms(layers, params, kv)
     plan = allocate_ranks(exact, params=limits[0], kv=limits[1], rope_pairs=True, chains=spectra)
     errors, n_params, n_kv = [], 0, 0
     for layer, (r, v), (chains, steps) in zip(exact, plan, spectra):
@@ -184,9 +188,7 @@ def plan_uniform(layers: dict[str, Attention], *, params=None, kv=None, r3: int 
         raise ValueError("give a budget: params=... (attention parameters) and/or kv=... (KV floats per token)")
     if not layers:
         raise ValueError("layers is empty: no attention layers to plan ranks for")
-    source_params, source_kv = _source_totals(layers)
-    limits = _limits(params, kv, source_params, source_kv)
-    exact, spectra = _exact_forms(layers)
+    exact, spectra, (source_params, source_kv), limits = _exact_forms(layers, params, kv)
     step = 2 if any(t.rope is not None for t in exact) else 1
     top3 = min(min(t.ranks[2], t.value_ranks[2]) for t in exact) // step * step
     top2 = min(min(t.ranks[1], t.value_ranks[1]) for t in exact)

@@ -25,7 +25,9 @@ class DistillConfig:
     ``batch_size`` × ``grad_accum_steps`` windows of ``seq_len`` tokens (``batch_size`` is global:
     split across DDP processes). ``eval_windows`` held-out windows are measured every
     ``eval_interval`` steps; a checkpoint is written every ``checkpoint_interval`` steps and at
-    the end of each phase."""
+    the end of each phase. ``activation_checkpointing``: the student's blocks keep no activations
+    for the backward pass and recompute them in it (less memory, about one more forward of time;
+    the same result), through transformers' gradient checkpointing."""
 
     layer_steps: int = typed(100, low=0)
     steps: int = typed(200, low=0)
@@ -48,6 +50,7 @@ class DistillConfig:
     device: str = "auto"
     precision: str = typed("auto", choices=PRECISIONS)
     max_bad_steps: int = typed(0, low=0)
+    activation_checkpointing: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -57,5 +60,6 @@ class DistillConfig:
 
     def fixed(self) -> dict:
         """What a resumed run must share with the run it continues (all but the step counts of
-        the last phase and the progress bar)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "progress")}
+        the last phase, the progress bar and activation checkpointing, which changes no result)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("steps", "progress", "activation_checkpointing")}
