@@ -201,8 +201,8 @@ def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: 
     sums = dict.fromkeys(("kl", "top1", "cosine", "nll", "source_nll", "count", "tokens"), 0.0)
     given = not isinstance(source, nn.Module)
     for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
-        b = _run(converted, batch, kind)             # first: its head's float32 copy is gone before a is read
         a = source[i] if given else _run(source, batch, kind)
+        b = _run(converted, batch, kind)
         if kind == "encoder":
             mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"]
             a, b = a.double(), b.double()
