@@ -300,12 +300,13 @@ def convert_command(src: str, out: Path, args) -> list[str]:
 
 
 def distill_command(src: str, converted: Path, out: Path, args) -> list[str]:
-    """The measured ``tucker-attn distill`` command line (add flags here or with --distill-arg)."""
+    """The measured ``tucker-attn distill`` command line, with activation checkpointing (the bounded-memory
+    setting; ``--distill-arg='--activation-checkpointing false'`` measures without it)."""
     return [*tucker_attn(), "distill", src, str(converted), "--out", str(out), "--run-dir", f"{out}.run",
             "--overwrite", "--layer-steps", str(args.distill_layer_steps), "--steps", str(args.distill_steps),
             "--batch-size", str(args.distill_batch_size), "--seq-len", str(args.distill_seq_len),
             "--eval-windows", str(args.distill_eval_windows), "--no-progress", "--prompt", "",
-            *passthrough(args.distill_arg)]
+            "--activation-checkpointing", "true", *passthrough(args.distill_arg)]
 
 
 def shown(cmd: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from tucker_attention.hf import calibration as calibration_module  # noqa: E402
 from tucker_attention.hf import convert, convert_folder, find_blocks  # noqa: E402
 from tucker_attention.hf import fidelity as fidelity_module  # noqa: E402
 from tucker_attention.hf.calibration import attention_statistics  # noqa: E402
-from tucker_attention.hf.compute import float32_compute  # noqa: E402
+from tucker_attention.hf.compute import _libc, float32_compute, head_in_chunks  # noqa: E402
 from tucker_attention.hf.convert import save_converted  # noqa: E402
 from tucker_attention.hf.convert_settings import convert_model  # noqa: E402
 from tucker_attention.hf.fidelity import fidelity, make_inputs  # noqa: E402
@@ -76,6 +76,58 @@ def test_float32_compute_is_the_float32_model_exactly(bf16_folder):
     with pytest.raises(RuntimeError, match="a forward that raises"), torch.no_grad(), float32_compute():
         stored(input_ids=ids)                               # the stored tensors are put back all the same
     assert all(dict(stored.named_parameters())[name] is p for name, p in before.items())
+
+
+def test_a_bf16_head_in_chunks_gives_the_float32_logits_without_a_float32_table(bf16_folder):
+    """head_in_chunks: the output head casts a few vocabulary rows at a time (its weight stays bf16 while
+    it computes, so float32_compute made no copy of the table); the logits are the float32 model's,
+    and those of an independent float64 reference to float32 round-off. Restored after."""
+    stored, upcast = _load(bf16_folder, torch.bfloat16), _load(bf16_folder, torch.float32)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    head = stored.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    with torch.no_grad(), float32_compute(), head_in_chunks(stored, rows=40):      # 96 rows: 40 + 40 + 16
+        got = stored(input_ids=ids).logits
+        hidden = stored.model(input_ids=ids).last_hidden_state
+    want = upcast(input_ids=ids).logits
+    assert seen == [torch.bfloat16] and "forward" not in vars(head)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    exact = hidden.double() @ head.weight.double().T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), float32_compute():                 # without it: the whole table cast, as before
+        stored(input_ids=ids)
+    assert seen == [torch.bfloat16, torch.float32]
+    with head_in_chunks(upcast, rows=40):                    # a float32 head needs no copy: left as it is
+        assert "forward" not in vars(upcast.get_output_embeddings())
+
+
+TRIM_CHILD = """
+import sys
+import torch
+from tucker_attention.hf.compute import release_memory
+
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
+
+big = torch.ones(4 << 20)
+del big                                   # glibc now serves blocks under 16 MB from its heap, not by mmap
+blocks = [torch.ones(1 << 20) for _ in range(100)]
+kept = blocks[9::10]                      # every tenth 4 MB block stays: the heap cannot shrink from its top
+del blocks
+before = anon()
+print(release_memory(), (before - anon()) / 1e6)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _libc() is None, reason="glibc's malloc_trim")
+def test_release_memory_returns_freed_heap_memory_to_the_system():
+    """release_memory: 360 MB of freed 4 MB tensors held in glibc's heap between kept ones (what made
+    convert's resident memory creep up from candidate to candidate) go back to the system."""
+    proc = subprocess.run([sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trimmed, returned = proc.stdout.split()
+    assert trimmed == "True" and float(returned) > 300, proc.stdout
 
 
 def test_converted_copy_shares_the_weights_outside_attention():

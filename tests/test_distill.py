@@ -347,6 +347,56 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_bf16_folders_distill_held_once_in_bf16_to_the_float32_runs_student(tmp_path, monkeypatch):
+    """``distill`` of a bf16 original and its bf16 converted folder keeps the original in bf16 (shared with
+    the student outside attention: no float32 copy of the model), trains the converted blocks in float32
+    (with and without activation checkpointing) and gives, bit for bit, the student that the float32 path
+    (both models loaded in float32, as before) trains."""
+    from safetensors.torch import load_file
+
+    from tucker_attention.hf import distill_command
+    from tucker_attention.hf.source_model import load_source
+
+    teacher = _llama().to(torch.bfloat16)
+    teacher.save_pretrained(tmp_path / "original")
+    _tokenizer().save_pretrained(tmp_path / "original")
+    convert(teacher.float(), "tucker", ranks=(4, 16, 8), inplace=False).to(torch.bfloat16).save_pretrained(
+        tmp_path / "converted")
+    seen = []
+    real = distill_command.distill
+
+    def spy(teacher, student, *args, **kwargs):
+        summary = real(teacher, student, *args, **kwargs)
+        frozen = {n: p for n, p in student.named_parameters() if not n.startswith(tuple(converted_blocks(student)))}
+        theirs = dict(teacher.named_parameters())
+        seen.append(({p.dtype for p in teacher.parameters()}, all(p is theirs[n] for n, p in frozen.items()),
+                     {p.dtype for p in trained_modules(student, "attention").parameters()}))
+        return summary
+
+    monkeypatch.setattr(distill_command, "distill", spy)
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(f"word{j} is here, and more text" for j in range(400)))
+    trained = []
+    for checkpointing in (False, True):
+        cfg = DistillConfig(layer_steps=2, steps=2, activation_checkpointing=checkpointing,
+                            **{**FAST, "batch_size": 2, "eval_windows": 2})
+        distill_folder(tmp_path / "original", tmp_path / "converted", out=tmp_path / f"out{checkpointing}",
+                       data=data, config=cfg, prompt="hi", prompt_tokens=4)
+        trained.append(load_file(str(tmp_path / f"out{checkpointing}" / "model.safetensors")))
+    assert seen == [({torch.bfloat16}, True, {torch.float32})] * 2
+    source = load_source(tmp_path / "original")                             # the float32 path
+    student = load_converted(tmp_path / "converted", dtype=torch.float32)
+    tokens = load_data(data, source["tokenizer"], 89)
+    distill(source["model"], student, tokens, tmp_path / "f32.run",
+            DistillConfig(layer_steps=2, steps=2, **{**FAST, "batch_size": 2, "eval_windows": 2}))
+    reference = {k: v.to(torch.bfloat16) for k, v in student.state_dict().items()}
+    for weights in trained:
+        assert weights.keys() <= reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in weights)
+    before = load_file(str(tmp_path / "converted" / "model.safetensors"))
+    assert any(not torch.equal(trained[0][k], v) for k, v in before.items())
+
+
 def test_two_ddp_processes_match_one(folders, tmp_path):
     """``torchrun --nproc_per_node=2 tucker-attn distill`` against one process: same losses, same weights."""
     from ddp import run_one_and_two

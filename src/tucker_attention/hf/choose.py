@@ -81,9 +81,11 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     middle = len(settings) // 2
     if len(nopes) == 1 and len(settings) == 1:
         return _convert(model, method, settings[0], 0, nopes[0], calibration, progress)
+    from .compute import release_memory
     from .fidelity import fidelity, reference_outputs
 
     selection = batches[:SELECTION_BATCHES]
+    release_memory()                                   # what the plan freed
     reference = reference_outputs(model, selection, kind, spill=spill)
     best, scores = None, []
 
@@ -96,6 +98,8 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
                                   else score["kl"] < best[1]["kl"])
         if better:
             best = (choice, score)
+        del choice
+        release_memory()                               # the loser's attention and the scoring's buffers
 
     for nope in nopes:                                 # the partial-RoPE share at the middle setting
         measure(middle, nope)

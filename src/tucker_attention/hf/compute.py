@@ -6,19 +6,26 @@ model: 32 GB). :func:`float32_compute` keeps the weights in their stored dtype a
 module, for the duration of its own forward, float32 copies of its own low-precision
 parameters and buffers (then the stored tensors are put back). The outputs are those of the
 float32 model exactly: the same float32 values enter the same kernels. Extra memory: the largest
-single module in float32 (e.g. the output head); a plain embedding table is not copied, the rows
-it looks up are cast instead.
+single module in float32; a plain embedding table is not copied, the rows it looks up are cast
+instead, and within :func:`head_in_chunks` the output head casts :data:`HEAD_ROWS` vocabulary rows
+at a time. :func:`release_memory` hands freed heap memory back to the system between phases.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
 LOW = (torch.bfloat16, torch.float16)
+#: vocabulary rows of a low-precision output head cast to float32 at once (128 MB at d_model 4096)
+HEAD_ROWS = 8192
 
 
 def _own_low(module: nn.Module) -> list[tuple[dict, str]]:
@@ -36,7 +43,9 @@ def _is_lookup(module: nn.Module) -> bool:
 def float32_compute(enabled: bool = True):
     """Within the context every module's forward (of any model: a source and the converted models
     sharing its weights alike) sees its own bf16 / fp16 parameters and buffers as float32 copies;
-    the stored tensors are untouched. Not for training: gradients reach the copies only."""
+    the stored tensors are untouched. Gradients flow through the copies to the inputs, so frozen
+    low-precision weights serve training (distill); a low-precision parameter that should train would
+    get no gradient (its copy would), so what trains is float32."""
     if not enabled:
         yield
         return
@@ -45,6 +54,8 @@ def float32_compute(enabled: bool = True):
 
     def before(module, args):
         low = _own_low(module)
+        if isinstance(module.__dict__.get("forward"), _RowChunks):   # casts its own rows
+            return
         if low and _is_lookup(module):                # gather in the stored dtype, cast the rows (same values)
             lookups.add(id(module))
         elif low:
@@ -75,3 +86,63 @@ def float32_compute(enabled: bool = True):
             for entries in stack:
                 for store, name, t in entries:
                     store[name] = t
+
+
+class _RowChunks:
+    """The forward of a plain ``nn.Linear`` (out, in) computing ``rows`` output features at a time with
+    float32 copies of just those rows of its weight: (..., in) -> (..., out) float32, the values of
+    ``F.linear(x, weight.float(), bias.float())`` (each output is the same dot product)."""
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        self.linear, self.rows = linear, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        x = x.float()
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for start in range(0, weight.shape[0], self.rows):
+            part = slice(start, start + self.rows)
+            out[..., part] = nn.functional.linear(x, weight[part].float(), None if bias is None else bias[part].float())
+        return out
+
+
+@contextlib.contextmanager
+def head_in_chunks(model: nn.Module, rows: int = HEAD_ROWS):
+    """Within the context ``model``'s output head, when it is a plain ``nn.Linear`` stored in bf16 / fp16
+    with more than ``rows`` outputs, computes its float32 logits ``rows`` vocabulary rows at a time
+    (with :func:`float32_compute` or without): a float32 copy of ``rows`` x d_model instead of the
+    whole V x d_model table (1 GB at Llama-3.2-1B). Other heads are left as they are."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if (type(head) is not nn.Linear or head.weight.dtype not in LOW or head.weight.shape[0] <= rows
+            or "forward" in head.__dict__):
+        yield
+        return
+    head.forward = _RowChunks(head, rows)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_memory() -> bool:
+    """Collect garbage and return the C heap's free pages to the system (glibc ``malloc_trim``; where
+    there is none, only the collection). Freed tensors of a few MB stay in the heap otherwise, so a
+    long job's resident memory creeps up between phases that each need the same amount. True when
+    the heap was trimmed."""
+    gc.collect()
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -37,7 +37,7 @@ from torch import nn
 
 from .._files import write_folder
 from .._table import text_table
-from .compute import float32_compute
+from .compute import float32_compute, release_memory
 from .convert_settings import (  # noqa: F401  (re-exported: importable from here as before)
     METHODS,
     _budget,
@@ -191,6 +191,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     out.parent.mkdir(parents=True, exist_ok=True)
     with float32_compute(), Spill(dir=out.parent) as spill:     # statistics, reference logits: on disk beside OUT
         stats = attention_statistics(model, cal, progress=progress, spill=spill)
+        release_memory()                               # each phase below starts from what it holds
         converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks,
                                         budget_params=budget_params, budget_kv=budget_kv, partial_rope=partial_rope,
                                         statistics=stats, batches=cal, kind=kind, progress=progress, spill=spill)

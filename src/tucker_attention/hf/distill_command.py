@@ -4,6 +4,9 @@
 the model's, the folders) before it trains, runs :func:`~.distill.distill` in a run folder
 (checkpoints, resume), measures a greedy reply to a prompt before and after, and writes an
 ordinary converted folder (plain ``from_pretrained`` loads it) with ``distill.json``, the summary.
+Both models load in their stored dtype (a bf16 original is held once, in bf16, shared with the
+student outside attention); what trains is cast to float32 and every forward computes in float32
+(:func:`~.compute.float32_compute`), so the run is the one the float32 models give, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from .._files import write_folder
 from .._table import text_table
+from .compute import float32_compute
 from .distill import DistillConfig, check_pair, distill
 from .distill_data import load_data
+from .distill_losses import trained_modules
 from .fidelity import greedy_reply
 from .source_model import ConvertError, _read_config, _source_dtype, load_source
 
@@ -35,10 +38,11 @@ def _load_student(converted) -> tuple:
     if not path.is_dir():
         raise ConvertError("converted", f"{str(path)!r} is not a folder (give the folder tucker-attn convert wrote)")
     try:
-        model = load_converted(path, dtype=torch.float32)
+        stored = _source_dtype(_read_config(path))
+        model = load_converted(path, dtype=stored)          # bf16 stays bf16; what trains becomes float32 later
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise ConvertError("converted", f"{str(path)!r} is not a readable converted model: {err}") from None
-    return path, model, _source_dtype(_read_config(path))
+    return path, model, stored
 
 
 def _run_dir(run_dir, out: Path, resume: bool, overwrite: bool) -> Path:
@@ -81,7 +85,7 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
     out = _check_out(out, student_path, overwrite)
     run_dir = _run_dir(run_dir, out, resume, overwrite)
     try:
-        source = load_source(original)
+        source = load_source(original, dtype="stored")       # held once, in its stored dtype (shared with the student)
     except ConvertError as err:
         raise ConvertError("original", err.message) from None
     if source["kind"] != "decoder":
@@ -91,6 +95,10 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
         check_pair(teacher, student)
     except ValueError as err:
         raise ConvertError("converted", str(err).removeprefix("converted: ")) from None
+    try:
+        trained_modules(student, config.params).float()    # trained in float32; the rest computes in float32
+    except ValueError as err:
+        raise ConvertError("converted", str(err)) from None
     tokens = load_data(data, tokenizer, teacher.config.vocab_size)
     try:
         tokens.check_seq_len(config.seq_len)
@@ -98,12 +106,13 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
         raise ConvertError("data", str(err)) from None
     lead = int(os.environ.get("RANK", "0")) == 0           # under torchrun only rank 0 samples and writes
     sample = bool(prompt) and tokenizer is not None and lead
-    before = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
-    summary = distill(teacher, student, tokens, run_dir, config, resume=resume, overwrite=overwrite)
-    student.cpu()
-    after = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
-    answers = {"prompt": prompt, "source": greedy_reply(teacher.cpu(), tokenizer, prompt, prompt_tokens)
-               if before is not None else None, "converted": before, "distilled": after}
+    with float32_compute():                                  # bf16 weights computed as float32, module by module
+        before = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
+        summary = distill(teacher, student, tokens, run_dir, config, resume=resume, overwrite=overwrite)
+        student.cpu()
+        after = greedy_reply(student, tokenizer, prompt, prompt_tokens) if sample else None
+        answers = {"prompt": prompt, "source": greedy_reply(teacher.cpu(), tokenizer, prompt, prompt_tokens)
+                   if before is not None else None, "converted": before, "distilled": after}
     report = {"original": str(source["path"]), "converted": str(student_path), "out": str(out),
               "run_dir": str(run_dir), "data": tokens.source, "config": dataclasses.asdict(config),
               "summary": summary, "answers": answers, "dtype": str(stored_dtype).removeprefix("torch.")}

@@ -162,11 +162,14 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
 
 
 def _run(model: nn.Module, batch, kind: str):
-    if isinstance(batch, torch.Tensor):
-        out = model(pixel_values=batch, output_hidden_states=kind == "encoder")
-    else:
-        extra = {"use_cache": False} if kind == "decoder" else {"output_hidden_states": kind == "encoder"}
-        out = model(**batch, **extra)
+    from .compute import head_in_chunks
+
+    with head_in_chunks(model):                  # a bf16 head: float32 rows a few thousand at a time
+        if isinstance(batch, torch.Tensor):
+            out = model(pixel_values=batch, output_hidden_states=kind == "encoder")
+        else:
+            extra = {"use_cache": False} if kind == "decoder" else {"output_hidden_states": kind == "encoder"}
+            out = model(**batch, **extra)
     if kind == "encoder":
         hidden = getattr(out, "last_hidden_state", None)
         return hidden if hidden is not None else out.hidden_states[-1]
