@@ -18,12 +18,13 @@ pass's bit for bit (tested on every supported family).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..tensors import whitening
 from .reading import find_blocks, layer_stack
 
 
@@ -31,9 +32,22 @@ from .reading import find_blocks, layer_stack
 class BlockStatistics:
     """What one block's inputs look like to a conversion, float64 (d, d) each: ``inputs`` E[x^T x]
     over the tokens that reach it; ``mixed`` E[z^T z] over its heads and tokens, z_m = sum_n a_mn x_n
-    the inputs mixed by the head's attention (None: not measured)."""
+    the inputs mixed by the head's attention (None: not measured). ``whitened``: what
+    :meth:`whitenings` returns, when it was computed once and kept (a spilled block's)."""
     inputs: torch.Tensor
     mixed: torch.Tensor | None = None
+    whitened: tuple | None = field(default=None, repr=False, compare=False)
+
+    def whitenings(self, mixed: bool = True) -> tuple[tuple, tuple | None]:
+        """((S, S^-1) of ``inputs``, (V, V^-1) of ``mixed``, or None without it or with ``mixed=False``):
+        :func:`~tucker_attention.tensors.whitening` of each, (d, d) float64. Two eigendecompositions
+        of d x d matrices: computed here unless kept in ``whitened``."""
+        if self.whitened is not None:
+            inputs, value = self.whitened
+        else:
+            inputs = whitening(self.inputs)
+            value = whitening(self.mixed) if mixed and self.mixed is not None else None
+        return inputs, value if mixed else None
 
 
 def _run_blocks(model: nn.Module, batches, record: Callable, progress: bool, done: Callable) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .._checks import check_choice
 from ..layers import Attention, make_attention
-from ..tensors import RankPlan, convert_layer, input_transform, whitening
+from ..tensors import RankPlan, convert_layer, input_transform
 from ..tensors import plan_ranks as tensor_plan_ranks
 from ..tensors import plan_uniform as tensor_plan_uniform
 from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
@@ -122,8 +122,8 @@ def _whitenings(input_cov, method: str) -> tuple[tuple, tuple] | None:
     if input_cov is None:
         return None
     stats = input_cov if isinstance(input_cov, BlockStatistics) else BlockStatistics(input_cov)
-    S, S_inv = whitening(stats.inputs)
-    V, V_inv = whitening(stats.mixed) if stats.mixed is not None and method != "mla" else (None, None)
+    (S, S_inv), value = stats.whitenings(mixed=method != "mla")
+    V, V_inv = value if value is not None else (None, None)
     return (S, V), (S_inv, V_inv)
 
 
