@@ -37,6 +37,7 @@ from .auto import config_class, converted_class, model_class, place_block, to_co
 from .blocks import HFAttention
 from .cache import SharedRope
 from .calibration import BlockStatistics
+from .compute import release_memory
 from .reading import Block, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
@@ -210,6 +211,8 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
                                         nope_fraction=nope_fraction))
         except (ValueError, TypeError) as err:
             raise type(err)(f"block {block.path}: {err}") from None
+        del cov
+        release_memory()                                # the block's working set, before the next one's
     reasons: dict[str, int] = {}
     for block, r, layer in zip(blocks, rank_list, layers):
         found = inexact_reasons(block.layer, method, r)
