@@ -135,12 +135,13 @@ def _libc():
     return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
-def release_memory() -> bool:
-    """Collect garbage and return the C heap's free pages to the system (glibc ``malloc_trim``; where
-    there is none, only the collection). Freed tensors of a few MB stay in the heap otherwise, so a
-    long job's resident memory creeps up between phases that each need the same amount. True when
-    the heap was trimmed."""
-    gc.collect()
+def release_memory(collect: bool = True) -> bool:
+    """Collect garbage (``collect``) and return the C heap's free pages to the system (glibc
+    ``malloc_trim``; where there is none, only the collection). Freed tensors of a few MB stay in the
+    heap otherwise, so a long job's resident memory creeps up between phases that each need the same
+    amount. True when the heap was trimmed."""
+    if collect:
+        gc.collect()
     libc = _libc()
     if libc is None:
         return False

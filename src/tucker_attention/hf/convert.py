@@ -212,7 +212,7 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         except (ValueError, TypeError) as err:
             raise type(err)(f"block {block.path}: {err}") from None
         del cov
-        release_memory()                                # the block's working set, before the next one's
+        release_memory(collect=False)                   # the block's working set (freed by refcount), before the next
     reasons: dict[str, int] = {}
     for block, r, layer in zip(blocks, rank_list, layers):
         found = inexact_reasons(block.layer, method, r)
