@@ -134,3 +134,27 @@ def test_block_layers_are_read_from_the_modules_current_weights():
         after = block.layer(x)
         assert not torch.allclose(before, after)
         assert torch.equal(after, lazy[block.path](x))
+
+
+def test_spilled_statistics_keep_their_whitenings_and_refuse_none_later():
+    """A block's whitenings are stored with its statistics and read back equal to a fresh computation;
+    statistics that have none (all zero: no inputs) are stored without, and the conversion refuses them."""
+    from tucker_attention.hf.calibration import BlockStatistics
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    good = BlockStatistics(x.T @ x / 64, (x[:, :8] * 0.5).T @ x / 64)
+    with Spill() as spill:
+        from tucker_attention.hf.spill import SpilledStatistics
+
+        kept = SpilledStatistics(spill)
+        kept.store("good", good)
+        kept.store("zero", BlockStatistics(torch.zeros(8, 8, dtype=torch.float64)))
+        (S, S_inv), (V, V_inv) = kept["good"].whitenings()
+        (S2, S2_inv), (V2, V2_inv) = good.whitenings()
+        assert kept["good"].whitened is not None
+        assert all(torch.equal(a, b) for a, b in ((S, S2), (S_inv, S2_inv), (V, V2), (V_inv, V2_inv)))
+        assert kept["good"].whitenings(mixed=False)[1] is None
+        assert kept["zero"].whitened is None
+        with pytest.raises(ValueError, match="no inputs were recorded"):
+            kept["zero"].whitenings()
