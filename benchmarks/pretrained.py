@@ -53,6 +53,11 @@ ROWS = [  # (key, label, method, options)
 ]
 QUICK = ("tucker-full", "tucker-kv-1/2", "gqa-1")
 PROMPT = "What is the capital of France?"
+#: A fact, a piece of code, an instruction: the greedy answers reported for every row.
+PROMPTS = (PROMPT, "Write a Python function that returns the square of a number.",
+           "List three colours of the rainbow.")
+#: Seeds of the held-out samples of the model's own text (neither convert's calibration nor its evaluation).
+HELD_OUT_SAMPLES_SEED = 2_000_000
 
 
 def greedy_answer(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
@@ -70,13 +75,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def scores(model, converted, tokenizer, data: dict) -> dict:
-    """Held-out KL, top-1 and perplexity (short pieces), KL on the long pieces, the greedy answer."""
+    """Held-out KL, top-1 and perplexity (short pieces), KL on the long pieces, the same on every
+    other kind of held-out text (``kinds``), the greedy answers."""
     from tucker_attention.hf.fidelity import fidelity
 
     short = fidelity(model, converted, data["eval"], "decoder")
     long = fidelity(model, converted, data["long"], "decoder")
+    kinds = {}
+    for kind, batches in data["kinds"].items():
+        r = fidelity(model, converted, batches, "decoder")
+        kinds[kind] = {"kl": r["kl"], "top1": r["top1"], "ppl": r["ppl"], "source_ppl": r["source_ppl"]}
     return {"kl": short["kl"], "top1": short["top1"], "ppl": short["ppl"], "source_ppl": short["source_ppl"],
-            "kl_long": long["kl"], "top1_long": long["top1"], "answer": greedy_answer(converted, tokenizer)}
+            "kl_long": long["kl"], "top1_long": long["top1"], "kinds": kinds,
+            "answer": greedy_answer(converted, tokenizer),
+            "answers": [greedy_answer(converted, tokenizer, p) for p in PROMPTS]}
 
 
 def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict) -> tuple[dict, object]:
@@ -128,6 +140,22 @@ def markdown(results: dict, meta: dict) -> str:
             f"({row['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x) | {row['kl']:.4g} | {row['top1']:.3f} | "
             f"{row['ppl']:.2f} | {row['kl_long']:.4g} | {row['answer']!r} | {row['seconds']:.0f} s |")
     return "\n".join(lines)
+
+
+def kinds_markdown(results: dict, meta: dict) -> str:
+    """Next-token KL / top-1 agreement of every row on every kind of held-out text, and its greedy answers."""
+    kinds = list(meta["kinds"])
+    head = "| setting | attention params | KV | " + " | ".join(f"{k}: KL / top-1" for k in kinds) + " | answers |"
+    lines = [head, "|" + "---|" * (len(kinds) + 4)]
+    src = meta["source"]
+    for row in results.values():
+        cells = [f"{row['kinds'][k]['kl']:.3f} / {row['kinds'][k]['top1']:.3f}" for k in kinds]
+        lines.append(f"| {row['label']}: {row['setting']} | {row['attention_params'] / src['attention_params']:.3f}x | "
+                     f"{row['kv_bytes_per_token'] / src['kv_bytes_per_token']:.3f}x | " + " | ".join(cells) +
+                     f" | {' / '.join(repr(a) for a in row['answers'])} |")
+    where = "; ".join(f"{k}: {v}" for k, v in meta["kinds"].items())
+    return "\n".join(lines) + (f"\n\nHeld-out text ({meta['kinds_len']} tokens a piece): {where}. Calibration: "
+                                f"{meta['data'].split('; evaluation')[0].removeprefix('calibration: ')}.")
 
 
 def recovery_markdown(results: dict, meta: dict) -> str:
@@ -216,6 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="*", default=None, help=f"row keys (default all): {[r[0] for r in ROWS]}")
     p.add_argument("--quick", action="store_true", help=f"rows {QUICK} on fewer tokens")
     p.add_argument("--long-len", type=int, default=512, help="tokens of the long evaluation pieces")
+    p.add_argument("--model-text", type=float, default=0.5,
+                   help="the share of calibration pieces the model samples itself (convert's default 0.5; 0: the "
+                        "plays only)")
+    p.add_argument("--kinds-len", type=int, default=256, help="tokens of each held-out piece of every kind")
     p.add_argument("--recover", action="store_true", help="distil every row from the original (see above)")
     p.add_argument("--layer-steps", type=int, default=100, help="per-layer steps of --recover")
     p.add_argument("--steps", type=int, default=200, help="end-to-end steps of --recover")
@@ -226,11 +258,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=25, help="steps between the curve's points")
     p.add_argument("--runs", default="pretrained-runs", help="the distillation run folders of --recover")
     p.add_argument("--recovery-out", default="docs/pretrained-recovery.md", help="the recovery table")
+    p.add_argument("--kinds-out", default="docs/pretrained-kinds.md", help="the table per kind of held-out text")
     p.add_argument("--plot", default="docs/pretrained-recovery.png", help="perplexity against tokens")
     p.add_argument("--curve", nargs="*", metavar="SUMMARY",
                    help="only plot these tucker-attn distill runs' summary.json (KL, perplexity against tokens)")
     p.add_argument("--curve-out", default="docs/pretrained-curve.png", help="the PNG of --curve")
     return p.parse_args(argv)
+
+
+def line_pieces(docs: dict[str, str], n: int, chars: int) -> list[str]:
+    """``n`` pieces of consecutive whole lines (about ``chars`` characters each, verbatim: code keeps
+    its indentation), spread evenly over the documents."""
+    pieces, current = [], ""
+    for line in "\n".join(docs.values()).splitlines(keepends=True):
+        current += line
+        if len(current) >= chars:
+            pieces.append(current)
+            current = ""
+    return pieces[::max(1, len(pieces) // n)][:n]
+
+
+def held_out_kinds(model, tokenizer, n: int, seq_len: int) -> tuple[dict, dict]:
+    """({kind: evaluation batches}, {kind: description}) of held-out text of several kinds: the held-out
+    plays, CPython's documentation text, standard-library code, and the model's own samples from
+    seeds no calibration uses; ``n`` pieces of at most ``seq_len`` tokens each."""
+    from tucker_attention.data.local_text import python_code, python_docs
+    from tucker_attention.hf.fidelity import _id_batches, _pad_id, _token_batches, make_inputs
+    from tucker_attention.hf.model_text import sample_ids
+
+    _, plays, _ = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=n, seq_len=seq_len, model_text=0.0)
+    chars = 4 * seq_len
+    kinds = {"plays": plays,
+             "python docs": _token_batches(tokenizer, line_pieces(python_docs(), n, chars), seq_len, 8),
+             "python code": _token_batches(tokenizer, line_pieces(python_code(), n, chars), seq_len, 8)}
+    own = sample_ids(model, tokenizer, n, seq_len, seed=HELD_OUT_SAMPLES_SEED)
+    kinds["own samples"] = _id_batches(own, _pad_id(tokenizer), 8)
+    described = {"plays": "the held-out plays", "python docs": "CPython's help() topics (pydoc_data)",
+                 "python code": "standard-library modules' source",
+                 "own samples": f"the model's answers to its chat prompts, seeds from {HELD_OUT_SAMPLES_SEED:,}"}
+    return kinds, described
 
 
 def load(args) -> tuple[dict, dict, dict]:
@@ -246,16 +312,19 @@ def load(args) -> tuple[dict, dict, dict]:
         source = load_source(args.model)
     model, tokenizer = source["model"], source["tokenizer"]
     sizes = {"n_calibration": 16, "n_eval": 8} if args.quick else {}
-    cal, ev, described = make_inputs(model, tokenizer, None, **sizes)
+    cal, ev, described = make_inputs(model, tokenizer, None, model_text=args.model_text, **sizes)
     _, long, long_described = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=2 if args.quick else 4,
                                           seq_len=args.long_len)
+    kinds, kinds_described = held_out_kinds(model, tokenizer, 8 if args.quick else 16, args.kinds_len)
     start = time.perf_counter()
-    data = {"cal": cal, "eval": ev, "long": long, "stats": attention_statistics(model, cal),
+    data = {"cal": cal, "eval": ev, "long": long, "kinds": kinds, "stats": attention_statistics(model, cal),
             "tokens": load_data(None, tokenizer, model.config.vocab_size)}
     print(f"{described}; long pieces: {long_described.split('evaluation: ')[1]}; statistics in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     meta = {"name": args.model, "source": attention_summary(model, torch.float32), "data": described,
             "long": long_described, "long_len": args.long_len, "torch": torch.__version__,
+            "model_text": args.model_text, "kinds": kinds_described, "kinds_len": args.kinds_len,
+            "source_kinds": {k: fidelity(model, model, b, "decoder")["ppl"] for k, b in kinds.items()},
             "threads": torch.get_num_threads(), "quick": args.quick,
             "source_ppl": fidelity(model, model, ev, "decoder")["ppl"],
             "source_answer": greedy_answer(model, tokenizer)}
@@ -303,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     source, data, meta = load(args)
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.exists() else {}
-    if saved.get("meta", {}).get("quick") != args.quick or saved.get("meta", {}).get("name") != args.model:
+    same = ("quick", "name", "model_text", "kinds_len")
+    if any(saved.get("meta", {}).get(k) != meta[k] for k in same):
         saved = {}                                         # another run's results: start over
     results = saved.get("results", {})
     wanted = QUICK if args.quick else (args.rows or [r[0] for r in ROWS])
@@ -316,7 +386,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.recovery_out).write_text(recovery_markdown(recovered, meta) + "\n")
         plot_recovery(recovered, meta, Path(args.plot))
         print(recovery_markdown(recovered, meta))
-    table = markdown({k: results[k] for k, *_ in ROWS if k in results}, meta)
+    done = {k: results[k] for k, *_ in ROWS if k in results}
+    kinds = kinds_markdown(done, meta)
+    Path(args.kinds_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.kinds_out).write_text(kinds + "\n")
+    print(kinds)
+    table = markdown(done, meta)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")

@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -5,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):   # parallel workers (pytest -n): one thread each, no oversubscription
+    torch.set_num_threads(1)
 
 # (method, kwargs) at d_model=32, n_heads=4: every layer type and option the library offers.
 LAYER_CONFIGS = [

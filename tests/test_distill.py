@@ -347,6 +347,35 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_the_models_own_text_kept_by_convert_joins_the_default_data(folders, tmp_path, monkeypatch):
+    import shutil
+
+    from tucker_attention.hf import distill_command
+    from tucker_attention.hf.fidelity import SAMPLE_FILES
+    from tucker_attention.hf.model_text import kept_samples, save_sample_ids
+
+    converted = tmp_path / "converted"
+    shutil.copytree(folders / "converted", converted)
+    own = {"calibration": [[5, 6, 7] * 40] * 3, "evaluation": [[8, 9] * 30] * 2}
+    for name, rows in own.items():
+        save_sample_ids(converted / SAMPLE_FILES[name], rows, {"seed": len(name)})
+    seen = {}
+    real = distill_command.load_data
+    monkeypatch.setattr(distill_command, "load_data", lambda *a: seen.setdefault("data", real(*a)))
+    cfg = DistillConfig(layer_steps=1, steps=1, **{**FAST, "batch_size": 2, "eval_windows": 2})
+    report = distill_folder(folders / "original", converted, out=tmp_path / "a", config=cfg, prompt=None)
+    data, plain = seen["data"], real(None, _tokenizer(), 89)
+    assert "own text that convert kept" in report["data"]
+    assert torch.equal(data.train, torch.cat([plain.train, torch.tensor(sum(own["calibration"], []))]))
+    assert torch.equal(data.val, torch.cat([plain.val, torch.tensor(sum(own["evaluation"], []))]))
+    assert kept_samples(tmp_path / "a") == kept_samples(converted)                  # carried to the result
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be\n" * 50)
+    seen.clear()
+    distill_folder(folders / "original", converted, out=tmp_path / "b", data=text, config=cfg, prompt=None)
+    assert "own text" not in seen["data"].source and not kept_samples(tmp_path / "b")    # the user's data alone
+
+
 def test_bf16_folders_distill_held_once_in_bf16_to_the_float32_runs_student(tmp_path, monkeypatch):
     """``distill`` of a bf16 original and its bf16 converted folder keeps the original in bf16 (shared with
     the student outside attention: no float32 copy of the model), trains the converted blocks in float32

@@ -16,7 +16,7 @@ from .hf_commands import (
     _convert_command,
     _convert_ranks,
     _distill_command,
-    _partial_rope,
+    _share,
 )
 from .training_commands import (
     _add_compare,
@@ -39,7 +39,7 @@ from .training_commands import (
 __all__ = ["build_parser", "main",  # the helpers below were this module's before it became a package
            "_int_list", "_ranks", "_params", "_ranks_command", "_run_config", "_check_prepared_tokenizer",
            "_data_override", "_train_command", "_generate_command", "_compare_command", "_finetune_command",
-           "_compress_command", "_convert_ranks", "_partial_rope", "_convert_command", "_distill_command",
+           "_compress_command", "_convert_ranks", "_share", "_convert_command", "_distill_command",
            "_add_distill", "_prepare_data_command"]
 
 

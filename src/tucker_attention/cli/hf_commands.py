@@ -115,8 +115,8 @@ def _convert_ranks(text: str) -> tuple[list[int] | str, list[int] | None]:
     return parsed
 
 
-def _partial_rope(text: str) -> str | float:
-    """``--partial-rope``: 'auto' or a share in [0, 1]."""
+def _share(text: str) -> str | float:
+    """``--partial-rope`` / ``--model-text``: 'auto' or a share in [0, 1] (the range is checked by convert)."""
     if text == "auto":
         return text
     try:
@@ -134,7 +134,8 @@ def _convert_command(args: argparse.Namespace) -> int:
                                 budget_params=args.budget_params, budget_kv=args.budget_kv, out=args.out,
                                 overwrite=args.overwrite, calibration=args.calibration, dtype=args.dtype,
                                 partial_rope=args.partial_rope, n_calibration=args.n_calibration,
-                                n_eval=args.n_eval, seq_len=args.seq_len, progress=not args.no_progress)
+                                n_eval=args.n_eval, seq_len=args.seq_len, model_text=args.model_text,
+                                seed=args.seed, progress=not args.no_progress)
     except ConvertError as err:                           # name the command-line argument
         flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, "--" + err.argument.replace("_", "-"))
         raise ValueError(f"{flag}: {err.message}") from None
@@ -170,10 +171,16 @@ def _add_convert(sub) -> None:
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the written weights and of the reported KV bytes (default auto: the source's); "
                         "the conversion itself runs in float32")
-    v.add_argument("--partial-rope", type=_partial_rope, default="auto", metavar="F",
+    v.add_argument("--partial-rope", type=_share, default="auto", metavar="F",
                    help="tucker/mla below full rank: the share in [0, 1] of the lowest RoPE frequencies that stop "
                         "rotating (0: RoPE exact), or auto (default): chosen by measurement on held-in "
                         "calibration text")
+    v.add_argument("--model-text", type=_share, default="auto", metavar="F",
+                   help="the share in [0, 1] of the calibration and evaluation pieces that a decoder samples itself "
+                        "(its own text: chat answers through its chat template, or continuations; the evaluation's "
+                        "from other seeds), the rest from --calibration; auto (default): 0.5 for a decoder with a "
+                        "tokenizer, else 0. Kept in --out (samples_*.safetensors), reused by a rerun")
+    v.add_argument("--seed", type=int, default=0, help="of the sampled text and of random inputs (default 0)")
     v.add_argument("--n-calibration", type=int, default=64, help="calibration pieces (default 64)")
     v.add_argument("--n-eval", type=int, default=16, help="held-out evaluation pieces (default 16)")
     v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")

@@ -80,15 +80,21 @@ def _check_out(out, src: Path, overwrite: bool) -> Path:
     return out
 
 
-def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config) -> None:
-    """save_converted, plus the source's generation config (through save_converted when it takes one)."""
+def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples: dict | None = None) -> None:
+    """save_converted, plus the source's generation config (through save_converted when it takes one)
+    and the samples of the model's own text it was calibrated and measured on."""
     from .convert import save_converted
+    from .fidelity import SAMPLE_FILES
+    from .model_text import save_sample_ids
+
 
     accepts = "generation_config" in inspect.signature(save_converted).parameters
     kwargs = {"generation_config": generation_config} if accepts and generation_config is not None else {}
     save_converted(converted, tmp, tokenizer=tokenizer, **kwargs)
     if generation_config is not None and not accepts:
         generation_config.save_pretrained(tmp)
+    for name, (ids, settings) in (samples or {}).items():
+        save_sample_ids(Path(tmp) / SAMPLE_FILES[name], ids, settings)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
                    out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
                    partial_rope: str | float = "auto", n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL,
                    seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   model_text: float | str = "auto", progress: bool = True) -> dict:
     """Convert the attention of a local model (folder or GGUF file) and write the result to ``out``.
 
     src: a model folder (config.json + weights; tokenizer and generation_config.json are
@@ -145,6 +151,11 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         weights and the KV bytes reported.
     n_calibration, n_eval, seq_len, batch_size: how many pieces of at most ``seq_len`` tokens
         calibrate and evaluate, in batches of ``batch_size``.
+    model_text: the share of those pieces that the model samples itself (:mod:`.model_text`; the
+        evaluation's from other seeds), the rest from ``calibration``; 'auto':
+        :data:`MODEL_TEXT` for a decoder with a tokenizer, else 0. The samples are kept in ``out``
+        (``samples_*.safetensors``) and reused by a rerun with the same model and settings.
+    seed: of the samples (reproducible) and of random inputs.
 
     Returns the report: source / converted attention params, KV floats and bytes per token,
     fidelity (decoders 'kl', 'top1' and perplexities, classifiers 'kl' and 'top1', encoders
@@ -154,12 +165,16 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
                         budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
                         partial_rope=partial_rope, n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed, progress=progress)
+                        batch_size=batch_size, seed=seed, model_text=model_text, progress=progress)
+
+
+#: The default share of calibration and evaluation pieces a decoder samples itself.
+MODEL_TEXT = 0.5
 
 
 def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
              dtype: str, partial_rope, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
-             progress: bool) -> dict:
+             model_text, progress: bool) -> dict:
     from .calibration import attention_statistics
     from .model_files import BUNDLED, model_path
     from .reading import attention_layers
@@ -168,7 +183,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
     _check_arguments(method, ranks, value_ranks, budgets, dtype, partial_rope,
                      {"n_calibration": n_calibration, "n_eval": n_eval, "seq_len": seq_len,
-                      "batch_size": batch_size}, calibration)
+                      "batch_size": batch_size}, calibration, model_text)
     try:
         src_path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
@@ -186,8 +201,12 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     checked = _normalized_ranks(method, ranks, value_ranks, layers)
     if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
         _settings(model, method, layers, *checked, _budget(budgets, layers), None)
+    if model_text == "auto":
+        model_text = MODEL_TEXT if kind == "decoder" and tokenizer is not None else 0.0
+    samples: dict = {}
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
-                                seq_len=seq_len, batch_size=batch_size, seed=seed)
+                                seq_len=seq_len, batch_size=batch_size, seed=seed, model_text=model_text,
+                                cache=out if out.is_dir() else None, samples=samples, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     with float32_compute(), Spill(dir=out.parent) as spill:     # statistics, reference logits: on disk beside OUT
         stats = attention_statistics(model, cal, progress=progress, spill=spill)
@@ -202,7 +221,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         reference["ppl"] = scores.pop("source_ppl")
     converted = converted.to(target_dtype)        # its weights outside attention are the source's (shared)
     generation_config = source["generation_config"]
-    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config), overwrite=overwrite,
+    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config, samples), overwrite=overwrite,
                  error=ConvertError)
     shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
     return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind, "method": method, **info,

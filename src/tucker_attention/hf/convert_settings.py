@@ -109,7 +109,8 @@ def setting_label(method: str, ranks, value_ranks=None) -> str:
     return f"kv_rank {ranks[0]}, q_rank {ranks[1]}" if isinstance(ranks, (tuple, list)) else f"kv_rank {ranks}"
 
 
-def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_rope, counts: dict, calibration) -> None:
+def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_rope, counts: dict, calibration,
+                     model_text="auto") -> None:
     """Every argument that needs no model, checked before anything is loaded."""
     if method not in METHODS:
         raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
@@ -128,6 +129,10 @@ def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_r
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConvertError(name, f"must be a positive integer, got {value!r}")
+    if model_text != "auto" and not (isinstance(model_text, (int, float)) and not isinstance(model_text, bool)
+                                     and 0 <= model_text <= 1):
+        raise ConvertError("model_text", f"must be 'auto' or a share in [0, 1] of the pieces the model samples itself, "
+                                         f"got {model_text!r}")
     if calibration is not None and not Path(calibration).exists():
         raise ConvertError("calibration", f"{str(calibration)!r} does not exist (give a text file or a folder of "
                                           f".txt files)")

@@ -24,6 +24,7 @@ from .distill import DistillConfig, check_pair, distill
 from .distill_data import load_data
 from .distill_losses import trained_modules
 from .fidelity import greedy_reply
+from .model_text import kept_samples
 from .source_model import ConvertError, _read_config, _source_dtype, load_source
 
 PROMPT = "What is the capital of France?"
@@ -64,10 +65,12 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
     folder ``tucker-attn convert`` wrote from it) and write the result to ``out``.
 
     data: a ``prepare-data`` folder (the model's tokenizer), a text file or folder, or None: the
-    built-in Shakespeare plays. run_dir: checkpoints and metrics (default ``OUT.run``). resume:
-    continue that run; overwrite: replace ``out`` and a finished or stale run in ``run_dir``.
-    Raises :class:`~.source.ConvertError` naming the argument for bad input, before anything is
-    written. Returns the report :func:`format_report` prints.
+    built-in Shakespeare plays, joined by the model's own text when ``convert`` kept it in
+    ``converted`` (its calibration samples train, its evaluation ones validate). run_dir:
+    checkpoints and metrics (default ``OUT.run``). resume: continue that run; overwrite: replace
+    ``out`` and a finished or stale run in ``run_dir``. Raises :class:`~.source.ConvertError`
+    naming the argument for bad input, before anything is written. Returns the report
+    :func:`format_report` prints.
     """
     from .convert_command import _transformers_bars
 
@@ -99,7 +102,8 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
         trained_modules(student, config.params).float()    # trained in float32; the rest computes in float32
     except ValueError as err:
         raise ConvertError("converted", str(err)) from None
-    tokens = load_data(data, tokenizer, teacher.config.vocab_size)
+    samples = kept_samples(student_path) if data is None else {}
+    tokens = load_data(data, tokenizer, teacher.config.vocab_size, samples)
     try:
         tokens.check_seq_len(config.seq_len)
     except ValueError as err:
@@ -118,7 +122,7 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
               "summary": summary, "answers": answers, "dtype": str(stored_dtype).removeprefix("torch.")}
 
     def write(tmp: Path) -> None:
-        _save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"])
+        _save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"], samples)
         (tmp / "distill.json").write_text(json.dumps(report, indent=1))
 
     if lead:

@@ -63,8 +63,10 @@ def _check_tokenizer(tokenizer, corpus, path: Path, vocab_size: int) -> None:
                                    f"(tucker-attn prepare-data SRC --tokenizer CONVERTED_FOLDER)")
 
 
-def load_data(path, tokenizer, vocab_size: int) -> TokenData:
-    """:class:`TokenData` of ``path`` (prepared folder, text file or folder; None: the built-in plays)."""
+def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> TokenData:
+    """:class:`TokenData` of ``path`` (prepared folder, text file or folder; None: the built-in plays).
+    ``samples``: the model's own text that ``convert`` kept (:func:`~.model_text.kept_samples`), joined
+    to the built-in plays (its calibration samples to training, its evaluation ones to validation)."""
     from ..data.prepared import is_prepared, open_prepared
     from .fidelity import _text_split
 
@@ -92,4 +94,15 @@ def load_data(path, tokenizer, vocab_size: int) -> TokenData:
         encoded = tokenizer(["".join(p) for p in pieces], add_special_tokens=False)["input_ids"]
         return torch.tensor([i for row in encoded for i in row], dtype=torch.long)
 
-    return TokenData(ids(train), ids(held_out), f"{what} (held-out part for validation)")
+    train_ids, val_ids, what = ids(train), ids(held_out), f"{what} (held-out part for validation)"
+    if path is None and samples:
+        joined = {name: torch.tensor([i for row in rows for i in row], dtype=torch.long)
+                  for name, (rows, _) in samples.items()}
+        train_ids = torch.cat([train_ids, joined.get("calibration", train_ids[:0])])
+        val_ids = torch.cat([val_ids, joined.get("evaluation", val_ids[:0])])
+        counts = ", ".join(f"{len(rows)} {name}" for name, (rows, _) in samples.items())
+        what = f"{BUILTIN_JOINED} ({counts} sequences; validation: held-out plays and the evaluation ones)"
+    return TokenData(train_ids, val_ids, what)
+
+
+BUILTIN_JOINED = "the built-in plays and the model's own text that convert kept"

@@ -77,20 +77,32 @@ def _pieces(text: str, n: int, words: int) -> list[str]:
     return pieces
 
 
+def _encoded(tokenizer, pieces: list[str], seq_len: int) -> list[list[int]]:
+    """Tokenizer output (with special tokens, truncated to ``seq_len``)."""
+    return tokenizer(pieces, truncation=True, max_length=seq_len)["input_ids"] if pieces else []
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _token_batches(tokenizer, pieces: list[str], seq_len: int, batch_size: int) -> list[dict]:
-    """Tokenizer output (with special tokens, truncated to ``seq_len``), right-padded by hand with
-    an attention mask (so tokenizers without a pad token work)."""
-    encoded = tokenizer(pieces, truncation=True, max_length=seq_len)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """:func:`_encoded` pieces in batches (:func:`_id_batches`)."""
+    return _id_batches(_encoded(tokenizer, pieces, seq_len), _pad_id(tokenizer), batch_size)
+
+
+def _id_batches(rows: list[list[int]], pad: int, batch_size: int) -> list[dict]:
+    """Token-id rows right-padded by hand with an attention mask (so tokenizers without a pad token
+    work), ``batch_size`` rows a batch; empty rows are dropped."""
     batches = []
-    for i in range(0, len(encoded), batch_size):
-        rows = [list(r) for r in encoded[i:i + batch_size] if len(r)]
-        if not rows:
+    for i in range(0, len(rows), batch_size):
+        chunk = [list(r) for r in rows[i:i + batch_size] if len(r)]
+        if not chunk:
             continue
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, r in enumerate(rows):
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, r in enumerate(chunk):
             ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
@@ -118,11 +130,18 @@ def _tokens(batches) -> int:
 
 
 def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration: int = N_CALIBRATION,
-                n_eval: int = N_EVAL, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0):
+                n_eval: int = N_EVAL, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
+                model_text: float = 0.0, cache=None, samples: dict | None = None, progress: bool = False):
     """(calibration batches, evaluation batches, description): text pieces of the calibration
     text (default: the built-in Shakespeare plays; evaluation on its held-out part) for models
     with a tokenizer, random token ids for text models without one, random N(0, 1) images for
-    image models (which take no calibration text)."""
+    image models (which take no calibration text).
+
+    model_text: the share of the calibration and of the evaluation pieces that the model samples
+    itself (:mod:`.model_text`; a decoder with a tokenizer), the evaluation ones from other seeds
+    than the calibration's. cache: a folder where such samples were kept (reused when they were made
+    the same way); ``samples``, a dict, receives {'calibration' | 'evaluation': (ids, settings)} to
+    keep (:func:`~.model_text.save_sample_ids`)."""
     main_input = getattr(model, "main_input_name", "input_ids")
     if main_input == "pixel_values":
         if calibration is not None:
@@ -146,19 +165,67 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
         ev = _random_id_batches(vocab, n_eval, seq_len, batch_size, seed + 1)
         return cal, ev, (f"calibration: {n_calibration} random token-id sequences of {seq_len} tokens (no tokenizer "
                          f"in SRC); evaluation: {n_eval} other random sequences")
+    sampled = {"calibration": round(n_calibration * model_text), "evaluation": round(n_eval * model_text)}
     train, held_out, what = _text_split(calibration)
     words = max(1, int(seq_len * 0.75))
-    cal_pieces = _pieces(train, n_calibration, words)
-    eval_pieces = _pieces(held_out, n_eval, words)
+    cal_pieces = _pieces(train, n_calibration - sampled["calibration"], words)
+    eval_pieces = _pieces(held_out, n_eval - sampled["evaluation"], words)
     where = "held-out part"
-    if not eval_pieces:
+    if not eval_pieces and not sampled["evaluation"]:
         eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
-    cal = _token_batches(tokenizer, cal_pieces, seq_len, batch_size)
-    ev = _token_batches(tokenizer, eval_pieces, seq_len, batch_size)
+    own = _model_samples(model, tokenizer, sampled, seq_len, batch_size, seed, cache, samples, progress)
+    cal = _id_batches(_encoded(tokenizer, cal_pieces, seq_len) + own["calibration"], _pad_id(tokenizer), batch_size)
+    ev = _id_batches(_encoded(tokenizer, eval_pieces, seq_len) + own["evaluation"], _pad_id(tokenizer), batch_size)
     if not cal or not ev:
         raise ConvertError("calibration", f"{what} gives no tokens")
-    return cal, ev, (f"calibration: {len(cal_pieces)} pieces ({_tokens(cal):,} tokens) of {what}; "
-                     f"evaluation: {len(eval_pieces)} pieces ({_tokens(ev):,} tokens) of its {where}")
+    text = "" if not cal_pieces else f"{len(cal_pieces)} pieces of {what}"
+    model_part = "" if not sampled["calibration"] else f"{sampled['calibration']} sequences the model sampled itself"
+    held = "" if not eval_pieces else f"{len(eval_pieces)} pieces of its {where}"
+    model_held = "" if not sampled["evaluation"] else f"{sampled['evaluation']} sequences it sampled from other seeds"
+    return cal, ev, (f"calibration: {' and '.join(p for p in (text, model_part) if p)} ({_tokens(cal):,} tokens); "
+                     f"evaluation: {' and '.join(p for p in (held, model_held) if p)} ({_tokens(ev):,} tokens)")
+
+
+#: Seeds of the evaluation samples start here (the calibration's at ``seed``: never the same draws).
+EVAL_SEED_OFFSET = 1_000_000
+
+
+def _model_samples(model, tokenizer, counts: dict, seq_len: int, batch_size: int, seed: int, cache, keep,
+                   progress: bool) -> dict:
+    """{'calibration' | 'evaluation': token-id rows} the model samples (:mod:`.model_text`), read from
+    ``cache`` when kept there from the same model and settings."""
+    from .model_text import cached_sample_ids
+
+    out = {"calibration": [], "evaluation": []}
+    if not any(counts.values()):
+        return out
+    if not hasattr(model, "generate"):
+        raise ConvertError("model_text", f"{type(model).__name__} cannot generate text; sampling the model's own "
+                                         f"text is for decoders (set it to 0)")
+    identity = model_identity(model)
+    for name, start in (("calibration", seed), ("evaluation", seed + EVAL_SEED_OFFSET)):
+        if not counts[name]:
+            continue
+        path = None if cache is None else Path(cache) / SAMPLE_FILES[name]
+        ids, settings, _ = cached_sample_ids(path, model, tokenizer, counts[name], seq_len, identity=identity,
+                                             seed=start, batch_size=batch_size, progress=progress)
+        out[name] = ids
+        if keep is not None:
+            keep[name] = (ids, settings)
+    return out
+
+
+#: Where a converted folder keeps the samples it was calibrated and measured on.
+SAMPLE_FILES = {"calibration": "samples_calibration.safetensors", "evaluation": "samples_evaluation.safetensors"}
+
+
+def model_identity(model: nn.Module) -> str:
+    """Which model made a set of samples: its loading path and a digest of its config."""
+    import hashlib
+
+    config = model.config
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return f"{getattr(config, '_name_or_path', '')}#{digest}"
 
 
 def _run(model: nn.Module, batch, kind: str):
