@@ -118,18 +118,18 @@ def test_saved_samples_are_reused_only_when_everything_matches(tokenizer, tmp_pa
     assert mt.load_sample_ids(tmp_path / "other.safetensors") is None
 
 
-def test_make_inputs_mixes_text_and_samples_from_separate_seeds(tokenizer):
+def test_make_inputs_mixes_text_and_samples_from_separate_seeds_in_every_batch(tokenizer):
     model = _tiny(tokenizer)
     kept = {}
     cal, ev, described = make_inputs(model, tokenizer, None, model_text=0.5, samples=kept, **KW)
     rows = lambda batches: [r[m.bool()].tolist() for b in batches for r, m in zip(b["input_ids"], b["attention_mask"])]  # noqa: E731
     assert len(rows(cal)) == len(rows(ev)) == 4
-    assert rows(cal)[2:] == kept["calibration"][0] and rows(ev)[2:] == kept["evaluation"][0]
+    assert rows(cal)[1::2] == kept["calibration"][0] and rows(ev)[1::2] == kept["evaluation"][0]   # alternating
     assert kept["calibration"][1]["seed"] != kept["evaluation"][1]["seed"]
     assert not set(map(tuple, kept["calibration"][0])) & set(map(tuple, kept["evaluation"][0]))
     assert "2 sequences the model sampled itself" in described and "Shakespeare" in described
     text_only, _, _ = make_inputs(model, tokenizer, None, model_text=0.0, **KW)
-    assert rows(text_only)[:2] == rows(cal)[:2] and len(rows(text_only)) == 4
+    assert rows(text_only)[:2] == rows(cal)[0::2] and len(rows(text_only)) == 4
 
 
 def test_convert_keeps_the_samples_and_a_rerun_reuses_them(folder, tmp_path, monkeypatch):
@@ -167,3 +167,11 @@ def test_cli_model_text_and_too_short_pieces(folder, tmp_path, capsys):
     with pytest.raises(ConvertError, match="seq_len: the sampling prompts take up to"):
         convert_folder(folder, "tucker", ranks="full", out=tmp_path / "y", model_text=1.0,
                        **{**KW, "seq_len": 16})
+
+
+def test_interleaving_alternates_and_keeps_every_row():
+    from tucker_attention.hf.fidelity import _interleaved
+
+    assert _interleaved([1, 2, 3], ["a"]) == [1, "a", 2, 3]
+    assert _interleaved([1], ["a", "b", "c"]) == [1, "a", "b", "c"]
+    assert _interleaved([], ["a"]) == ["a"] and _interleaved([1, 2], []) == [1, 2]

@@ -174,8 +174,10 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     if not eval_pieces and not sampled["evaluation"]:
         eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
     own = _model_samples(model, tokenizer, sampled, seq_len, batch_size, seed, cache, samples, progress)
-    cal = _id_batches(_encoded(tokenizer, cal_pieces, seq_len) + own["calibration"], _pad_id(tokenizer), batch_size)
-    ev = _id_batches(_encoded(tokenizer, eval_pieces, seq_len) + own["evaluation"], _pad_id(tokenizer), batch_size)
+    cal = _id_batches(_interleaved(_encoded(tokenizer, cal_pieces, seq_len), own["calibration"]), _pad_id(tokenizer),
+                      batch_size)
+    ev = _id_batches(_interleaved(_encoded(tokenizer, eval_pieces, seq_len), own["evaluation"]), _pad_id(tokenizer),
+                     batch_size)
     if not cal or not ev:
         raise ConvertError("calibration", f"{what} gives no tokens")
     text = "" if not cal_pieces else f"{len(cal_pieces)} pieces of {what}"
@@ -184,6 +186,14 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     model_held = "" if not sampled["evaluation"] else f"{sampled['evaluation']} sequences it sampled from other seeds"
     return cal, ev, (f"calibration: {' and '.join(p for p in (text, model_part) if p)} ({_tokens(cal):,} tokens); "
                      f"evaluation: {' and '.join(p for p in (held, model_held) if p)} ({_tokens(ev):,} tokens)")
+
+
+def _interleaved(text: list, own: list) -> list:
+    """The rows of both kinds alternating (then the rest of the longer), so that every batch, and the
+    held-in batches the conversion's choices are measured on (:mod:`.choose`), hold both."""
+    out = [row for pair in zip(text, own) for row in pair]
+    n = min(len(text), len(own))
+    return out + text[n:] + own[n:]
 
 
 #: Seeds of the evaluation samples start here (the calibration's at ``seed``: never the same draws).
