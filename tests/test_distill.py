@@ -351,8 +351,7 @@ def test_the_models_own_text_kept_by_convert_joins_the_default_data(folders, tmp
     import shutil
 
     from tucker_attention.hf import distill_command
-    from tucker_attention.hf.fidelity import SAMPLE_FILES
-    from tucker_attention.hf.model_text import kept_samples, save_sample_ids
+    from tucker_attention.hf.model_text import SAMPLE_FILES, kept_samples, save_sample_ids
 
     converted = tmp_path / "converted"
     shutil.copytree(folders / "converted", converted)

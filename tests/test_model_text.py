@@ -25,7 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tucker_attention.cli import main  # noqa: E402
 from tucker_attention.hf import model_text as mt  # noqa: E402
 from tucker_attention.hf.convert_command import ConvertError, convert_folder  # noqa: E402
-from tucker_attention.hf.fidelity import SAMPLE_FILES, make_inputs  # noqa: E402
+from tucker_attention.hf.fidelity import make_inputs  # noqa: E402
 from tucker_attention.hf.model_files import model_path  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,12 +137,12 @@ def test_convert_keeps_the_samples_and_a_rerun_reuses_them(folder, tmp_path, mon
     args = {"ranks": "full", "out": out, "model_text": 0.5, **KW}
     first = convert_folder(folder, "tucker", **args)
     assert "sequences the model sampled itself" in first["data"]
-    saved = {name: load_file(out / file) for name, file in SAMPLE_FILES.items()}
+    saved = {name: load_file(out / file) for name, file in mt.SAMPLE_FILES.items()}
     weights = load_file(out / "model.safetensors")
     monkeypatch.setattr(mt, "sample_ids", lambda *a, **k: pytest.fail("the kept samples were drawn again"))
     again = convert_folder(folder, "tucker", overwrite=True, **args)
     assert again["converted"]["kl"] == first["converted"]["kl"]
-    for name, file in SAMPLE_FILES.items():
+    for name, file in mt.SAMPLE_FILES.items():
         assert torch.equal(load_file(out / file)["ids"], saved[name]["ids"])
     reloaded = load_file(out / "model.safetensors")
     assert all(torch.equal(reloaded[k], v) for k, v in weights.items())
@@ -151,13 +151,24 @@ def test_convert_keeps_the_samples_and_a_rerun_reuses_them(folder, tmp_path, mon
 def test_auto_samples_a_decoder_with_a_tokenizer_only(folder, tmp_path):
     report = convert_folder(folder, "tucker", ranks="full", out=tmp_path / "a", **KW)
     assert "sampled itself" in report["data"]
-    assert (tmp_path / "a" / SAMPLE_FILES["calibration"]).is_file()
+    assert (tmp_path / "a" / mt.SAMPLE_FILES["calibration"]).is_file()
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, True, "half"])
 def test_a_bad_share_is_a_clear_error(folder, tmp_path, value):
     with pytest.raises(ConvertError, match=r"model_text: must be 'auto' or a share in \[0, 1\]"):
         convert_folder(folder, "tucker", ranks="full", out=tmp_path / "b", model_text=value, **KW)
+
+
+def test_a_share_for_a_model_that_cannot_sample_is_refused(tokenizer, tmp_path):
+    plain = tmp_path / "no-tokenizer"
+    _tiny(tokenizer).save_pretrained(plain)
+    with pytest.raises(ConvertError, match="model_text: the model's own text is sampled from a decoder with a "
+                                           "tokenizer, and .* is a decoder without a tokenizer"):
+        convert_folder(plain, "tucker", ranks="full", out=tmp_path / "o", model_text=0.5, **KW)
+    report = convert_folder(plain, "tucker", ranks="full", out=tmp_path / "o", **KW)     # auto: random ids, no samples
+    assert "random token-id sequences" in report["data"]
+    assert not (tmp_path / "o" / mt.SAMPLE_FILES["calibration"]).exists()
 
 
 def test_cli_model_text_and_too_short_pieces(folder, tmp_path, capsys):

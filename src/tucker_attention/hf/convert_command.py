@@ -84,8 +84,7 @@ def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples
     """save_converted, plus the source's generation config (through save_converted when it takes one)
     and the samples of the model's own text it was calibrated and measured on."""
     from .convert import save_converted
-    from .fidelity import SAMPLE_FILES
-    from .model_text import save_sample_ids
+    from .model_text import SAMPLE_FILES, save_sample_ids
 
 
     accepts = "generation_config" in inspect.signature(save_converted).parameters
@@ -203,6 +202,10 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         _settings(model, method, layers, *checked, _budget(budgets, layers), None)
     if model_text == "auto":
         model_text = MODEL_TEXT if kind == "decoder" and tokenizer is not None else 0.0
+    elif model_text and (kind != "decoder" or tokenizer is None):
+        what = f"a {kind}" if kind != "decoder" else "a decoder without a tokenizer"
+        raise ConvertError("model_text", f"the model's own text is sampled from a decoder with a tokenizer, and "
+                                         f"{str(source['path'])!r} is {what}; leave it out (auto) or set 0")
     samples: dict = {}
     cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed, model_text=model_text,

@@ -20,6 +20,7 @@ from .source_model import ConvertError
 
 PROBE = "The quick brown fox, 1234 — naïve café! ¿Qué? 東京\n\tdone."
 EVAL_BATCH = 4
+BUILTIN_JOINED = "the built-in plays and the model's own text that convert kept"
 
 
 @dataclass
@@ -104,5 +105,3 @@ def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> 
         what = f"{BUILTIN_JOINED} ({counts} sequences; validation: held-out plays and the evaluation ones)"
     return TokenData(train_ids, val_ids, what)
 
-
-BUILTIN_JOINED = "the built-in plays and the model's own text that convert kept"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..accounting import attention_param_count, kv_cache_floats_per_token
+from .model_text import model_samples
 from .source_model import ConvertError
 
 BUILTIN_TEXT = "the built-in Shakespeare plays"
@@ -173,7 +174,8 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     where = "held-out part"
     if not eval_pieces and not sampled["evaluation"]:
         eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
-    own = _model_samples(model, tokenizer, sampled, seq_len, batch_size, seed, cache, samples, progress)
+    own = model_samples(model, tokenizer, sampled, seq_len, batch_size=batch_size, seed=seed, cache=cache,
+                        keep=samples, progress=progress)
     cal = _id_batches(_interleaved(_encoded(tokenizer, cal_pieces, seq_len), own["calibration"]), _pad_id(tokenizer),
                       batch_size)
     ev = _id_batches(_interleaved(_encoded(tokenizer, eval_pieces, seq_len), own["evaluation"]), _pad_id(tokenizer),
@@ -194,48 +196,6 @@ def _interleaved(text: list, own: list) -> list:
     out = [row for pair in zip(text, own) for row in pair]
     n = min(len(text), len(own))
     return out + text[n:] + own[n:]
-
-
-#: Seeds of the evaluation samples start here (the calibration's at ``seed``: never the same draws).
-EVAL_SEED_OFFSET = 1_000_000
-
-
-def _model_samples(model, tokenizer, counts: dict, seq_len: int, batch_size: int, seed: int, cache, keep,
-                   progress: bool) -> dict:
-    """{'calibration' | 'evaluation': token-id rows} the model samples (:mod:`.model_text`), read from
-    ``cache`` when kept there from the same model and settings."""
-    from .model_text import cached_sample_ids
-
-    out = {"calibration": [], "evaluation": []}
-    if not any(counts.values()):
-        return out
-    if not hasattr(model, "generate"):
-        raise ConvertError("model_text", f"{type(model).__name__} cannot generate text; sampling the model's own "
-                                         f"text is for decoders (set it to 0)")
-    identity = model_identity(model)
-    for name, start in (("calibration", seed), ("evaluation", seed + EVAL_SEED_OFFSET)):
-        if not counts[name]:
-            continue
-        path = None if cache is None else Path(cache) / SAMPLE_FILES[name]
-        ids, settings, _ = cached_sample_ids(path, model, tokenizer, counts[name], seq_len, identity=identity,
-                                             seed=start, batch_size=batch_size, progress=progress)
-        out[name] = ids
-        if keep is not None:
-            keep[name] = (ids, settings)
-    return out
-
-
-#: Where a converted folder keeps the samples it was calibrated and measured on.
-SAMPLE_FILES = {"calibration": "samples_calibration.safetensors", "evaluation": "samples_evaluation.safetensors"}
-
-
-def model_identity(model: nn.Module) -> str:
-    """Which model made a set of samples: its loading path and a digest of its config."""
-    import hashlib
-
-    config = model.config
-    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    return f"{getattr(config, '_name_or_path', '')}#{digest}"
 
 
 def _run(model: nn.Module, batch, kind: str):

@@ -11,6 +11,7 @@ matches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from tqdm.auto import tqdm
 from .source_model import ConvertError
 
 TEMPERATURE, TOP_P = 1.0, 0.95
+#: Seeds of the evaluation samples start here (the calibration's at ``seed``: never the same draws).
+EVAL_SEED_OFFSET = 1_000_000
+#: Where a converted folder keeps the samples it was calibrated and measured on.
+SAMPLE_FILES = {"calibration": "samples_calibration.safetensors", "evaluation": "samples_evaluation.safetensors"}
 #: Requests a chat model answers (sample i answers PROMPTS[i % len]): facts, explanations, code,
 #: arithmetic, writing and advice, so that the samples span what a chat model is used for.
 PROMPTS = (
@@ -53,7 +58,7 @@ def _draw_inputs(tokenizer, index: int) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
                                             add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids                  # a BatchEncoding
         return list(ids)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(STARTS[index % len(STARTS)], add_special_tokens=False)["input_ids"]
@@ -146,8 +151,6 @@ def load_sample_ids(path: Path) -> tuple[list[list[int]], dict] | None:
 def kept_samples(folder) -> dict:
     """{'calibration' | 'evaluation': (ids, settings)} of the samples ``convert`` kept in ``folder``
     (empty when it kept none)."""
-    from .fidelity import SAMPLE_FILES
-
     out = {}
     for name, file in SAMPLE_FILES.items():
         path = Path(folder) / file
@@ -155,3 +158,34 @@ def kept_samples(folder) -> dict:
         if loaded is not None:
             out[name] = loaded
     return out
+
+
+def model_samples(model: nn.Module, tokenizer, counts: dict, seq_len: int, *, batch_size: int = 8, seed: int = 0,
+                  cache=None, keep: dict | None = None, progress: bool = False) -> dict:
+    """{'calibration' | 'evaluation': token-id rows}: ``counts[name]`` samples of each set (the evaluation's
+    from seeds :data:`EVAL_SEED_OFFSET` on), read from the folder ``cache`` when kept there from the same
+    model and settings; ``keep`` receives {name: (rows, settings)} for :func:`save_sample_ids`."""
+    out = {"calibration": [], "evaluation": []}
+    if not any(counts.values()):
+        return out
+    if not hasattr(model, "generate"):
+        raise ConvertError("model_text", f"{type(model).__name__} cannot generate text; sampling the model's own "
+                                         f"text is for decoders (set it to 0)")
+    identity = model_identity(model)
+    for name, start in (("calibration", seed), ("evaluation", seed + EVAL_SEED_OFFSET)):
+        if not counts[name]:
+            continue
+        path = None if cache is None else Path(cache) / SAMPLE_FILES[name]
+        ids, settings, _ = cached_sample_ids(path, model, tokenizer, counts[name], seq_len, identity=identity,
+                                             seed=start, batch_size=batch_size, progress=progress)
+        out[name] = ids
+        if keep is not None:
+            keep[name] = (ids, settings)
+    return out
+
+
+def model_identity(model: nn.Module) -> str:
+    """Which model made a set of samples: its loading path and a digest of its config."""
+    config = model.config
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return f"{getattr(config, '_name_or_path', '')}#{digest}"
