@@ -11,12 +11,13 @@ the plan, the measured choice of partial RoPE and key width, activation-aware co
 loaded model and one set of calibration statistics. Calibration: pieces of the built-in
 Shakespeare plays outside the held-out plays; every choice is measured on those. Evaluation:
 pieces of the held-out plays, never seen before: next-token KL and top-1 agreement against the
-original, each model's perplexity, and the KL again on longer pieces (where partial RoPE, chosen
-on short pieces, would show); then the greedy answer to one chat prompt.
+original, each model's perplexity, and the KL again on longer pieces (``--long-len``); then the greedy
+answer to one chat prompt.
 
 ``--recover``: each row is then distilled from the original (:func:`tucker_attention.hf.distill.distill`,
 what ``tucker-attn distill`` runs: per-layer output matching, then end-to-end logit KL) on windows
-of the calibration plays, and measured again after each phase on the same held-out pieces; the
+of its default data (the plays joined by the model's own calibration samples), and measured again
+after each phase on the same held-out pieces and kinds of text; the
 recovery table (``--recovery-out``) gives the tokens and wall time of each phase, and the PNG
 (``--plot``) the held-out perplexity against training tokens (the distillation's own held-out
 windows, every ``--eval-interval`` steps).
@@ -91,7 +92,8 @@ def scores(model, converted, tokenizer, data: dict) -> dict:
             "answers": [greedy_answer(converted, tokenizer, p) for p in PROMPTS]}
 
 
-def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict) -> tuple[dict, object]:
+def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict,
+            allocation: str = "auto") -> tuple[dict, object]:
     """(the row, the converted model)."""
     from tucker_attention.hf.convert_settings import convert_model
     from tucker_attention.hf.fidelity import attention_summary
@@ -99,12 +101,14 @@ def measure(key: str, label: str, method: str, options: dict, source: dict, data
     model, tokenizer = source["model"], source["tokenizer"]
     start = time.perf_counter()
     converted, info = convert_model(model, method, **options, statistics=data["stats"], batches=data["cal"],
-                                    kind="decoder")
+                                    kind="decoder", allocation=allocation if method != "gqa" and (
+                                        "budget_kv" in options or "budget_params" in options) else "uniform")
     seconds = time.perf_counter() - start
     summary = attention_summary(converted, torch.float32)
     return ({"key": key, "label": label, "method": method, "options": options, **summary,
              **scores(model, converted, tokenizer, data), "setting": info["label"],
-             "nope_fraction": info["nope_fraction"], "choice": info["choice"], "seconds": seconds}, converted)
+             "nope_fraction": info["nope_fraction"], "choice": info["choice"], "allocation": info["allocation"],
+             "seconds": seconds}, converted)
 
 
 def recover(converted, source: dict, data: dict, config, run_dir: Path) -> dict:
@@ -243,11 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="pretrained.json", help="results, written row by row (resumed)")
     p.add_argument("--rows", nargs="*", default=None, help=f"row keys (default all): {[r[0] for r in ROWS]}")
     p.add_argument("--quick", action="store_true", help=f"rows {QUICK} on fewer tokens")
-    p.add_argument("--long-len", type=int, default=512, help="tokens of the long evaluation pieces")
+    p.add_argument("--long-len", type=int, default=1024, help="tokens of the long evaluation pieces")
     p.add_argument("--model-text", type=float, default=0.5,
                    help="the share of calibration pieces the model samples itself (convert's default 0.5; 0: the "
                         "plays only)")
     p.add_argument("--kinds-len", type=int, default=256, help="tokens of each held-out piece of every kind")
+    p.add_argument("--allocation", default="auto", choices=["auto", "measured", "uniform"],
+                   help="convert's --allocation for every row (default auto: spread by measured sensitivity)")
     p.add_argument("--recover", action="store_true", help="distil every row from the original (see above)")
     p.add_argument("--layer-steps", type=int, default=100, help="per-layer steps of --recover")
     p.add_argument("--steps", type=int, default=200, help="end-to-end steps of --recover")
@@ -312,18 +318,20 @@ def load(args) -> tuple[dict, dict, dict]:
         source = load_source(args.model)
     model, tokenizer = source["model"], source["tokenizer"]
     sizes = {"n_calibration": 16, "n_eval": 8} if args.quick else {}
-    cal, ev, described = make_inputs(model, tokenizer, None, model_text=args.model_text, **sizes)
+    kept: dict = {}                                     # the model's own samples, which distill also trains on
+    cal, ev, described = make_inputs(model, tokenizer, None, model_text=args.model_text, samples=kept, **sizes)
     _, long, long_described = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=2 if args.quick else 4,
                                           seq_len=args.long_len)
     kinds, kinds_described = held_out_kinds(model, tokenizer, 8 if args.quick else 16, args.kinds_len)
     start = time.perf_counter()
     data = {"cal": cal, "eval": ev, "long": long, "kinds": kinds, "stats": attention_statistics(model, cal),
-            "tokens": load_data(None, tokenizer, model.config.vocab_size)}
+            "tokens": load_data(None, tokenizer, model.config.vocab_size, samples=kept)}
     print(f"{described}; long pieces: {long_described.split('evaluation: ')[1]}; statistics in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     meta = {"name": args.model, "source": attention_summary(model, torch.float32), "data": described,
             "long": long_described, "long_len": args.long_len, "torch": torch.__version__,
-            "model_text": args.model_text, "kinds": kinds_described, "kinds_len": args.kinds_len,
+            "model_text": args.model_text, "allocation": args.allocation, "kinds": kinds_described,
+            "kinds_len": args.kinds_len,
             "source_kinds": {k: fidelity(model, model, b, "decoder")["ppl"] for k, b in kinds.items()},
             "threads": torch.get_num_threads(), "quick": args.quick,
             "source_ppl": fidelity(model, model, ev, "decoder")["ppl"],
@@ -338,7 +346,7 @@ def run_row(key: str, label: str, method: str, options: dict, results: dict, arg
     if key in results:
         print(f"{label}: done before (resumed)", flush=True)
     else:
-        row, converted = measure(key, label, method, options, source, data)
+        row, converted = measure(key, label, method, options, source, data, args.allocation)
         results[key] = row
         save()
         print(f"{label}: {row['setting']}, KL {row['kl']:.4g}, top-1 {row['top1']:.3f}, ppl {row['ppl']:.2f}, "
@@ -346,7 +354,7 @@ def run_row(key: str, label: str, method: str, options: dict, results: dict, arg
     if not args.recover or results[key].get("recovery", {}).get("config") == dataclasses.asdict(distilling):
         return
     if converted is None:                          # the same pipeline again (deterministic)
-        _, converted = measure(key, label, method, options, source, data)
+        _, converted = measure(key, label, method, options, source, data, args.allocation)
     runs = Path(args.runs) / key.replace("/", "-")
     results[key]["recovery"] = recovery = recover(converted, source, data, distilling, runs)
     save()
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     source, data, meta = load(args)
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.exists() else {}
-    same = ("quick", "name", "model_text", "kinds_len")
+    same = ("quick", "name", "model_text", "kinds_len", "allocation")
     if any(saved.get("meta", {}).get(k) != meta[k] for k in same):
         saved = {}                                         # another run's results: start over
     results = saved.get("results", {})

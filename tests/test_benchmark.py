@@ -48,3 +48,17 @@ def test_cache_bytes_benchmark_finds_every_cache_exactly_its_spec():
     rows = [module.measure(arch, *case) for arch in ("gpt2", "llama") for case in module.CASES[:3]]
     assert all(r["held"] == r["cache_spec"] for r in rows)
     assert {r["rope"] for r in rows} == {"None", "latent", "head"}   # GPT-2 none; Llama latent (tucker), head (gqa)
+
+
+def test_qk_norm_cost_benchmark_compares_the_two_forms_at_one_cache(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_qk_norms", SCRIPT.with_name("qk_norms.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "qk.json"
+    module.main(["--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "Tucker, norms kept" in printed and "(1.00x)" in printed
+    results = json.loads(out.read_text())["results"]
+    kept, absorbed = results["Tucker, norms kept"], results["Tucker, norms linearized"]
+    assert kept["kv_floats"] == absorbed["kv_floats"] == 2 * 16 < results["source GQA (q/k norms)"]["kv_floats"]
+    assert all(value > 0 for row in results.values() for key, value in row.items() if key.endswith("_s"))

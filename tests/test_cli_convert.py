@@ -153,7 +153,8 @@ def test_budget_params_mla_is_largest_within_and_costs_what_it_says(folders, tmp
     from tucker_attention.hf import attention_layers
     from tucker_attention.hf.convert_command import load_source
 
-    report = convert_folder(folders["gpt2"], "mla", budget_params=0.8, out=tmp_path / "o", **KW)
+    report = convert_folder(folders["gpt2"], "mla", budget_params=0.8, out=tmp_path / "o", allocation="uniform",
+                            **KW)
     src, conv = report["source"], report["converted"]
     limit = int(0.8 * src["attention_params"])
     assert conv["attention_params"] <= limit
@@ -188,7 +189,7 @@ def test_llama_full_rank_keeps_rope_exactly(folders, tmp_path, capsys):
 def test_tucker_kv_budget_chooses_partial_rope_by_measurement(folders, tmp_path):
     from tucker_attention.hf.choose import NOPE_FRACTIONS
 
-    report = convert_folder(folders["llama"], "tucker", budget_kv=0.5, out=tmp_path / "o", **KW)
+    report = convert_folder(folders["llama"], "tucker", budget_kv=0.5, out=tmp_path / "o", allocation="uniform", **KW)
     src, conv = report["source"], report["converted"]
     assert conv["kv_floats_per_token"] <= src["kv_floats_per_token"] // 2
     assert conv["attention_params"] <= src["attention_params"]                   # the other budget holds too
@@ -197,12 +198,14 @@ def test_tucker_kv_budget_chooses_partial_rope_by_measurement(folders, tmp_path)
     scores = [float(line.split("kl ")[1].split()[0]) for line in lines]
     kept = next(i for i, line in enumerate(lines) if "<- kept" in line)
     assert scores[kept] == min(scores) and report["nope_fraction"] == NOPE_FRACTIONS[kept]
-    fixed = convert_folder(folders["llama"], "tucker", budget_kv=0.5, partial_rope=0.0, out=tmp_path / "f", **KW)
+    fixed = convert_folder(folders["llama"], "tucker", budget_kv=0.5, partial_rope=0.0, out=tmp_path / "f",
+                           allocation="uniform", **KW)
     assert fixed["choice"] is None and fixed["nope_fraction"] == 0.0
 
 
 def test_tucker_params_budget_also_measures_the_key_width(folders, tmp_path):
-    report = convert_folder(folders["llama"], "tucker", budget_params=0.5, out=tmp_path / "o", **KW)
+    report = convert_folder(folders["llama"], "tucker", budget_params=0.5, out=tmp_path / "o", allocation="uniform",
+                            **KW)
     lines = report["choice"].splitlines()[1:]
     widths = {line.split("ranks (")[1].split(")")[0] for line in lines}
     assert len(lines) == 4 + 2 and len(widths) == 3                               # shares, then two more widths
@@ -222,7 +225,8 @@ def test_both_budgets_hold_at_once(folders, tmp_path, method, params):
 
 
 def test_mla_kv_budget_takes_a_query_latent_rather_than_more_parameters(folders, tmp_path):
-    report = convert_folder(folders["llama"], "mla", budget_kv=0.75, partial_rope=0.0, out=tmp_path / "o", **KW)
+    report = convert_folder(folders["llama"], "mla", budget_kv=0.75, partial_rope=0.0, out=tmp_path / "o",
+                            allocation="uniform", **KW)
     src, conv = report["source"], report["converted"]
     assert isinstance(report["ranks"], list) and len(report["ranks"]) == 2       # (kv_rank, q_rank)
     assert conv["attention_params"] <= src["attention_params"]

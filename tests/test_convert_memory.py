@@ -171,12 +171,14 @@ def test_bf16_source_converts_to_the_float32_paths_folder(bf16_folder, tmp_path,
 def test_each_blocks_whitening_is_computed_once_for_every_candidate(bf16_folder, tmp_path, monkeypatch):
     """The spilled statistics keep their whitenings (two d x d eigendecompositions per block, the largest
     single cost of a block at 8B's width): the plan and the four partial-RoPE candidates read them, none
-    recomputes them. The folder is the one the recomputing in-memory path gives (the test above)."""
+    recomputes them, nor the per-layer allocation's measurements and its candidate. The folder is the one the
+    recomputing in-memory path gives (the test above)."""
     calls = []
     real = calibration_module.whitening
     monkeypatch.setattr(calibration_module, "whitening", lambda sigma: calls.append(1) or real(sigma))
     report = convert_folder(bf16_folder, "tucker", budget_kv=0.5, out=tmp_path / "out", progress=False, **KW)
-    assert report["choice"].count(": kl ") == 4                            # four candidates read them
+    assert report["choice"].count(": kl ") == 4 + 1                        # four candidates and the allocation
+    assert "per-layer allocation by measured sensitivity" in report["choice"]
     assert len(calls) == 2 * 2                                            # 2 blocks x (inputs, mixed)
 
 

@@ -41,7 +41,8 @@ CASES = [
     (lambda: MultiHeadLatentAttention(32, 4, 7, rope="latent"), ValueError, "kv_rank (the latent RoPE width) must be even for RoPE (it rotates pairs of coordinates), got 7"),
     (lambda: MultiHeadLatentAttention(32, 4, 8, rope="decoupled", rope_dim=5), ValueError, "rope_dim must be even for RoPE (it rotates pairs of coordinates), got 5"),
     (lambda: MultiHeadLatentAttention(32, 4, 8, rope_dim=4), ValueError, "rope_dim is only used with rope='decoupled'"),
-    (lambda: make_attention("lora", 32, 4), ValueError, "method must be one of ['gqa', 'mha', 'mla', 'mqa', 'tucker'], got 'lora'"),
+    (lambda: make_attention("lora", 32, 4), ValueError,
+     "method must be one of ['gqa', 'mha', 'mla', 'mqa', 'tucker', 'tucker_heads'], got 'lora'"),
 ]
 
 

@@ -7,9 +7,9 @@
   with transformers' float32 RoPE tables also computed in float64, the logits of every head-RoPE
   family equal the original's to 1e-9 (partial RoPE, scaled frequencies, sliding windows and
   NoPE layers included), and nothing is warned about.
-- Families with norms inside the attention (Qwen3 / Gemma 3 q/k norms, DeepSeek's latent norms)
-  are linearized: ``convert`` warns once per reason, the model runs, and the block errors on a
-  calibration batch are pinned.
+- Families with norms inside the attention (DeepSeek's latent norms; Qwen3 / Gemma 3 q/k norms when
+  ``qk_norm='linearize'``, test_tucker_heads has them kept) are linearized: ``convert`` warns once
+  per reason, the model runs, and the block errors on a calibration batch are pinned.
 - Cached generation equals recomputation (sliding windows shorter than the prompt included),
   the cache holds exactly ``kv_cache_floats_per_token`` per layer, and save/load is exact.
 """
@@ -121,12 +121,13 @@ def test_linearized_families_warn_once_per_reason_and_their_error_is_pinned(fami
     masks = {b.path: window_mask(STEPS, b.sliding_window) for b in find_blocks(model)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        converted = convert(model, "tucker", inplace=False)
+        converted = convert(model, "tucker", inplace=False, qk_norm="linearize")
     messages = [str(w.message) for w in caught if "full rank" in str(w.message)]
     assert len(messages) == 1 and "in 2 of 2 blocks" in messages[0] and "linearized" in messages[0]
     with torch.no_grad():
         assert torch.isfinite(converted(input_ids=ids()).logits).all()
-        errors = [((convert_block(layers[p], "tucker")(x, attn_mask=masks[p]) - y).norm() / y.norm()).item()
+        errors = [((convert_block(layers[p], "tucker", qk_norm="linearize")(x, attn_mask=masks[p]) - y).norm()
+                   / y.norm()).item()
                   for p, (x, y) in io.items()]
     assert sum(errors) / len(errors) == pytest.approx(LINEARIZED_TUCKER_ERROR[family], rel=0.05)
 
@@ -189,8 +190,8 @@ def test_one_key_head_keeps_its_q_k_norms_exactly(family, monkeypatch, tmp_path)
     float64_rope(loaded, monkeypatch)
     with torch.no_grad():                                   # Gemma's embedding normalizer reloads in float32
         assert (loaded(input_ids=tokens).logits - got).abs().max() <= (1e-5 if family == "gemma3" else 1e-9)
-    with pytest.warns(UserWarning, match="linearized"):    # truncated: the norms are linearized, and said so
-        convert(model, "tucker", ranks=(4, 16, 8), inplace=False)
+    with pytest.warns(UserWarning, match="linearized"):    # truncated, absorbed: linearized, and said so
+        convert(model, "tucker", ranks=(4, 16, 8), inplace=False, qk_norm="linearize")
 
 
 def _one_key_head(config):

@@ -272,7 +272,8 @@ def test_attention_spec_normalizes_and_checks_keys():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"attention method must be one of \['gqa', 'mha', 'mla', 'mqa', 'tucker'\]"):
+    methods = r"\['gqa', 'mha', 'mla', 'mqa', 'tucker', 'tucker_heads'\]"
+    with pytest.raises(ValueError, match=r"attention method must be one of " + methods):
         GPTConfig(attention="flash")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['ranks'\] for attention method 'gqa'; "
                                          r"allowed: \[.*'n_kv_heads'.*\]"):

@@ -135,6 +135,7 @@ def _convert_command(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite, calibration=args.calibration, dtype=args.dtype,
                                 partial_rope=args.partial_rope, n_calibration=args.n_calibration,
                                 n_eval=args.n_eval, seq_len=args.seq_len, model_text=args.model_text,
+                                allocation=args.allocation, qk_norm=args.qk_norm,
                                 seed=args.seed, progress=not args.no_progress)
     except ConvertError as err:                           # name the command-line argument
         flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, "--" + err.argument.replace("_", "-"))
@@ -175,15 +176,28 @@ def _add_convert(sub) -> None:
                    help="tucker/mla below full rank: the share in [0, 1] of the lowest RoPE frequencies that stop "
                         "rotating (0: RoPE exact), or auto (default): chosen by measurement on held-in "
                         "calibration text")
+    v.add_argument("--allocation", default="auto", choices=["auto", "measured", "uniform"],
+                   help="under a budget: auto (default) also spreads the KV across layers by each layer's measured "
+                        "effect on the logits (one layer converted at a time, 2 conversions per layer) and keeps "
+                        "that when it measures better; uniform: one setting for every layer (one cache width, what "
+                        "a paged-attention server sizes from); measured: insist on measuring")
+    v.add_argument("--qk-norm", default="keep", choices=["keep", "linearize"],
+                   help="per-head q/k norms (Qwen3, Gemma 3) under tucker: keep (default): cache the latent and form "
+                        "each key head from it, normed and rotated, when attending (exact at full rank; more compute, "
+                        "no more cache); linearize: the absorbed form, each norm its gain x calibration 1/rms")
     v.add_argument("--model-text", type=_share, default="auto", metavar="F",
                    help="the share in [0, 1] of the calibration and evaluation pieces that a decoder samples itself "
                         "(its own text: chat answers through its chat template, or continuations; the evaluation's "
                         "from other seeds), the rest from --calibration; auto (default): 0.5 for a decoder with a "
                         "tokenizer, else 0. Kept in --out (samples_*.safetensors), reused by a rerun")
     v.add_argument("--seed", type=int, default=0, help="of the sampled text and of random inputs (default 0)")
-    v.add_argument("--n-calibration", type=int, default=64, help="calibration pieces (default 64)")
-    v.add_argument("--n-eval", type=int, default=16, help="held-out evaluation pieces (default 16)")
-    v.add_argument("--seq-len", type=int, default=128, help="tokens per piece at most (default 128)")
+    v.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per piece at most (default 512; capped at the model's positions): partial RoPE and "
+                        "the allocation are chosen on pieces this long, so give the contexts you will serve")
+    v.add_argument("--n-calibration", type=int,
+                   help="calibration pieces (default: 8,192 tokens' worth, 16 at 512 tokens; image models 64)")
+    v.add_argument("--n-eval", type=int,
+                   help="held-out evaluation pieces (default: 4,096 tokens' worth, 8 at 512; image models 16)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=_convert_command)
 

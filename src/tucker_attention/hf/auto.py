@@ -217,6 +217,23 @@ def place_block(model: nn.Module, path: str, layer, facts: dict, rope_source: Sh
     return block
 
 
+@contextlib.contextmanager
+def block_swapped(model: nn.Module, path: str, layer, facts: dict):
+    """``model`` running ``layer`` at block ``path`` (:func:`place_block`) inside the block; on leaving,
+    everything ``place_block`` changed is as it was (the original module, a BERT output projection)."""
+    parent_path, _, name = _resolve(model, path).rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, name)
+    dense = parent.output.dense if facts["kind"] == "bert" else None
+    place_block(model, path, layer, facts, SharedRope())
+    try:
+        yield model
+    finally:
+        setattr(parent, name, original)
+        if dense is not None:
+            parent.output.dense = dense
+
+
 def install_blocks(model: nn.Module, spec: dict) -> None:
     """Put a fresh :class:`HFAttention` for every block of ``spec`` into ``model`` (weights to be loaded)."""
     rope_source = SharedRope()

@@ -90,12 +90,11 @@ class HFAttention(nn.Module):
 
     @property
     def num_key_value_groups(self) -> int:
-        heads = next(iter(self.layer.cache_spec().values()))[0]
-        return self.layer.n_heads // heads
+        return self.layer.n_heads // self.layer.kernel_layout()[0]
 
     @property
     def head_dim(self) -> int:
-        return next(iter(self.layer.cache_spec().values()))[1]
+        return self.layer.kernel_layout()[1]
 
     def spec(self) -> dict:
         """What rebuilds this block: the layer's config and the block facts."""

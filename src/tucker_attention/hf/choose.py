@@ -6,7 +6,9 @@ changes the positional scheme. Under a parameter budget, Tucker can also spend i
 latent (r3) or a wider query side (r2). Neither follows from the weights alone, so
 :func:`measured` converts each candidate and keeps the one whose next-token KL (an encoder's
 cosine) against the source is best on held-in calibration pieces, never the evaluation ones:
-first the partial-RoPE share at the middle setting, then the other settings at that share.
+first the partial-RoPE share at the middle setting, then the other settings at that share, then
+(``allocation='measured'``) the kept setting's KV spread across layers by their measured
+sensitivity (:mod:`.allocation`), kept when it measures better than the uniform setting.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Choice:
     nope_fraction: float
     notes: list[str]
     scores: list[tuple[str, dict]] = field(default_factory=list)
+    allocation: str | None = None
 
     def table(self) -> str | None:
         if not self.scores:
@@ -45,7 +48,7 @@ class Choice:
         best = min(self.scores, key=lambda item: -item[1]["cosine"] if metric == "cosine" else item[1]["kl"])
         lines += [f"  {label}: {metric} {score[metric]:.4g}" + ("  <- kept" if label == best[0] else "")
                   for label, score in self.scores]
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.allocation] if self.allocation else []))
 
 
 def _label(setting: tuple, nope_fraction: float) -> str:
@@ -57,30 +60,38 @@ def _label(setting: tuple, nope_fraction: float) -> str:
     return f"{width}, {rope}"
 
 
-def _rope_kept(method: str, layers: dict) -> bool:
-    """Whether ``method`` keeps these layers' RoPE (so partial RoPE is an option): Tucker of any RoPE,
-    MLA of head RoPE."""
+def _rope_kept(method: str, layers: dict, qk_norm: str = "keep") -> bool:
+    """Whether ``method`` keeps these layers' RoPE in a latent (so partial RoPE is an option): Tucker of any
+    RoPE, MLA of head RoPE; not Tucker of layers whose q/k norms are kept (their key heads rotate
+    exactly, :class:`~tucker_attention.layers.TuckerHeadsAttention`)."""
+    from ..tensors import heads_form_applies
+
     ropes = {layer.rope for layer in layers.values()} - {None}
+    if method == "tucker" and qk_norm == "keep" and all(heads_form_applies(layer) for layer in layers.values()):
+        return False
     return bool(ropes) and (method == "tucker" or (method == "mla" and ropes == {"head"}))
 
 
 def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict, partial_rope, *, calibration,
-             batches, kind: str, progress: bool = False, spill=None) -> Choice:
+             batches, kind: str, allocation: str = "uniform", qk_norm: str = "keep", progress: bool = False,
+             spill=None) -> Choice:
     """Convert ``model`` (a copy) with ``settings`` [(ranks, value_ranks)] and the partial-RoPE shares
     ``partial_rope`` allows ('auto': :data:`NOPE_FRACTIONS` below full rank), measuring on the first
     :data:`SELECTION_BATCHES` of ``batches`` when there is more than one candidate (the source's
-    outputs on them kept in ``spill``, a :class:`~.spill.Spill`, when given)."""
+    outputs on them kept in ``spill``, a :class:`~.spill.Spill`, when given). allocation: 'measured'
+    also measures the kept setting spread across layers (:func:`~.allocation.measured_allocation`)."""
     full = settings == [(None, None)]
     if partial_rope == "auto":
-        nopes = list(NOPE_FRACTIONS) if _rope_kept(method, layers) and not full else [0.0]
+        nopes = list(NOPE_FRACTIONS) if _rope_kept(method, layers, qk_norm) and not full else [0.0]
     else:
-        if partial_rope and not _rope_kept(method, layers):
-            raise ConvertError("partial_rope", f"partial RoPE is for tucker (a RoPE source) or mla (a head-RoPE "
+        if partial_rope and not _rope_kept(method, layers, qk_norm):
+            raise ConvertError("partial_rope", f"partial RoPE is for tucker (a RoPE source; with q/k norms only "
+                                               f"when they are linearized, qk_norm='linearize') or mla (a head-RoPE "
                                                f"source), not {method} of this model")
         nopes = [float(partial_rope)]
     middle = len(settings) // 2
-    if len(nopes) == 1 and len(settings) == 1:
-        return _convert(model, method, settings[0], 0, nopes[0], calibration, progress)
+    if len(nopes) == 1 and len(settings) == 1 and allocation != "measured":
+        return _convert(model, method, settings[0], 0, nopes[0], calibration, progress, qk_norm)
     from .compute import release_memory
     from .fidelity import fidelity, reference_outputs
 
@@ -89,11 +100,12 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     reference = reference_outputs(model, selection, kind, spill=spill)
     best, scores = None, []
 
-    def measure(index: int, nope: float) -> None:
+    def measure(index: int, nope: float, setting: tuple | None = None, label: str | None = None) -> None:
         nonlocal best
-        choice = _convert(model, method, settings[index], index, nope, calibration, progress)
+        setting = settings[index] if setting is None else setting
+        choice = _convert(model, method, setting, index, nope, calibration, progress, qk_norm)
         score = fidelity(reference, choice.model, selection, kind)
-        scores.append((_label(settings[index], nope), score))
+        scores.append((label or _label(setting, nope), score))
         better = best is None or (score["cosine"] > best[1]["cosine"] if "cosine" in score
                                   else score["kl"] < best[1]["kl"])
         if better:
@@ -106,11 +118,23 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     for index in range(len(settings)):                 # then the other settings at the share kept
         if index != middle:
             measure(index, best[0].nope_fraction)
-    best[0].scores = scores
+    table = None
+    if allocation == "measured":
+        from .allocation import measured_allocation
+
+        uniform = best[0]
+        spread, table = measured_allocation(model, method, uniform.setting, uniform.nope_fraction,
+                                            calibration=calibration, reference=reference, batches=selection,
+                                            kind=kind, qk_norm=qk_norm, progress=progress)
+        measure(uniform.index, uniform.nope_fraction, spread,
+                f"the same KV spread across layers by measured sensitivity "
+                f"({_label(uniform.setting, uniform.nope_fraction)})")
+    best[0].scores, best[0].allocation = scores, table
     return best[0]
 
 
-def _convert(model, method: str, setting: tuple, index: int, nope: float, calibration, progress: bool) -> Choice:
+def _convert(model, method: str, setting: tuple, index: int, nope: float, calibration, progress: bool,
+             qk_norm: str = "keep") -> Choice:
     """One candidate: a copy of ``model`` sharing its weights outside attention, the new layers in the
     dtype they were computed in (at least float32: measured before any rounding to the stored dtype)."""
     from .convert import convert
@@ -123,7 +147,7 @@ def _convert(model, method: str, setting: tuple, index: int, nope: float, calibr
         try:
             converted = convert(model, method, ranks, value_ranks=value_ranks, calibration=calibration,
                                 nope_fraction=nope, inplace=False, share_weights=True, dtype=dtype,
-                                progress=progress).eval()
+                                qk_norm=qk_norm, progress=progress).eval()
         except ValueError as err:
             raise ConvertError("ranks", str(err)) from None
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]

@@ -30,7 +30,7 @@ from torch import nn
 
 from .._checks import check_choice
 from ..layers import Attention, make_attention
-from ..tensors import RankPlan, convert_layer, input_transform
+from ..tensors import RankPlan, convert_layer, heads_form_applies, input_transform, to_tucker_heads
 from ..tensors import plan_ranks as tensor_plan_ranks
 from ..tensors import plan_uniform as tensor_plan_uniform
 from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
@@ -62,20 +62,33 @@ def _ignores_rope(source: Attention, method: str) -> bool:
     return source.rope is not None and method != "tucker" and source.rope != "head"
 
 
+#: What ``convert`` does with per-head q/k norms below full rank: keep them (key heads formed from the
+#: latent, :class:`~tucker_attention.layers.TuckerHeadsAttention`) or linearize them (the absorbed form).
+QK_NORMS = ("keep", "linearize")
+
+
+def _keeps_heads(source: Attention, method: str, ranks, value_ranks, qk_norm: str) -> bool:
+    """Whether ``source`` converts to a TuckerHeadsAttention: tucker of a q/k-norm GQA layer with
+    ``qk_norm='keep'``, unless its plain Tucker form keeps the norms already (one key head, full rank)."""
+    return (method == "tucker" and qk_norm == "keep" and heads_form_applies(source)
+            and not _keeps_norms(source, method, ranks, value_ranks))
+
+
 def _keeps_norms(source: Attention, method: str, ranks, value_ranks=None) -> bool:
     """Whether a non-linear source converts with its norms kept exactly (full-rank Tucker of a layer
     whose exact form keeps them: one key head under q/k norms), not linearized."""
     return method == "tucker" and ranks is None and value_ranks is None and source.exact_with_norms()
 
 
-def inexact_reasons(source: Attention, method: str, ranks) -> list[str]:
+def inexact_reasons(source: Attention, method: str, ranks, qk_norm: str = "keep") -> list[str]:
     """Why converting ``source`` to ``method`` at ``ranks`` changes its outputs beyond truncation
     (empty when the conversion is exact at full rank)."""
     native = source.native_setting(method)
     if native is not None and ranks in (None, native):
         return []                                               # a copy of the block
     reasons = []
-    if source.nonlinearity() and not _keeps_norms(source, method, ranks):
+    if (source.nonlinearity() and not _keeps_norms(source, method, ranks)
+            and not _keeps_heads(source, method, ranks, None, qk_norm)):
         reasons.append(f"{source.nonlinearity()} has no linear tensor form: each norm becomes its gain times "
                        f"the 1/rms its inputs had on the calibration inputs (Attention.linearized)")
     if _ignores_rope(source, method):
@@ -128,8 +141,20 @@ def _whitenings(input_cov, method: str) -> tuple[tuple, tuple] | None:
     return (S, V), (S_inv, V_inv)
 
 
+def _heads_layer(source: Attention, ranks, value_ranks, whiten) -> Attention:
+    """The TuckerHeadsAttention of a q/k-norm source at ``ranks`` (None: exact; each capped at the exact
+    form's), truncated in the whitened basis when ``whiten`` is given."""
+    exact = to_tucker_heads(source if whiten is None else input_transform(source, *whiten[0]))
+    if ranks is not None:
+        value_ranks = value_ranks if value_ranks is not None else ranks
+        exact = exact.truncated(tuple(min(r, top) for r, top in zip(ranks, exact.ranks)),
+                                tuple(min(r, top) for r, top in zip(value_ranks, exact.value_ranks)))
+    return exact if whiten is None else input_transform(exact, *whiten[1])
+
+
 def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, *, input_cov=None,
-                  hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0) -> Attention:
+                  hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0,
+                  qk_norm: str = "keep") -> Attention:
     """Our layer for ``method`` from a block's layer (from :func:`~.read.read_block`).
 
     tucker: ``ranks`` (r1, r2, r3), ``value_ranks`` (default ``ranks``); None = (H, d, d), or the
@@ -143,13 +168,20 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
     the attention-mixed inputs when measured), and a non-linear source (q/k norms) is linearized
     with the norms' scales on such inputs (at full rank Tucker keeps one key head's q/k norms).
     nope_fraction: partial RoPE for Tucker / MLA of a RoPE source (:func:`tucker_attention.tensors.rope.derotated`).
+    qk_norm: per-head q/k norms under Tucker: 'keep' (default) converts to a
+    :class:`~tucker_attention.layers.TuckerHeadsAttention` (the latent cached, key heads formed, normed
+    and rotated from it when attending: exact at full rank, RoPE exact at any; partial RoPE does not
+    apply), 'linearize' to the absorbed Tucker form with each norm linearized.
     A source that already has the target structure and setting is copied (exact, norms kept).
     """
     check_choice("method", method, METHODS)
+    check_choice("qk_norm", qk_norm, QK_NORMS)
     native = source.native_setting(method)
     if native is not None and ranks in (None, native) and not nope_fraction:
         return copy.deepcopy(source)
     whiten = _whitenings(input_cov, method)
+    if _keeps_heads(source, method, ranks, value_ranks, qk_norm):
+        return _heads_layer(source, ranks, value_ranks, whiten).train(source.training)
     inputs = input_cov.inputs if isinstance(input_cov, BlockStatistics) else input_cov
     linear = source if _keeps_norms(source, method, ranks, value_ranks) else source.linearized(inputs)
     ignore = _ignores_rope(source, method)
@@ -166,7 +198,8 @@ def convert_block(source: Attention, method: str, ranks=None, value_ranks=None, 
 
 def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks=None, calibration=None,
             hosvd: str = "hosvd", n_iter: int = 10, nope_fraction: float = 0.0, inplace: bool = True,
-            share_weights: bool = False, dtype: torch.dtype | None = None, progress: bool = False) -> nn.Module:
+            share_weights: bool = False, dtype: torch.dtype | None = None, qk_norm: str = "keep",
+            progress: bool = False) -> nn.Module:
     """Replace every supported attention block of a transformers model by ``method``.
 
     ranks: one setting for every block (a tuple or int), a list (one per block, in module
@@ -183,12 +216,14 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         is a change to both), as a conversion pipeline measuring candidates wants.
     dtype: of the new layers (default: each block's own weights'; the conversion math runs in at
         least float32 whatever the model's dtype, see :func:`~.family_readers.reading_dtype`).
+    qk_norm: 'keep' | 'linearize': per-head q/k norms under Tucker (see :func:`convert_block`).
     progress: a progress bar over the blocks.
 
     All new layers are built before the model is touched: on any error the model is
     unchanged. The model's config gains ``tucker_attention`` = {method, blocks}.
     """
     check_choice("method", method, METHODS)
+    check_choice("qk_norm", qk_norm, QK_NORMS)
     if getattr(getattr(model, "config", None), "tucker_attention", None):
         raise ValueError("this model's attention was already converted; convert the original model")
     if hasattr(model, "config"):
@@ -208,15 +243,15 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
                                   desc=f"convert to {method}", unit="block", disable=not progress, leave=False):
         try:
             layers.append(convert_block(block.layer, method, r, vr, input_cov=cov, hosvd=hosvd, n_iter=n_iter,
-                                        nope_fraction=nope_fraction))
+                                        nope_fraction=nope_fraction, qk_norm=qk_norm))
         except (ValueError, TypeError) as err:
             raise type(err)(f"block {block.path}: {err}") from None
         del cov
         release_memory(collect=False)                   # the block's working set (freed by refcount), before the next
     reasons: dict[str, int] = {}
     for block, r, layer in zip(blocks, rank_list, layers):
-        found = inexact_reasons(block.layer, method, r)
-        if nope_fraction and layer.rope is not None:
+        found = inexact_reasons(block.layer, method, r, qk_norm)
+        if nope_fraction and layer.rope == "latent":
             found.append(f"partial RoPE (nope_fraction={nope_fraction}) stops the lowest RoPE frequencies rotating")
         if not block.rope_exact and layer.rope is not None and not (block.model_rope and layer.rope == "head"):
             found.append("the model's rope_type changes its frequencies with the sequence length, which the "
@@ -231,10 +266,7 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     for block, layer in zip(blocks, layers):
         stored = next(target.get_submodule(block.path).parameters(), None)
         layer = layer.to(dtype or (stored.dtype if stored is not None else layer.dtype))
-        facts = {"kind": block.kind, "layer_idx": block.layer_idx, "resid_dropout": block.resid_dropout,
-                 "model_rope": block.model_rope and layer.rope == "head",   # takes the model's RoPE tables
-                 "sliding_window": block.sliding_window, "softcap": block.softcap}
-        place_block(target, block.path, layer, facts, rope_source)
+        place_block(target, block.path, layer, block_facts(block, layer), rope_source)
     if hasattr(target, "config"):
         spec = {"method": method, "model_class": type(target).__name__,
                 "blocks": {b.path: target.get_submodule(b.path).spec() for b in blocks}}
@@ -242,6 +274,14 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         target.config.tucker_attention = spec
         to_converted_classes(target)
     return target
+
+
+def block_facts(block: Block, layer: Attention) -> dict:
+    """The spec entries :func:`~.auto.place_block` needs to run ``layer`` in ``block``'s place."""
+    return {"kind": block.kind, "layer_idx": block.layer_idx, "resid_dropout": block.resid_dropout,
+            "model_rope": (block.model_rope and layer.rope == "head"    # takes the model's RoPE tables, unless
+                           and not layer.rotates_keys_on_read()),        # it needs them at every cached key
+            "sliding_window": block.sliding_window, "softcap": block.softcap}
 
 
 def serving_layout(config, layers: list[Attention]) -> dict:
@@ -254,7 +294,8 @@ def serving_layout(config, layers: list[Attention]) -> dict:
     specs = [layer.cache_spec() for layer in layers]
     widths = {w for spec in specs for _, w in spec.values()}
     if (not all(layer.causal for layer in layers) or len(widths) != 1
-            or not all(list(spec) == ["k", "v"] and {h for h, _ in spec.values()} == {1} for spec in specs)):
+            or not all(list(spec) == ["k", "v"] and {h for h, _ in spec.values()} == {1} for spec in specs)
+            or any(layer.kernel_layout() != spec["k"] for layer, spec in zip(layers, specs))):   # keys formed on read
         return {"serving": None}
     layout = {"num_key_value_heads": 1, "head_dim": widths.pop()}
     source = {name: getattr(config, name) for name in layout if name in vars(config)}  # absent: rebuilt absent

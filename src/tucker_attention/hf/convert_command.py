@@ -50,12 +50,10 @@ from .convert_settings import (  # noqa: F401  (re-exported: importable from her
     setting_label,
 )
 from .fidelity import (  # noqa: F401  (re-exported: importable from here as from pipeline before)
-    BATCH_SIZE,
     BUILTIN_TEXT,
-    N_CALIBRATION,
-    N_EVAL,
     SEQ_LEN,
     attention_summary,
+    default_sizes,
     fidelity,
     make_inputs,
 )
@@ -119,9 +117,10 @@ def _transformers_bars(enabled: bool):
 
 def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_params=None, budget_kv=None,
                    out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
-                   partial_rope: str | float = "auto", n_calibration: int = N_CALIBRATION, n_eval: int = N_EVAL,
-                   seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
-                   model_text: float | str = "auto", progress: bool = True) -> dict:
+                   partial_rope: str | float = "auto", n_calibration: int | None = None, n_eval: int | None = None,
+                   seq_len: int = SEQ_LEN, batch_size: int | None = None, seed: int = 0,
+                   model_text: float | str = "auto", allocation: str = "auto", qk_norm: str = "keep",
+                   progress: bool = True) -> dict:
     """Convert the attention of a local model (folder or GGUF file) and write the result to ``out``.
 
     src: a model folder (config.json + weights; tokenizer and generation_config.json are
@@ -142,6 +141,13 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         RoPE frequencies that stop rotating (0: RoPE exact), or 'auto': chosen by measurement
         among :data:`~.choose.NOPE_FRACTIONS` (and, under a parameter budget, Tucker's key width
         among three) on held-in calibration pieces (:mod:`.choose`).
+    allocation: under a budget, 'auto' (default) also spreads the KV across layers by their measured
+        sensitivity and keeps that when it measures better than one setting for every layer
+        (:mod:`.allocation`; tucker / mla of a RoPE source); 'uniform' keeps one setting (one cache
+        width, as a paged-attention server wants); 'measured' insists on measuring.
+    qk_norm: per-head q/k norms (Qwen3, Gemma 3) under Tucker: 'keep' (default: the latent is cached and
+        each key head formed, normed and rotated from it when attending, exact at full rank) or
+        'linearize' (the absorbed Tucker form, each norm its gain x calibration 1/rms).
     out: the folder to write (must not exist unless ``overwrite``; never the source's).
     calibration: a text file or folder of .txt files for the activation statistics and the
         held-out evaluation (default: the built-in Shakespeare plays; folders without a
@@ -149,7 +155,9 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
     dtype: 'auto' (the source's stored dtype) | 'float32' | 'float16' | 'bfloat16': the written
         weights and the KV bytes reported.
     n_calibration, n_eval, seq_len, batch_size: how many pieces of at most ``seq_len`` tokens
-        calibrate and evaluate, in batches of ``batch_size``.
+        calibrate and evaluate, in batches of ``batch_size``; None: :func:`~.fidelity.default_sizes`
+        (at 512 tokens: 16 pieces, 8 pieces, 2 a batch). Partial RoPE and the allocation are chosen on
+        these pieces, so give ``seq_len`` as long as the contexts the model will serve.
     model_text: the share of those pieces that the model samples itself (:mod:`.model_text`; the
         evaluation's from other seeds), the rest from ``calibration``; 'auto':
         :data:`MODEL_TEXT` for a decoder with a tokenizer, else 0. The samples are kept in ``out``
@@ -164,7 +172,8 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
                         budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
                         partial_rope=partial_rope, n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed, model_text=model_text, progress=progress)
+                        batch_size=batch_size, seed=seed, model_text=model_text, allocation=allocation,
+                        qk_norm=qk_norm, progress=progress)
 
 
 #: The default share of calibration and evaluation pieces a decoder samples itself.
@@ -172,8 +181,8 @@ MODEL_TEXT = 0.5
 
 
 def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
-             dtype: str, partial_rope, n_calibration: int, n_eval: int, seq_len: int, batch_size: int, seed: int,
-             model_text, progress: bool) -> dict:
+             dtype: str, partial_rope, n_calibration, n_eval, seq_len: int, batch_size, seed: int,
+             model_text, allocation: str, qk_norm: str, progress: bool) -> dict:
     from .calibration import attention_statistics
     from .model_files import BUNDLED, model_path
     from .reading import attention_layers
@@ -182,7 +191,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
     _check_arguments(method, ranks, value_ranks, budgets, dtype, partial_rope,
                      {"n_calibration": n_calibration, "n_eval": n_eval, "seq_len": seq_len,
-                      "batch_size": batch_size}, calibration, model_text)
+                      "batch_size": batch_size}, calibration, model_text, allocation, qk_norm)
     try:
         src_path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
@@ -216,7 +225,8 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         release_memory()                               # each phase below starts from what it holds
         converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks,
                                         budget_params=budget_params, budget_kv=budget_kv, partial_rope=partial_rope,
-                                        statistics=stats, batches=cal, kind=kind, progress=progress, spill=spill)
+                                        allocation=allocation, qk_norm=qk_norm, statistics=stats, batches=cal,
+                                        kind=kind, progress=progress, spill=spill)
         before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
         scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself

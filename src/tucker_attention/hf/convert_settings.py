@@ -110,10 +110,21 @@ def setting_label(method: str, ranks, value_ranks=None) -> str:
 
 
 def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_rope, counts: dict, calibration,
-                     model_text="auto") -> None:
+                     model_text="auto", allocation="auto", qk_norm="keep") -> None:
     """Every argument that needs no model, checked before anything is loaded."""
+    from .allocation import ALLOCATIONS
+    from .convert import QK_NORMS
+
+    if qk_norm not in QK_NORMS:
+        raise ConvertError("qk_norm", f"must be one of {list(QK_NORMS)}, got {qk_norm!r}")
     if method not in METHODS:
         raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
+    if allocation not in ALLOCATIONS:
+        raise ConvertError("allocation", f"must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "measured" and (method == "gqa" or not budgets):
+        why = "gqa's n_kv_heads must divide the heads" if method == "gqa" else "ranks were given"
+        raise ConvertError("allocation", f"measured spreads a budget's KV across layers (tucker, mla with "
+                                         f"budget_kv / budget_params); {why}: use uniform or leave it auto")
     if ranks is not None and budgets:
         raise ConvertError("ranks", f"give either ranks or a budget ({', '.join(budgets)}), not both")
     if ranks is None and not budgets:
@@ -127,6 +138,8 @@ def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_r
         raise ConvertError("partial_rope", f"must be 'auto' or a share in [0, 1] of the lowest RoPE frequencies, "
                                            f"got {partial_rope!r}")
     for name, value in counts.items():
+        if value is None and name != "seq_len":            # a default that follows seq_len
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConvertError(name, f"must be a positive integer, got {value!r}")
     if model_text != "auto" and not (isinstance(model_text, (int, float)) and not isinstance(model_text, bool)
@@ -213,9 +226,64 @@ def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stat
     return [(p.ranks, p.value_ranks) for p in plans], {i: p.table() for i, p in enumerate(plans)}
 
 
+def _allocation(allocation: str, method: str, settings: list, layers: dict) -> str:
+    """'measured' or 'uniform': 'auto' measures where it can move KV (tucker / mla, one setting for every
+    layer of two or more); an explicit 'measured' where it cannot is a ConvertError."""
+    from .allocation import common_setting
+
+    uniform = all(common_setting(setting) is not None for setting in settings)
+    possible = method in ("tucker", "mla") and uniform and len(layers) > 1 and settings != [(None, None)]
+    if allocation == "measured" and not possible:
+        why = ("the plan already gives each layer its ranks (a source without RoPE: energy-level plan)"
+               if not uniform else "the model has one attention block")
+        raise ConvertError("allocation", f"measured cannot spread the KV here: {why}; use uniform or leave it auto")
+    return "measured" if allocation != "uniform" and possible else "uniform"
+
+
+def _fit_kept_heads(settings: list, layers: dict, limits: dict, qk_norm: str) -> tuple[list, list[str]]:
+    """(settings, notes): Tucker settings with r2 (and r2~) lowered until the layers whose q/k norms are
+    kept as key heads (:class:`~tucker_attention.layers.TuckerHeadsAttention`, counted as such) fit the
+    parameter limit (the plan counts every layer as the absorbed Tucker form, whose query core is r3
+    wide, not head_dim), and a note for each setting lowered."""
+    from ..layers import TuckerHeadsAttention
+    from ..tensors import heads_form_applies, tucker_param_count
+    from .allocation import common_setting
+
+    kept = [layer for layer in layers.values() if heads_form_applies(layer)] if qk_norm == "keep" else []
+    if not kept:
+        return settings, []
+
+    def cost(ranks, value_ranks) -> int:
+        total = 0
+        for layer in layers.values():
+            if heads_form_applies(layer):
+                total += TuckerHeadsAttention.param_count(layer.d_model, layer.n_heads, ranks, value_ranks,
+                                                          key_heads=layer.n_kv_heads, head_dim=layer.head_dim)
+            else:
+                total += tucker_param_count(layer.n_heads, layer.d_model, ranks, value_ranks, bias=False)
+        return total
+
+    fitted, notes = [], []
+    for setting in settings:
+        ranks, value_ranks = common_setting(setting)
+        value_ranks = value_ranks or ranks
+        low, high = 1, ranks[1]                                     # the largest r2 that fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            fits = cost((ranks[0], mid, ranks[2]), (value_ranks[0], min(mid, value_ranks[1]), value_ranks[2]))
+            low, high = (mid, high) if fits <= limits["params"] else (low, mid - 1)
+        fitted.append(((ranks[0], low, ranks[2]), (value_ranks[0], min(low, value_ranks[1]), value_ranks[2])))
+        if low != ranks[1]:
+            notes.append(f"r2 lowered from the plan's {ranks[1]} to {low}: the layers that keep their q/k norms "
+                         f"as key heads (head_dim-wide query cores, key up-projections) must fit the parameter "
+                         f"budget too")
+    return fitted, notes
+
+
 def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None, budget_params=None,
-                  budget_kv=None, partial_rope: str | float = "auto", statistics, batches, kind: str,
-                  progress: bool = False, spill=None) -> tuple[nn.Module, dict]:
+                  budget_kv=None, partial_rope: str | float = "auto", allocation: str = "auto",
+                  qk_norm: str = "keep", statistics, batches, kind: str, progress: bool = False,
+                  spill=None) -> tuple[nn.Module, dict]:
     """What :func:`convert_folder` does to a model it has loaded and calibrated: plan the setting,
     choose what only a measurement settles (:mod:`.choose`) and convert a copy.
 
@@ -223,6 +291,9 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     budget_params / budget_kv / partial_rope: as for :func:`convert_folder` (one of ranks and a
     budget). statistics: :func:`~.calibration.attention_statistics` of ``batches``, the held-in
     calibration batches candidates are measured on. kind: 'decoder' | 'classifier' | 'encoder'.
+    allocation: 'auto' | 'measured' | 'uniform': whether a budget's KV is also spread across layers by
+    their measured sensitivity (:mod:`.allocation`; 'auto': where it can be) and kept when better.
+    qk_norm: 'keep' | 'linearize' per-head q/k norms under Tucker (:func:`~.convert.convert_block`).
     spill: a :class:`~.spill.Spill` for the source's outputs the candidates are measured against.
 
     Returns (converted model, {'label', 'ranks', 'value_ranks', 'nope_fraction', 'choice' (the
@@ -232,19 +303,53 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     from .reading import attention_layers
 
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
-    _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None)
+    _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None, allocation=allocation,
+                     qk_norm=qk_norm)
     layers = attention_layers(model, lazy=True)           # read block by block: one float32 copy at a time
     ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
     budget = _budget(budgets, layers)
     settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, statistics)
     layers = {path: layer.to("meta") for path, layer in layers.items()}    # their structure only from here on
+    refits = []
+    if budget is not None and method == "tucker":
+        settings, refits = _fit_kept_heads(settings, layers, budget[4], qk_norm)
+    allocation = _allocation(allocation, method, settings, layers)
     choice = measured(model, method, settings, layers, partial_rope, calibration=statistics, batches=batches,
-                      kind=kind, progress=progress, spill=spill)
+                      kind=kind, allocation=allocation, qk_norm=qk_norm, progress=progress, spill=spill)
+    if budget is not None:
+        _check_within(budget, method, choice.model)
     ranks, value_ranks = choice.setting
+    spread = isinstance(ranks, list) and len(set(ranks)) > 1
+    spread_note = ("the layers keep different KV widths (allocated by measured sensitivity), so the folder "
+                   "declares no one cache layout a paged-attention server sizes from (num_key_value_heads / "
+                   "head_dim); allocation='uniform' keeps one")
+    notes = choice.notes + refits[:1] + ([spread_note] if spread and kind == "decoder" else [])
     return choice.model, {"label": setting_label(method, ranks, value_ranks),
-                          "ranks": list(ranks) if isinstance(ranks, tuple) else ranks,
-                          "value_ranks": list(value_ranks) if isinstance(value_ranks, tuple) else value_ranks,
+                          "ranks": _listed(ranks), "value_ranks": _listed(value_ranks),
                           "nope_fraction": choice.nope_fraction, "choice": choice.table(),
-                          "plan": plans.get(choice.index), "notes": choice.notes}
+                          "allocation": "measured" if spread else "uniform",
+                          "plan": plans.get(choice.index), "notes": notes}
+
+
+def _check_within(budget, method: str, converted: nn.Module) -> None:
+    """Both limits of ``budget`` against what ``converted`` holds (a layer whose parameters the plan counts
+    otherwise, e.g. key heads kept for q/k norms, is checked here); ConvertError naming the budget."""
+    from .convert import converted_blocks
+
+    layers = [block.layer for block in converted_blocks(converted).values()]
+    held = {"params": sum(map(attention_param_count, layers)), "kv": sum(map(kv_cache_floats_per_token, layers))}
+    argument, value, limit, total, limits = budget
+    for name, what in (("params", "attention parameters"), ("kv", "KV floats per token")):
+        if held[name] > limits[name]:
+            raise ConvertError(argument, f"{_describe_budget(argument, value, limit, total)}: the {method} "
+                                         f"conversion holds {held[name]:,} {what}, over the limit "
+                                         f"{limits[name]:,}; nothing was written (give a smaller budget)")
+
+
+def _listed(ranks):
+    """Ranks as JSON keeps them: a tuple as a list, per-layer tuples as lists."""
+    if isinstance(ranks, list):
+        return [_listed(r) for r in ranks]
+    return list(ranks) if isinstance(ranks, tuple) else ranks
 
 

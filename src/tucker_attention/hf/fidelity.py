@@ -18,9 +18,11 @@ from .model_text import model_samples
 from .source_model import ConvertError
 
 BUILTIN_TEXT = "the built-in Shakespeare plays"
-# defaults: 64 calibration pieces of <= 128 tokens (~8k tokens, what the MiniLM calibration of `compress` uses),
-# 16 held-out evaluation pieces
-N_CALIBRATION, N_EVAL, SEQ_LEN, BATCH_SIZE = 64, 16, 128, 8
+#: Default pieces of at most SEQ_LEN tokens (a chat turn: the choices a conversion measures are measured on
+#: pieces as long as the ones it will see), as many as fill CALIBRATION_TOKENS (~8k, what the MiniLM calibration
+#: of `compress` uses) and EVAL_TOKENS, BATCH_TOKENS a batch; image models: IMAGES (calibration, evaluation, batch).
+SEQ_LEN, CALIBRATION_TOKENS, EVAL_TOKENS, BATCH_TOKENS = 512, 8192, 4096, 1024
+IMAGES = (64, 16, 8)
 #: elements of one (positions, vocabulary) block of logits scored at once (float64: 64 MB a tensor)
 CHUNK_ELEMENTS = 1 << 23
 
@@ -130,13 +132,22 @@ def _tokens(batches) -> int:
     return sum(int(b["attention_mask"].sum()) for b in batches)
 
 
-def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration: int = N_CALIBRATION,
-                n_eval: int = N_EVAL, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, seed: int = 0,
+def default_sizes(seq_len: int, images: bool = False) -> tuple[int, int, int]:
+    """(n_calibration, n_eval, batch_size) by default: :data:`IMAGES`, or pieces of ``seq_len`` tokens
+    filling :data:`CALIBRATION_TOKENS`, :data:`EVAL_TOKENS` and :data:`BATCH_TOKENS`."""
+    if images:
+        return IMAGES
+    return tuple(max(1, tokens // seq_len) for tokens in (CALIBRATION_TOKENS, EVAL_TOKENS, BATCH_TOKENS))
+
+
+def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration: int | None = None,
+                n_eval: int | None = None, seq_len: int = SEQ_LEN, batch_size: int | None = None, seed: int = 0,
                 model_text: float = 0.0, cache=None, samples: dict | None = None, progress: bool = False):
     """(calibration batches, evaluation batches, description): text pieces of the calibration
     text (default: the built-in Shakespeare plays; evaluation on its held-out part) for models
     with a tokenizer, random token ids for text models without one, random N(0, 1) images for
-    image models (which take no calibration text).
+    image models (which take no calibration text). n_calibration / n_eval / batch_size: None for
+    :func:`default_sizes` (of ``seq_len`` capped at the model's positions).
 
     model_text: the share of the calibration and of the evaluation pieces that the model samples
     itself (:mod:`.model_text`; a decoder with a tokenizer), the evaluation ones from other seeds
@@ -144,6 +155,11 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     the same way); ``samples``, a dict, receives {'calibration' | 'evaluation': (ids, settings)} to
     keep (:func:`~.model_text.save_sample_ids`)."""
     main_input = getattr(model, "main_input_name", "input_ids")
+    limit = _max_positions(model)
+    seq_len = min(seq_len, limit) if limit else seq_len
+    defaults = default_sizes(seq_len, images=main_input == "pixel_values")
+    n_calibration, n_eval, batch_size = (given if given is not None else default
+                                         for given, default in zip((n_calibration, n_eval, batch_size), defaults))
     if main_input == "pixel_values":
         if calibration is not None:
             raise ConvertError("calibration", f"{type(model).__name__} takes images, and calibration is a text file; "
@@ -155,8 +171,6 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     if main_input != "input_ids":
         raise ConvertError("src", f"{type(model).__name__} takes {main_input!r}; convert handles text (input_ids) "
                                   f"and image (pixel_values) models")
-    limit = _max_positions(model)
-    seq_len = min(seq_len, limit) if limit else seq_len
     if tokenizer is None:
         if calibration is not None:
             raise ConvertError("calibration", "the source folder has no tokenizer, so calibration text cannot be "
@@ -229,13 +243,16 @@ def reference_outputs(source: nn.Module, batches, kind: str, *, spill=None):
 
 
 @torch.no_grad()
-def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: str, *, progress: bool = False) -> dict:
+def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: str, *, progress: bool = False,
+             dtype: torch.dtype = torch.float64) -> dict:
     """Source vs converted on ``batches``: decoder {'kl', 'top1'} (next-token, over non-padding
     positions) and each model's perplexity of the text itself ('ppl' converted, 'source_ppl'),
     classifier {'kl', 'top1'} (class distribution), encoder {'cosine'} (mean-pooled last hidden
     states). ``source``: the model, or its :func:`reference_outputs` on ``batches``. Logits are
     scored :data:`CHUNK_ELEMENTS` at a time (float64 within a chunk, sums in float64): the memory
-    does not grow with the vocabulary beyond the models' own float32 logits."""
+    does not grow with the vocabulary beyond the models' own float32 logits. ``dtype``: of that scoring
+    (float32 is ~3x faster, its KL accurate to ~1e-6: enough to rank small differences, as
+    :mod:`.allocation` does)."""
     from tqdm.auto import tqdm
 
     sums = dict.fromkeys(("kl", "top1", "cosine", "nll", "source_nll", "count", "tokens"), 0.0)
@@ -251,7 +268,7 @@ def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: 
             sums["cosine"] += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).sum())
             sums["count"] += pa.shape[0]
             continue
-        for key, value in _logit_sums(a, b, batch if kind == "decoder" else None).items():
+        for key, value in _logit_sums(a, b, batch if kind == "decoder" else None, dtype).items():
             sums[key] += value
     if kind == "encoder":
         return {"cosine": sums["cosine"] / sums["count"]}
@@ -262,7 +279,7 @@ def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: 
     return scores
 
 
-def _logit_sums(a: torch.Tensor, b: torch.Tensor, batch: dict | None) -> dict:
+def _logit_sums(a: torch.Tensor, b: torch.Tensor, batch: dict | None, dtype: torch.dtype = torch.float64) -> dict:
     """Summed KL(a || b), top-1 agreements and their count over the rows of logits a, b (..., vocab);
     with a decoder's ``batch``: only non-padding positions, and each model's summed negative
     log-likelihood of the next token ('source_nll', 'nll') over the 'tokens' that have one."""
@@ -280,7 +297,7 @@ def _logit_sums(a: torch.Tensor, b: torch.Tensor, batch: dict | None) -> dict:
     rows = (scored if counted is None else scored | counted).nonzero().squeeze(-1)
     step = max(1, CHUNK_ELEMENTS // vocab)
     for part in rows.split(step):
-        la, lb = a[part].double().log_softmax(-1), b[part].double().log_softmax(-1)
+        la, lb = a[part].to(dtype).log_softmax(-1), b[part].to(dtype).log_softmax(-1)
         keep = scored[part]
         kl = (la.exp() * (la - lb)).sum(-1).clamp(min=0)
         sums["kl"] += float(kl[keep].sum())

@@ -10,6 +10,7 @@ from .mla import MultiHeadLatentAttention
 from .rope import RopeTables, RotaryEmbedding, apply_rope
 from .sdpa import attend
 from .tucker import TuckerAttention
+from .tucker_heads import TuckerHeadsAttention
 
 
 def make_attention(method: str, d_model: int, n_heads: int, **kwargs) -> Attention:
@@ -25,5 +26,5 @@ def make_attention(method: str, d_model: int, n_heads: int, **kwargs) -> Attenti
 
 __all__ = ["ATTENTION_METHODS", "Attention", "AttentionFactors", "CacheProtocol", "GroupedQueryAttention",
            "HeadFactors", "KVCache", "MultiHeadAttention", "MultiHeadLatentAttention", "MultiQueryAttention",
-           "RopeTables", "RotaryEmbedding", "TuckerAttention", "apply_rope", "attend", "frozen_weights",
-           "make_attention"]
+           "RopeTables", "RotaryEmbedding", "TuckerAttention", "TuckerHeadsAttention", "apply_rope", "attend",
+           "frozen_weights", "make_attention"]

@@ -205,6 +205,11 @@ class Attention(nn.Module, ABC):
         what a value error reaches the output through (:func:`tucker_attention.tensors.input_transform`)."""
         return ()
 
+    def kernel_layout(self) -> tuple[int, int]:
+        """(key heads Hkv, key width D) of what the attention kernel receives: by default what the
+        cache holds (its first entry); a layer that forms its keys when attending says otherwise."""
+        return next(iter(self.cache_spec().values()))
+
     def rotates_keys_on_read(self) -> bool:
         """True when cached keys are stored unrotated and rotated when read (a shared latent under
         latent RoPE: the values need it unrotated), so the cache must know every key's position."""

@@ -119,9 +119,9 @@ class GroupedQueryAttention(Attention):
             return self
         ref = self.q_proj.weight
         config = {k: v for k, v in self.config().items() if k != "method"}
-        linear = ATTENTION_METHODS[self.method](**{**config, "qk_norm": False})
+        linear = ATTENTION_METHODS[self.method](**{**config, "qk_norm": False}).to(device=ref.device,
+                                                                                  dtype=torch.float64)
         linear.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(("q_norm.", "k_norm."))})
-        linear = linear.to(device=ref.device, dtype=torch.float64)
         for proj, norm, heads in ((linear.q_proj, self.q_norm, self.n_heads),
                                   (linear.k_proj, self.k_norm, self.n_kv_heads)):
             scale = inverse_rms(proj.weight, proj.bias, heads, self.norm_eps, input_cov)      # (heads,)

@@ -293,7 +293,7 @@ class TuckerAttention(Attention):
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d) -> Q (B, H, T, r3) = (x U2) G[i] for every head."""
         batch, steps, _ = x.shape
-        (r1, r2, r3), heads = self.ranks, self.n_heads
+        (r1, r2, r3), heads = self.core.shape, self.n_heads                         # r3: the query width
         xq = (x @ self.U2).reshape(batch * steps, r2)                              # (N, r2)
         layout = self._derived("G")
         if layout is None and _factored_first(batch * steps, heads, r1, r2, r3):

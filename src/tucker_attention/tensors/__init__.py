@@ -35,12 +35,15 @@ from .convert import (
     to_tucker,
     whitening,
 )
+from .heads import heads_form_applies, to_tucker_heads, truncate_heads
 from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, check_finite, factored_hosvd
 
 __all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "SettingPlan", "TuckerTensor",
            "allocate_ranks", "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer",
-           "converted_cost", "energy_rank", "factored_hosvd", "hooi", "hosvd", "input_transform", "layer_cost",
+           "converted_cost", "energy_rank", "factored_hosvd", "heads_form_applies", "hooi", "hosvd",
+           "input_transform", "layer_cost",
            "mha_to_gqa", "mha_to_mla", "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank",
-           "plan_ranks", "plan_setting", "plan_uniform", "relative_error", "to_tucker", "top_eigenvectors",
+           "plan_ranks", "plan_setting", "plan_uniform", "relative_error", "to_tucker", "to_tucker_heads",
+           "top_eigenvectors", "truncate_heads",
            "tucker_param_count",
            "tucker_to_tensor", "unfold", "whitening"]
