@@ -13,11 +13,12 @@ from .layers import (
     MultiHeadLatentAttention,
     MultiQueryAttention,
     TuckerAttention,
+    TuckerHeadsAttention,
     make_attention,
 )
 
 __version__ = "0.1.0"
 
 __all__ = ["Attention", "GroupedQueryAttention", "KVCache", "MultiHeadAttention", "MultiHeadLatentAttention",
-           "MultiQueryAttention", "TuckerAttention", "attention_param_count", "kv_cache_bytes_per_token",
-           "kv_cache_floats_per_token", "make_attention"]
+           "MultiQueryAttention", "TuckerAttention", "TuckerHeadsAttention", "attention_param_count",
+           "kv_cache_bytes_per_token", "kv_cache_floats_per_token", "make_attention"]

@@ -104,6 +104,8 @@ def setting_label(method: str, ranks, value_ranks=None) -> str:
                 return f"per-layer ranks ({len(ranks)} layers)"
             ranks, value_ranks = ranks[0], value_ranks[0] if value_ranks is not None else None
         return f"ranks {tuple(ranks)}" + (f" / {tuple(value_ranks)}" if value_ranks is not None else "")
+    if isinstance(ranks, list):                          # one setting per layer
+        return f"per-layer {'n_kv_heads' if method == 'gqa' else 'kv_rank'} ({len(ranks)} layers)"
     if method == "gqa":
         return f"n_kv_heads {ranks}"
     return f"kv_rank {ranks[0]}, q_rank {ranks[1]}" if isinstance(ranks, (tuple, list)) else f"kv_rank {ranks}"
