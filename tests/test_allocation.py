@@ -56,6 +56,8 @@ def test_levels_change_the_kv_width_by_even_steps_within_the_source():
     assert level_setting("mla", ((12, 20), None), 1) == ((16, 20), None)      # steps of 4
     assert level_setting("mla", (12, None), -2) == (4, None)
     assert levels_allowed("mla", (30, None), source) == (-2, 0)  # kv_rank at most keys + values = 32
+    shared = make_attention("mla", d_model=32, n_heads=4, kv_rank=16)  # one latent serves keys and values
+    assert levels_allowed("mla", (8, None), shared) == (-2, 2) and levels_allowed("mla", (16, None), shared) == (-2, 0)
 
 
 @pytest.fixture(scope="module")

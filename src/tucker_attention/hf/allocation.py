@@ -71,12 +71,15 @@ def _fits(method: str, layer, setting: tuple) -> bool:
     its cache no wider than the source's, key side and value side each."""
     ranks, value_ranks = setting
     spec = layer.cache_spec()
+    total = sum(h * w for h, w in spec.values())
     keys, values = (sum(h * w for name, (h, w) in spec.items() if name in side) for side in (("k",), ("v",)))
+    if not keys:                                       # one shared latent serves as both
+        keys = values = total
     if method == "tucker":
         (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks
         return 2 <= r3 <= min(layer.d_model, r1 * r2, keys) and 1 <= v3 <= min(layer.d_model, v1 * v2, values)
     kv_rank = ranks[0] if isinstance(ranks, tuple) else ranks
-    return 2 <= kv_rank <= keys + values
+    return 2 <= kv_rank <= total
 
 
 def levels_allowed(method: str, setting: tuple, layer) -> tuple[int, int]:

@@ -230,6 +230,16 @@ class Attention(nn.Module, ABC):
         latent q/k norms can be its norms), so a full-rank conversion need not linearize it."""
         return False
 
+    def keeps_key_heads(self) -> bool:
+        """Whether this layer has per-head q/k norms that a :class:`~.tucker_heads.TuckerHeadsAttention`
+        keeps exactly (:meth:`key_heads_form`); from its structure alone (meta layers answer too)."""
+        return False
+
+    def key_heads_form(self) -> dict:
+        """What :func:`tucker_attention.tensors.to_tucker_heads` builds from, float64: {'query' (H*D, d),
+        'key' (Hkv*D, d) projection weights, 'q_gain', 'k_gain' (D,); 'key_heads', 'head_dim', 'norm_eps'}."""
+        raise TypeError(f"{type(self).__name__} has no per-head q/k norms to keep as key heads")
+
     def linearized(self, input_cov: torch.Tensor | None = None) -> Attention:
         """The nearest linear layer (this one when it is linear). ``input_cov`` (d, d): the second
         moment of the layer's inputs, which a linearization may use to estimate norm scales."""

@@ -202,6 +202,20 @@ class GroupedQueryAttention(Attention):
     def exact_with_norms(self) -> bool:
         return self.q_norm is not None and self.n_kv_heads == 1
 
+    def keeps_key_heads(self) -> bool:
+        """q/k norms on whole heads (no partial RoPE) and no projection biases."""
+        return (self.q_norm is not None and self.q_proj.bias is None
+                and self.config().get("rope_dim") in (None, self.head_dim))
+
+    def key_heads_form(self) -> dict:
+        if not self.keeps_key_heads():
+            reason = "no q/k norms" if self.q_norm is None else "projection biases or partial head RoPE"
+            raise ValueError(f"this layer's q/k norms are not kept as key heads: it has {reason}")
+        weight = {name: t.detach().to("cpu", torch.float64) for name, t in self.named_parameters()}
+        return {"query": weight["q_proj.weight"], "key": weight["k_proj.weight"], "q_gain": weight["q_norm.weight"],
+                "k_gain": weight["k_norm.weight"], "key_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "norm_eps": self.norm_eps}
+
     def _passed_out_bias(self, p: dict) -> torch.Tensor | None:
         """The output bias with the value biases passed through softmax (None without biases)."""
         if "o_proj.bias" not in p:

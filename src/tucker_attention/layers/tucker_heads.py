@@ -116,6 +116,9 @@ class TuckerHeadsAttention(TuckerAttention):
             with torch.no_grad():
                 self.head_scale.fill_(1.0)
 
+    def keeps_key_heads(self) -> bool:
+        return False                                 # it is the form: truncated() lowers its ranks
+
     def kernel_layout(self) -> tuple[int, int]:
         return self.key_heads, self.head_dim
 
@@ -140,16 +143,16 @@ class TuckerHeadsAttention(TuckerAttention):
         raise TypeError(f"{type(self).__name__} rotates its key heads, not its latent: it has no RoPE pairs")
 
     @classmethod
-    def holding(cls, like: Attention, ranks, value_ranks, values: dict[str, torch.Tensor]) -> TuckerHeadsAttention:
-        """A layer with ``like``'s structure (a q/k-norm GQA layer or a TuckerHeadsAttention: heads, key
-        heads, head_dim, RoPE, scale, norms) at these ranks, holding ``values`` (float64), in ``like``'s
-        dtype, device and mode."""
+    def holding(cls, like: Attention, ranks, value_ranks, values: dict[str, torch.Tensor], *, key_heads: int,
+                head_dim: int, norm_eps: float) -> TuckerHeadsAttention:
+        """A layer with ``like``'s d_model, heads, RoPE, scale, dropout and causality and these key heads,
+        head_dim and norm epsilon, at these ranks, holding ``values`` (float64, q/k norm gains included),
+        in ``like``'s dtype, device and mode."""
         with torch.device("meta"):                                   # no init work, no draw from the RNG
-            new = cls(like.d_model, like.n_heads, ranks, value_ranks=value_ranks,
-                      key_heads=getattr(like, "key_heads", None) or like.n_kv_heads, head_dim=like.head_dim,
-                      causal=like.causal, rope=like.rope, dropout=like.dropout, scale=like.scale,
-                      rope_base=like.rope_base, rope_freqs=like.config().get("rope_freqs"),
-                      qk_norm=like.q_norm is not None, norm_eps=like.norm_eps)
+            new = cls(like.d_model, like.n_heads, ranks, value_ranks=value_ranks, key_heads=key_heads,
+                      head_dim=head_dim, causal=like.causal, rope=like.rope, dropout=like.dropout,
+                      scale=like.scale, rope_base=like.rope_base, rope_freqs=like.config().get("rope_freqs"),
+                      qk_norm="q_norm.weight" in values, norm_eps=norm_eps)
         return new.to_empty(device="cpu").assign_parameters(values, like=like).train(like.training)
 
     def truncated(self, ranks: tuple[int, int, int], value_ranks: tuple[int, int, int]) -> TuckerHeadsAttention:

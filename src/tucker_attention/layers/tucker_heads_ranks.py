@@ -63,7 +63,8 @@ def truncate_heads(layer, ranks, value_ranks):
         shrink = (kept_q * kept_k.repeat_interleave(group)).clamp(min=1e-12).sqrt()
         values["q_norm.weight"], values["k_norm.weight"] = gains
         values["head_scale"] = p["head_scale"] * shrink
-    return type(layer).holding(layer, ranks, value_ranks, values)
+    return type(layer).holding(layer, ranks, value_ranks, values, key_heads=layer.key_heads, head_dim=layer.head_dim,
+                               norm_eps=layer.norm_eps)
 
 
 def _eigenvectors(gram: torch.Tensor) -> torch.Tensor:
