@@ -87,8 +87,8 @@ def test_tucker_param_count_formula():
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "give a budget"),
     ({"params": 1.0, "kv": 1}, "kv budget 1 is below the smallest Tucker setting"),     # both must hold
-    ({"params": -3}, "params must be a positive count"),
-    ({"kv": True}, "kv must be a positive count"),
+    ({"params": -3}, "params must be a positive whole count"),
+    ({"kv": True}, "kv must be a positive whole count"),
     ({"params": 10}, "below the smallest Tucker setting"),
 ])
 def test_bad_budgets(kwargs, match):

@@ -298,7 +298,7 @@ def test_distill_command_writes_a_plain_folder_and_refuses_bad_input(folders, tm
         assert not bad.exists() and not (tmp_path / "bad.run").exists()
 
     refused([str(folders / "original"), str(tmp_path / "missing")], "CONVERTED", "not a folder")
-    refused([str(folders / "original"), str(folders / "original")], "CONVERTED", "not a readable converted model")
+    refused([str(folders / "original"), str(folders / "original")], "CONVERTED", "holds no converted model")
     refused([str(folders / "original"), str(folders / "other")], "CONVERTED", "converted from another model")
     refused([str(tmp_path / "nowhere"), str(folders / "converted")], "ORIGINAL")
     corrupt = tmp_path / "corrupt"

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..layers import make_attention
 from .blocks import HFAttention
 from .cache import SharedRope
+from .folder_checks import EDITED, ConvertedFolderError, build_layer, check_layout, in_body, loaded_checks, where
+from .readable import check_readable
 
 CONFIG_FILE = "configuration_tucker_attention.py"
 MODELING_FILE = "modeling_tucker_attention.py"
@@ -42,6 +43,8 @@ FAMILIES = ("bert", "roberta", "xlm-roberta", "gpt2", "llama", "mistral", "qwen2
             "gemma3_text", "phi3", "gpt_neox", "deepseek_v2", "deepseek_v3", "vit")
 #: Config fields a serving layout rewrites; the original values rebuild the skeleton.
 LAYOUT_FIELDS = ("num_key_value_heads", "head_dim")
+#: ids of the configs whose skeleton is being built (a head model builds its base model inside).
+_BUILDING: set[int] = set()
 
 
 def _transformers():
@@ -92,9 +95,34 @@ class TuckerModelMixin:
         if not spec:
             raise ValueError(f"{type(self).__name__} needs a converted config (with tucker_attention); "
                              f"convert a model with tucker_attention.hf.convert")
-        with source_layout(config):
-            super().__init__(config, *args, **kwargs)
+        nested = id(config) in _BUILDING                   # a head model building its base model inside
+        _BUILDING.add(id(config))
+        try:
+            with source_layout(config):
+                super().__init__(config, *args, **kwargs)
+        finally:
+            if not nested:
+                _BUILDING.discard(id(config))
         install_blocks(self, spec)
+        if not nested:                                     # the config shows its own layout again
+            check_layout(config, spec, [self.get_submodule(_resolve(self, p)).layer for p in spec["blocks"]])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, refusing a folder whose weights do not all load as its
+        config declares (:func:`~.folder_checks.loaded_checks`: no tensor of ours is left uninitialised)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        ignores = kwargs.pop("ignore_mismatched_sizes", False)     # a new head's shape may differ; the body's not
+        local = isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            pretrained_model_name_or_path)
+        if local:
+            check_readable(pretrained_model_name_or_path)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        mismatched = [m for m in info.get("mismatched_keys", ()) if not ignores or in_body(model, m[0])]
+        loaded_checks(model, {**info, "mismatched_keys": mismatched}, str(pretrained_model_name_or_path),
+                      same_head=cls.__bases__[1].__name__ == model.config.tucker_attention.get("model_class"))
+        return (model, info) if wants_info else model
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel"):
@@ -238,7 +266,11 @@ def install_blocks(model: nn.Module, spec: dict) -> None:
     """Put a fresh :class:`HFAttention` for every block of ``spec`` into ``model`` (weights to be loaded)."""
     rope_source = SharedRope()
     for path, facts in spec["blocks"].items():
-        place_block(model, path, make_attention(**facts["layer"]), facts, rope_source)
+        try:
+            _resolve(model, path)
+        except ValueError as err:
+            raise ConvertedFolderError(f"{where(model.config)}: {err}; {EDITED}") from None
+        place_block(model, path, build_layer(model.config, path, facts), facts, rope_source)
 
 
 def converted_class(model: nn.Module) -> type:

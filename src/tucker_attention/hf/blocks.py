@@ -145,3 +145,17 @@ class HFAttention(nn.Module):
         kwargs.pop("position_embeddings", None)
         y = self.layer(x, cache=ours, rope=rope, kernel=self._kernel(attention_mask, kwargs))
         return self.resid_dropout(y), None
+
+
+def layout_of(layers: list[Attention]) -> dict | None:
+    """The serving layout ``layers`` cache, {'num_key_value_heads': 1, 'head_dim': width}, when every
+    layer caches one key head and one value head of one common width (Tucker with r3~ = r3, not
+    shared: keys rotated as they are cached); None for encoders and other layouts (per-layer widths,
+    a shared latent stored once, keys formed when read)."""
+    specs = [layer.cache_spec() for layer in layers]
+    widths = {w for spec in specs for _, w in spec.values()}
+    if (not all(layer.causal for layer in layers) or len(widths) != 1
+            or not all(list(spec) == ["k", "v"] and {h for h, _ in spec.values()} == {1} for spec in specs)
+            or any(layer.kernel_layout() != spec["k"] for layer, spec in zip(layers, specs))):   # keys formed on read
+        return None
+    return {"num_key_value_heads": 1, "head_dim": widths.pop()}

@@ -34,10 +34,12 @@ from ..tensors import RankPlan, convert_layer, heads_form_applies, input_transfo
 from ..tensors import plan_ranks as tensor_plan_ranks
 from ..tensors import plan_uniform as tensor_plan_uniform
 from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
-from .blocks import HFAttention
+from .blocks import HFAttention, layout_of
 from .cache import SharedRope
 from .calibration import BlockStatistics
 from .compute import release_memory
+from .folder_checks import ConvertedFolderError
+from .readable import check_readable
 from .reading import Block, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
@@ -285,19 +287,12 @@ def block_facts(block: Block, layer: Attention) -> dict:
 
 
 def serving_layout(config, layers: list[Attention]) -> dict:
-    """The config a paged-attention server sizes its KV cache from (``num_key_value_heads``,
-    ``head_dim``), set in place when every layer caches one key head and one value head of one
-    common width (Tucker with r3~ = r3, not shared: keys rotated as they are cached); returns
-    {'serving': {...} or None, 'source_layout': the original values, restored to rebuild the
-    skeleton; fields it lacked are left out}. Encoders and other layouts (per-layer widths, a shared
-    latent stored once) keep the config."""
-    specs = [layer.cache_spec() for layer in layers]
-    widths = {w for spec in specs for _, w in spec.values()}
-    if (not all(layer.causal for layer in layers) or len(widths) != 1
-            or not all(list(spec) == ["k", "v"] and {h for h, _ in spec.values()} == {1} for spec in specs)
-            or any(layer.kernel_layout() != spec["k"] for layer, spec in zip(layers, specs))):   # keys formed on read
+    """The config a paged-attention server sizes its KV cache from (:func:`~.blocks.layout_of`), set in place;
+    returns {'serving': the layout or None, 'source_layout': the original values, restored to rebuild
+    the skeleton; fields it lacked are left out}."""
+    layout = layout_of(layers)
+    if layout is None:
         return {"serving": None}
-    layout = {"num_key_value_heads": 1, "head_dim": widths.pop()}
     source = {name: getattr(config, name) for name in layout if name in vars(config)}  # absent: rebuilt absent
     for name, value in layout.items():
         setattr(config, name, value)
@@ -333,8 +328,13 @@ def load_converted(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a converted model folder: config.json is missing "
                                 f"(write one with model.save_pretrained after tucker_attention.hf.convert)")
+    check_readable(path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     spec = getattr(config, "tucker_attention", None)
+    if spec and not config.model_type.startswith("tucker_"):
+        raise ConvertedFolderError(f"{str(path)!r}: config.json has a tucker_attention section but model_type "
+                                   f"{config.model_type!r}, which builds the original attention with random weights; "
+                                   f"restore model_type 'tucker_{config.model_type}'")
     if not spec and (path / SPEC_FILE).is_file():                  # the older folder layout
         spec = json.loads((path / SPEC_FILE).read_text())
         config.tucker_attention = spec

@@ -32,8 +32,10 @@ def plan_setting(model: nn.Module, method: str, *, params=None, kv=None):
 
 def _budget_count(argument: str, value, total: int) -> int:
     """A fraction 0 < F <= 1 of ``total``, or an absolute count F > 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConvertError(argument, f"must be a fraction in (0, 1] of the source's or a count > 1, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            or value > 1 and value != int(value)):
+        raise ConvertError(argument, f"must be a fraction in (0, 1] of the source's or a whole count > 1, got "
+                                     f"{value!r}")
     return max(1, int(value * total)) if value <= 1 else int(value)
 
 
@@ -43,8 +45,19 @@ def _describe_budget(argument: str, value, limit: int, total: int) -> str:
     return f"{share} ({limit / total:.3f} of the source's)" if value > 1 else share
 
 
-def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> None:
-    """Ranks against every block's dimensions; ConvertError('ranks' / 'value_ranks') otherwise."""
+def tucker_highs(layer) -> tuple[tuple, tuple, bool]:
+    """(largest ranks, largest value ranks, whether they are the exact latent-RoPE form's) of a block:
+    (n_heads, d_model, d_model), or for a RoPE layer its exact form's ranks (the full-rank conversion)."""
+    if layer.rope is None:
+        highs = (layer.n_heads, layer.d_model, layer.d_model)
+        return highs, highs, False
+    exact = to_tucker(layer.linearized())
+    return tuple(exact.ranks), tuple(exact.value_ranks), True
+
+
+def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> bool:
+    """Ranks against every block's dimensions; ConvertError('ranks' / 'value_ranks') otherwise.
+    Returns whether the ranks are every block's full ranks (:func:`tucker_highs`; tucker only)."""
     def ints(argument, values, n):
         values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
         if len(values) not in n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -55,23 +68,22 @@ def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> None:
         checks = [("ranks", ints("ranks", ranks, (3,)))]
         if value_ranks is not None:
             checks.append(("value_ranks", ints("value_ranks", value_ranks, (3,))))
+        full = True
         for path, layer in layers.items():
-            highs = (layer.n_heads, layer.d_model, layer.d_model)
-            exact = to_tucker(layer.linearized()) if layer.rope is not None else None
+            rank_highs, value_highs, exact = tucker_highs(layer)
             for argument, values in checks:
-                if exact is not None:                 # RoPE exact: at most the exact latent form's ranks
-                    highs = exact.ranks if argument == "ranks" else exact.value_ranks
+                highs = rank_highs if argument == "ranks" else value_highs
                 for i, (r, high) in enumerate(zip(values, highs)):
                     if r > high:
-                        mode = "n_heads" if i == 0 else "d_model" if exact is None else "the exact form's"
-                        what = ("the exact latent-RoPE form's ranks" if exact is not None
-                                else "(n_heads, d_model, d_model)")
+                        mode = "n_heads" if i == 0 else "d_model" if not exact else "the exact form's"
+                        what = "the exact latent-RoPE form's ranks" if exact else "(n_heads, d_model, d_model)"
                         raise ConvertError(argument, f"{values}: r{i + 1}={r} exceeds {mode}={high} of block {path} "
                                                      f"(Tucker ranks are at most {what} = {highs})")
             if layer.rope is not None and checks[0][1][2] % 2:
                 raise ConvertError("ranks", f"{checks[0][1]}: r3 must be even, block {path} uses RoPE (latent RoPE "
                                             f"rotates pairs of the r3 coordinates)")
-        return
+            full = full and checks[0][1] == rank_highs and checks[-1][1] == value_highs
+        return full
     if value_ranks is not None:
         raise ConvertError("value_ranks", f"value ranks are for --method tucker, not {method}")
     if method == "gqa":
@@ -164,7 +176,8 @@ def _normalized_ranks(method: str, ranks, value_ranks, layers: dict):
         ranks = tuple(ranks) if len(ranks) > 1 else ranks[0]
     elif isinstance(ranks, (tuple, list)) and len(ranks) == 1:
         ranks = ranks[0]
-    check_setting(layers, method, ranks, value_ranks)
+    if check_setting(layers, method, ranks, value_ranks):
+        return None, None                              # every block's full ranks: the exact conversion
     return ranks, value_ranks
 
 

@@ -292,8 +292,8 @@ class _Run:
             self.guard = NonFiniteGuard(cfg.max_bad_steps, setting="max_bad_steps", bad_steps=self.bad)
         else:
             self._start_phase(_phase(0, cfg))
-            if self.rank == 0:
-                write_json_atomic(self.run_dir / "config.json", dataclasses.asdict(cfg))
+        if self.rank == 0:                       # a resumed run records the settings it now runs with
+            write_json_atomic(self.run_dir / "config.json", dataclasses.asdict(cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.rank == 0, self.step if resume else None)
         self.bar = _bar(last, self.step, cfg.progress and self.rank == 0, self.run_dir.name)
         try:

@@ -21,7 +21,7 @@ from .._files import write_folder
 from .._table import text_table
 from .compute import float32_compute
 from .distill import DistillConfig, check_pair, distill
-from .distill_data import load_data
+from .distill_data import check_prepared_kind, load_data
 from .distill_losses import trained_modules
 from .fidelity import greedy_reply
 from .model_text import kept_samples
@@ -30,20 +30,62 @@ from .source_model import ConvertError, _read_config, _source_dtype, load_source
 PROMPT = "What is the capital of France?"
 
 
-def _load_student(converted) -> tuple:
-    from safetensors import SafetensorError
-
-    from .convert import load_converted
-
+def _converted_config(converted) -> tuple[Path, dict]:
+    """(folder, its config.json) of the converted folder, checked to be one."""
     path = Path(converted)
     if not path.is_dir():
         raise ConvertError("converted", f"{str(path)!r} is not a folder (give the folder tucker-attn convert wrote)")
     try:
-        stored = _source_dtype(_read_config(path))
+        config = _read_config(path)
+    except ConvertError as err:
+        raise ConvertError("converted", err.message) from None
+    if not config.get("tucker_attention"):
+        raise ConvertError("converted", f"{str(path)!r} holds no converted model (its config.json has no "
+                                        f"tucker_attention); give the folder tucker-attn convert wrote")
+    return path, config
+
+
+def _load_student(path: Path, config: dict) -> tuple:
+    from .convert import load_converted
+
+    stored = _source_dtype(config)
+    try:
         model = load_converted(path, dtype=stored)          # bf16 stays bf16; what trains becomes float32 later
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
-        raise ConvertError("converted", f"{str(path)!r} is not a readable converted model: {err}") from None
-    return path, model, stored
+    except Exception as err:          # a damaged or edited folder: the loaders say what (one line)
+        raise ConvertError("converted", f"{str(path)!r} is not a readable converted model: "
+                                        f"{' '.join(str(err).split())}") from None
+    return model, stored
+
+
+def _check_first(config: dict, data, run_dir: Path, settings: DistillConfig) -> None:
+    """What needs no model, checked before either loads: the run folder is free, ``--seq-len`` fits
+    the model's positions, ``--data`` exists and is readable text or a prepared folder of a
+    transformers tokenizer (its ids are checked against the model's once it is loaded)."""
+    from ..data.prepared import is_prepared, read_meta
+    from ..training.lock import RunFolderError, RunLock
+    from .fidelity import _text_split
+
+    try:
+        RunLock(run_dir).check_free()
+    except RunFolderError as err:
+        raise ConvertError("run_dir", str(err)) from None
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(positions, int) and settings.seq_len > positions:
+        raise ConvertError("seq_len", f"{settings.seq_len} tokens exceed the model's {positions} positions "
+                                      f"(max_position_embeddings in its config.json); give at most {positions}")
+    if data is None:
+        return
+    if is_prepared(data):
+        try:
+            kind = read_meta(Path(data))["tokenizer"]["kind"]
+        except (ValueError, OSError, KeyError) as err:
+            raise ConvertError("data", f"{str(data)!r} is not a readable prepared folder: {err}") from None
+        check_prepared_kind(data, kind)
+        return
+    try:
+        _text_split(data)
+    except ConvertError as err:
+        raise ConvertError("data", err.message) from None
 
 
 def _run_dir(run_dir, out: Path, resume: bool, overwrite: bool) -> Path:
@@ -84,9 +126,11 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
     from .convert_command import _check_out, _save
 
     start = time.perf_counter()
-    student_path, student, stored_dtype = _load_student(converted)
+    student_path, student_config = _converted_config(converted)
     out = _check_out(out, student_path, overwrite)
     run_dir = _run_dir(run_dir, out, resume, overwrite)
+    _check_first(student_config, data, run_dir, config)
+    student, stored_dtype = _load_student(student_path, student_config)
     try:
         source = load_source(original, dtype="stored")       # held once, in its stored dtype (shared with the student)
     except ConvertError as err:

@@ -48,13 +48,19 @@ class TokenData:
         return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(EVAL_BATCH)]
 
 
+def check_prepared_kind(path, kind: str | None) -> None:
+    """A prepared folder holds the ids of a transformers tokenizer (a char or byte one is not the model's)."""
+    if kind != "transformers":
+        raise ConvertError("data", f"{str(path)!r} holds ids of the {kind!r} tokenizer, not the model's; prepare it "
+                                   f"again with the model's tokenizer (tucker-attn prepare-data SRC --tokenizer "
+                                   f"CONVERTED_FOLDER --out DIR)")
+
+
 def _check_tokenizer(tokenizer, corpus, path: Path, vocab_size: int) -> None:
     """The prepared folder's tokenizer must encode like the model's and fit its vocabulary."""
     if tokenizer is None:
         raise ConvertError("data", "the original model has no tokenizer to check the prepared folder against")
-    if getattr(corpus.tokenizer, "kind", None) != "transformers":
-        raise ConvertError("data", f"{str(path)!r} holds ids of a {corpus.tokenizer.kind!r} tokenizer, not the "
-                                   f"model's; prepare it with --tokenizer set to the model's tokenizer folder")
+    check_prepared_kind(path, getattr(corpus.tokenizer, "kind", None))
     theirs = corpus.tokenizer.encode_ids(PROBE)
     ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
     if list(theirs) != list(ours) or corpus.tokenizer.vocab_size > vocab_size:
@@ -73,7 +79,7 @@ def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> 
 
     if path is not None and is_prepared(path):
         try:
-            corpus = open_prepared(path, tokenizer="transformers")
+            corpus = open_prepared(path)
         except (ValueError, OSError, KeyError) as err:
             raise ConvertError("data", f"{str(path)!r} is not a readable prepared folder: {err}") from None
         _check_tokenizer(tokenizer, corpus, Path(path), vocab_size)
@@ -82,7 +88,10 @@ def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> 
         return data
     if tokenizer is None:
         raise ConvertError("data", "text needs the model's tokenizer, and the original model has none")
-    train, held_out, what = _text_split(path)
+    try:
+        train, held_out, what = _text_split(path)
+    except ConvertError as err:                       # the user typed --data
+        raise ConvertError("data", err.message) from None
 
     def ids(text: str) -> torch.Tensor:              # in pieces of whole lines (no over-long sequence warning)
         lines, pieces, size = text.splitlines(keepends=True), [], 0

