@@ -305,3 +305,13 @@ def test_explicit_full_ranks_are_the_exact_conversion(tmp_path, monkeypatch):
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "written" /
                                                                                   "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_the_gate_reads_intact_pickled_checkpoints_of_either_format(tmp_path, zipped):
+    """A legacy (non-zip) checkpoint has no zip to memory-map: it is read without, not called damaged."""
+    from tucker_attention.hf.readable import check_pickle
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.randn(3, 3)}, path, _use_new_zipfile_serialization=zipped)
+    check_pickle(path)

@@ -1,7 +1,8 @@
 """A converted folder loads as what its config declares, or not at all.
 
-Checked when a converted model is built (:func:`build_checks`, any way it is built: ``from_pretrained``
-plain or with ``trust_remote_code``, ``from_config``, :func:`~.convert.load_converted`): every block
+Checked when a converted model is built (:func:`build_layer`, :func:`check_layout`; any way it is
+built: ``from_pretrained`` plain or with ``trust_remote_code``, ``from_config``,
+:func:`~.convert.load_converted`): every block
 of ``config.tucker_attention`` builds its layer, and a serving layout (``num_key_value_heads``,
 ``head_dim``) in the config is the one the layers cache. Checked when weights are read
 (:func:`loaded_checks`, from ``from_pretrained``'s loading report and the files' headers): no
@@ -48,7 +49,9 @@ def build_layer(config, path: str, facts: dict):
 
 def check_layout(config, spec: dict, layers: list) -> None:
     """The serving layout the config declares is the one ``layers`` cache (see :func:`~.blocks.layout_of`)."""
-    declared, cached = spec.get("serving"), layout_of(layers)
+    if "serving" not in spec:                   # a folder older than serving layouts: nothing declared
+        return
+    declared, cached = spec["serving"], layout_of(layers)
     if declared != cached:
         raise ConvertedFolderError(f"{where(config)}: config.json's tucker_attention declares the serving layout "
                                    f"{declared} but its layers cache {cached}; {EDITED}")
@@ -119,7 +122,8 @@ def check_stored_dtypes(folder: str, spec: dict) -> None:
     config = path / "config.json"
     if not config.is_file():
         return
-    declared = json.loads(config.read_text()).get("dtype") or json.loads(config.read_text()).get("torch_dtype")
+    fields = json.loads(config.read_text())
+    declared = fields.get("dtype") or fields.get("torch_dtype")
     want = SAFETENSORS_DTYPES.get(str(declared).replace("torch.", ""))
     if want is None:
         return

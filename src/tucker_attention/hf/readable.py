@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 #: JSON files a model folder may hold that transformers parses.
@@ -51,8 +52,8 @@ def check_pickle(path: Path) -> None:
     """A pickled checkpoint unpickles with ``weights_only=True`` (tensors onto the meta device)."""
     import torch
 
-    try:
-        torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    try:                                # mmap reads a zip checkpoint's structure only; a legacy one has no zip
+        torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise DamagedFileError(path, f"a pickle that weights_only loading refuses (it could run code): "
                                      f"{_one_line(err).split(' Check the documentation')[0]}") from None
