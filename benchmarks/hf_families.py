@@ -1,6 +1,6 @@
 """Per decoder family: how exact reading and conversion are, and the cache a converted model holds.
 
-On the tiny random float64 model of every family (``tucker_attention.hf.tiny``), with a
+On the tiny random float64 model of every family (``tests/tiny.py``), with a
 calibration batch of random tokens (no padding), it measures
 
 - read: max |our layer(x) - the original attention block(x)| over every block, block inputs
@@ -20,14 +20,18 @@ calibration batch of random tokens (no padding), it measures
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # tests/tiny.py: the tiny models
+from tiny import FAMILIES, VOCAB, block_io, build, window_mask  # noqa: E402
 
 from tucker_attention._table import text_table
 from tucker_attention.accounting import kv_cache_floats_per_token
 from tucker_attention.hf import attention_layers, convert, convert_block, converted_blocks, find_blocks
-from tucker_attention.hf.tiny import FAMILIES, VOCAB, block_io, build, window_mask
 
 
 def kv_quarter(layer, method: str):

@@ -6,7 +6,7 @@
     python benchmarks/pretrained.py --recover --rows tucker-kv-1/4-p50 mla-kv-1/4 gqa-1   # + distillation
     python benchmarks/pretrained.py --curve RUN/summary.json        # a tucker-attn distill run's curve
 
-Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.convert_settings.convert_model`:
+Every row is ``tucker-attn convert``'s own pipeline (:func:`tucker_attention.hf.conversion.settings.convert_model`:
 the plan, the measured choice of partial RoPE and key width, activation-aware conversion) on one
 loaded model and one set of calibration statistics. Calibration: pieces of the built-in
 Shakespeare plays outside the held-out plays; every choice is measured on those. Evaluation:
@@ -14,7 +14,7 @@ pieces of the held-out plays, never seen before: next-token KL and top-1 agreeme
 original, each model's perplexity, and the KL again on longer pieces (``--long-len``); then the greedy
 answer to one chat prompt.
 
-``--recover``: each row is then distilled from the original (:func:`tucker_attention.hf.distill.distill`,
+``--recover``: each row is then distilled from the original (:func:`tucker_attention.hf.distillation.distill.distill`,
 what ``tucker-attn distill`` runs: per-layer output matching, then end-to-end logit KL) on windows
 of its default data (the plays joined by the model's own calibration samples), and measured again
 after each phase on the same held-out pieces and kinds of text; the
@@ -62,7 +62,7 @@ HELD_OUT_SAMPLES_SEED = 2_000_000
 
 
 def greedy_answer(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
-    from tucker_attention.hf.fidelity import greedy_reply
+    from tucker_attention.hf.conversion.fidelity import greedy_reply
 
     return greedy_reply(model, tokenizer, prompt, tokens)
 
@@ -78,7 +78,7 @@ def write_json(path: Path, data: dict) -> None:
 def scores(model, converted, tokenizer, data: dict) -> dict:
     """Held-out KL, top-1 and perplexity (short pieces), KL on the long pieces, the same on every
     other kind of held-out text (``kinds``), the greedy answers."""
-    from tucker_attention.hf.fidelity import fidelity
+    from tucker_attention.hf.conversion.fidelity import fidelity
 
     short = fidelity(model, converted, data["eval"], "decoder")
     long = fidelity(model, converted, data["long"], "decoder")
@@ -95,8 +95,8 @@ def scores(model, converted, tokenizer, data: dict) -> dict:
 def measure(key: str, label: str, method: str, options: dict, source: dict, data: dict,
             allocation: str = "auto") -> tuple[dict, object]:
     """(the row, the converted model)."""
-    from tucker_attention.hf.convert_settings import convert_model
-    from tucker_attention.hf.fidelity import attention_summary
+    from tucker_attention.hf.conversion.fidelity import attention_summary
+    from tucker_attention.hf.conversion.settings import convert_model
 
     model, tokenizer = source["model"], source["tokenizer"]
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def measure(key: str, label: str, method: str, options: dict, source: dict, data
 def recover(converted, source: dict, data: dict, config, run_dir: Path) -> dict:
     """Distil ``converted`` from the source: the scores after the per-layer phase and after the
     end-to-end phase (each with the tokens and seconds it took), and the distillation's history."""
-    from tucker_attention.hf.distill import distill
+    from tucker_attention.hf.distillation.distill import distill
 
     model, tokenizer = source["model"], source["tokenizer"]
     result = {"config": dataclasses.asdict(config)}
@@ -289,8 +289,8 @@ def held_out_kinds(model, tokenizer, n: int, seq_len: int) -> tuple[dict, dict]:
     plays, CPython's documentation text, standard-library code, and the model's own samples from
     seeds no calibration uses; ``n`` pieces of at most ``seq_len`` tokens each."""
     from tucker_attention.data.local_text import python_code, python_docs
-    from tucker_attention.hf.fidelity import _id_batches, _pad_id, _token_batches, make_inputs
-    from tucker_attention.hf.model_text import sample_ids
+    from tucker_attention.hf.conversion.fidelity import _id_batches, _pad_id, _token_batches, make_inputs
+    from tucker_attention.hf.conversion.model_text import sample_ids
 
     _, plays, _ = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=n, seq_len=seq_len, model_text=0.0)
     chars = 4 * seq_len
@@ -307,10 +307,10 @@ def held_out_kinds(model, tokenizer, n: int, seq_len: int) -> tuple[dict, dict]:
 
 def load(args) -> tuple[dict, dict, dict]:
     """(the source, its data: calibration, evaluation, long pieces, statistics, distillation tokens; the meta)."""
-    from tucker_attention.hf.calibration import attention_statistics
-    from tucker_attention.hf.distill_data import load_data
-    from tucker_attention.hf.fidelity import attention_summary, fidelity, make_inputs
-    from tucker_attention.hf.source_model import load_source
+    from tucker_attention.hf.conversion.calibration import attention_statistics
+    from tucker_attention.hf.conversion.fidelity import attention_summary, fidelity, make_inputs
+    from tucker_attention.hf.distillation.data import load_data
+    from tucker_attention.hf.sources.original import load_source
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -367,7 +367,7 @@ def run_row(key: str, label: str, method: str, options: dict, results: dict, arg
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tucker_attention.hf.distill import DistillConfig
+    from tucker_attention.hf.distillation.distill import DistillConfig
 
     args = parse_args(argv)
     if args.curve:

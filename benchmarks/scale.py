@@ -243,7 +243,7 @@ def with_tokenizer(folder: Path) -> Path:
     and ``distill`` trains on the built-in text as for a real model."""
     import transformers
 
-    from tucker_attention.hf.model_files import model_path
+    from tucker_attention.hf.sources.files import model_path
 
     tok = folder.with_name(folder.name + "-tok")
     if (tok / "tokenizer.json").is_file() and (tok / MARKER).is_file() and \

@@ -1,4 +1,4 @@
-"""Per-layer budgets by measured sensitivity (:mod:`tucker_attention.hf.allocation`): the greedy
+"""Per-layer budgets by measured sensitivity (:mod:`tucker_attention.hf.conversion.allocation`): the greedy
 allocation against an exhaustive search, the levels a layer allows, and ``convert`` keeping both
 budgets exactly while spreading the KV across layers of a tiny Llama; and the default pieces such
 choices are measured on (as long as ``seq_len``, 512 tokens, capped at the model's positions)."""
@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tucker_attention.hf.allocation import STEPS, allocate, level_setting, levels_allowed
+from tucker_attention.hf.conversion.allocation import STEPS, allocate, level_setting, levels_allowed
 from tucker_attention.layers import make_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,8 +63,8 @@ def test_levels_change_the_kv_width_by_even_steps_within_the_source():
 @pytest.fixture(scope="module")
 def llama_data():
     T = pytest.importorskip("transformers", reason="needs transformers (extra 'hf')")
-    from tucker_attention.hf.calibration import attention_statistics
-    from tucker_attention.hf.fidelity import make_inputs
+    from tucker_attention.hf.conversion.calibration import attention_statistics
+    from tucker_attention.hf.conversion.fidelity import make_inputs
 
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4,
@@ -80,8 +80,8 @@ def test_measured_allocation_keeps_both_budgets_and_is_kept_only_when_better(lla
     import warnings
 
     from tucker_attention.accounting import attention_param_count, kv_cache_floats_per_token
-    from tucker_attention.hf.convert import converted_blocks
-    from tucker_attention.hf.convert_settings import convert_model
+    from tucker_attention.hf.conversion.convert import converted_blocks
+    from tucker_attention.hf.conversion.settings import convert_model
 
     model, cal, stats = llama_data
     before = {n: p.clone() for n, p in model.state_dict().items()}
@@ -111,7 +111,7 @@ def test_measured_allocation_keeps_both_budgets_and_is_kept_only_when_better(lla
 
 
 def test_measured_allocation_is_refused_where_it_cannot_move_the_kv(llama_data):
-    from tucker_attention.hf.convert_settings import ConvertError, convert_model
+    from tucker_attention.hf.conversion.settings import ConvertError, convert_model
 
     model, cal, stats = llama_data
     with pytest.raises(ConvertError, match="ranks were given"):
@@ -126,7 +126,7 @@ def test_measured_allocation_is_refused_where_it_cannot_move_the_kv(llama_data):
 
 
 def test_default_pieces_are_as_long_as_seq_len_and_fill_a_token_budget(llama_data):
-    from tucker_attention.hf.fidelity import SEQ_LEN, default_sizes, make_inputs
+    from tucker_attention.hf.conversion.fidelity import SEQ_LEN, default_sizes, make_inputs
 
     assert SEQ_LEN == 512 and default_sizes(512) == (16, 8, 2) and default_sizes(128) == (64, 32, 8)
     assert default_sizes(512, images=True) == (64, 16, 8)
@@ -143,12 +143,12 @@ def test_measuring_from_a_layer_on_equals_running_every_layer(llama_data):
     """The layers before a swapped block replay their recorded outputs: the same logits as a full run."""
     import copy
 
-    from tucker_attention.hf.allocation import _Prefix
-    from tucker_attention.hf.auto import place_block
-    from tucker_attention.hf.cache import SharedRope
-    from tucker_attention.hf.convert import block_facts, convert_block
-    from tucker_attention.hf.fidelity import _run
-    from tucker_attention.hf.reading import find_blocks
+    from tucker_attention.hf.conversion.allocation import _Prefix
+    from tucker_attention.hf.conversion.convert import block_facts, convert_block
+    from tucker_attention.hf.conversion.fidelity import _run
+    from tucker_attention.hf.families.reading import find_blocks
+    from tucker_attention.hf.modeling.auto import place_block
+    from tucker_attention.hf.modeling.cache import SharedRope
 
     model, cal, stats = llama_data
     probe = copy.deepcopy(model)
@@ -174,9 +174,9 @@ def test_measuring_from_a_layer_on_equals_running_every_layer(llama_data):
 def test_a_swapped_block_is_restored_with_everything_placing_it_changed():
     """A BERT block's converted layer holds the output projection, so placing it replaces that too."""
     T = pytest.importorskip("transformers")
-    from tucker_attention.hf.auto import block_swapped
-    from tucker_attention.hf.convert import block_facts, convert_block
-    from tucker_attention.hf.reading import find_blocks
+    from tucker_attention.hf.conversion.convert import block_facts, convert_block
+    from tucker_attention.hf.families.reading import find_blocks
+    from tucker_attention.hf.modeling.auto import block_swapped
 
     torch.manual_seed(0)
     model = T.BertModel(T.BertConfig(vocab_size=40, hidden_size=32, num_attention_heads=4, intermediate_size=64,

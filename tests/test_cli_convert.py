@@ -19,7 +19,7 @@ import torch
 T = pytest.importorskip("transformers", reason="tucker-attn convert needs transformers (extra 'hf')")
 
 from tucker_attention.cli import main  # noqa: E402
-from tucker_attention.hf.convert_command import ConvertError, convert_folder  # noqa: E402
+from tucker_attention.hf.conversion.command import ConvertError, convert_folder  # noqa: E402
 from tucker_attention.tensors import converted_cost  # noqa: E402
 
 D, HEADS, LAYERS, VOCAB = 32, 4, 2, 64
@@ -151,7 +151,7 @@ def test_budget_kv_picks_the_largest_gqa_setting(folders, tmp_path):
 
 def test_budget_params_mla_is_largest_within_and_costs_what_it_says(folders, tmp_path):
     from tucker_attention.hf import attention_layers
-    from tucker_attention.hf.convert_command import load_source
+    from tucker_attention.hf.conversion.command import load_source
 
     report = convert_folder(folders["gpt2"], "mla", budget_params=0.8, out=tmp_path / "o", allocation="uniform",
                             **KW)
@@ -187,7 +187,7 @@ def test_llama_full_rank_keeps_rope_exactly(folders, tmp_path, capsys):
 
 
 def test_tucker_kv_budget_chooses_partial_rope_by_measurement(folders, tmp_path):
-    from tucker_attention.hf.choose import NOPE_FRACTIONS
+    from tucker_attention.hf.conversion.choose import NOPE_FRACTIONS
 
     report = convert_folder(folders["llama"], "tucker", budget_kv=0.5, out=tmp_path / "o", allocation="uniform", **KW)
     src, conv = report["source"], report["converted"]
@@ -232,7 +232,7 @@ def test_mla_kv_budget_takes_a_query_latent_rather_than_more_parameters(folders,
     assert conv["attention_params"] <= src["attention_params"]
     assert conv["kv_floats_per_token"] <= 0.75 * src["kv_floats_per_token"]
     from tucker_attention.hf import attention_layers
-    from tucker_attention.hf.convert_command import load_source
+    from tucker_attention.hf.conversion.command import load_source
     from tucker_attention.tensors import plan_setting
 
     layers = attention_layers(load_source(folders["llama"])["model"])
@@ -417,7 +417,8 @@ def test_converted_cost_is_the_conversions_own_accounting():
 
 
 def test_plan_setting(folders):
-    from tucker_attention.hf.convert_command import load_source, plan_setting
+    from tucker_attention.hf.conversion.settings import plan_setting
+    from tucker_attention.hf.sources.original import load_source
     from tucker_attention.layers import MultiHeadAttention
     from tucker_attention.tensors import plan_setting as layer_plan
 
@@ -432,21 +433,15 @@ def test_plan_setting(folders):
     assert plan_setting(model, "gqa", kv=0.5).setting == 1
 
 
-@pytest.mark.parametrize("old, name, new", [("read", "attention_layers", "reading"),
-                                            ("readers", "_read_gqa", "family_readers"),
-                                            ("pipeline", "convert_folder", "convert_command"),
-                                            ("models", "model_path", "model_files"),
-                                            ("source", "load_source", "source_model"),
-                                            ("source", "fidelity", "fidelity"),
-                                            ("source", "_load_gguf", "gguf")])
-def test_old_hf_paths_import_with_a_deprecation_warning(old, name, new):
+@pytest.mark.parametrize("old", ["read", "readers", "pipeline", "models", "source", "convert_command", "reading"])
+def test_module_paths_of_version_0_1_are_gone_but_saved_folders_still_import(old):
+    """0.2 dropped the deprecated module paths and moved hf/ into rooms; the path saved folders name
+    (``tucker_attention.hf.auto``) still gives the classes the folders' code asks for."""
     import importlib
-    import sys
 
-    sys.modules.pop(f"tucker_attention.hf.{old}", None)
-    with pytest.warns(DeprecationWarning, match=f"tucker_attention.hf.{old} is deprecated"):
-        module = importlib.import_module(f"tucker_attention.hf.{old}")
-    target = importlib.import_module(f"tucker_attention.hf.{new}")
-    assert getattr(module, name) is getattr(target, "load_gguf" if name == "_load_gguf" else name)
-    with pytest.raises(AttributeError, match="no attribute"):
-        _ = module.not_a_name
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"tucker_attention.hf.{old}")
+    from tucker_attention.hf import auto
+    from tucker_attention.hf.modeling import auto as modeling_auto
+
+    assert auto.config_class is modeling_auto.config_class and auto.model_class is modeling_auto.model_class

@@ -19,14 +19,14 @@ T = pytest.importorskip("transformers", reason="the conversion needs transformer
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tucker_attention.hf import calibration as calibration_module  # noqa: E402
 from tucker_attention.hf import convert, convert_folder, find_blocks  # noqa: E402
-from tucker_attention.hf import fidelity as fidelity_module  # noqa: E402
-from tucker_attention.hf.calibration import attention_statistics  # noqa: E402
-from tucker_attention.hf.compute import _libc, float32_compute, head_in_chunks  # noqa: E402
-from tucker_attention.hf.convert import save_converted  # noqa: E402
-from tucker_attention.hf.convert_settings import convert_model  # noqa: E402
-from tucker_attention.hf.fidelity import fidelity, make_inputs  # noqa: E402
+from tucker_attention.hf.conversion import calibration as calibration_module  # noqa: E402
+from tucker_attention.hf.conversion import fidelity as fidelity_module  # noqa: E402
+from tucker_attention.hf.conversion.calibration import attention_statistics  # noqa: E402
+from tucker_attention.hf.conversion.convert import save_converted  # noqa: E402
+from tucker_attention.hf.conversion.fidelity import fidelity, make_inputs  # noqa: E402
+from tucker_attention.hf.conversion.settings import convert_model  # noqa: E402
+from tucker_attention.hf.sources.compute import _libc, float32_compute, head_in_chunks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = {"n_calibration": 8, "n_eval": 4, "seq_len": 16, "batch_size": 4}
@@ -105,7 +105,7 @@ def test_a_bf16_head_in_chunks_gives_the_float32_logits_without_a_float32_table(
 TRIM_CHILD = """
 import sys
 import torch
-from tucker_attention.hf.compute import release_memory
+from tucker_attention.hf.sources.compute import release_memory
 
 def anon():
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
@@ -241,7 +241,7 @@ MEMORY_CHILD = """
 import resource, sys
 sys.path.insert(0, sys.argv[1])
 from test_convert_memory import _Logits, _explicit_scores, _padded_batches
-from tucker_attention.hf.fidelity import fidelity
+from tucker_attention.hf.conversion.fidelity import fidelity
 batches, a, b = _padded_batches(int(sys.argv[2]), n=1)
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[3] == "chunked":

@@ -14,11 +14,13 @@ import torch
 
 T = pytest.importorskip("transformers", reason="the conversion needs transformers (extra 'hf')")
 
-from tucker_attention.hf import attention_layers, convert, find_blocks, tiny  # noqa: E402
-from tucker_attention.hf import calibration as calibration_module  # noqa: E402
-from tucker_attention.hf.calibration import attention_statistics  # noqa: E402
-from tucker_attention.hf.fidelity import _random_id_batches, fidelity, reference_outputs  # noqa: E402
-from tucker_attention.hf.spill import Spill  # noqa: E402
+import tiny  # noqa: E402
+
+from tucker_attention.hf import attention_layers, convert, find_blocks  # noqa: E402
+from tucker_attention.hf.conversion import calibration as calibration_module  # noqa: E402
+from tucker_attention.hf.conversion.calibration import attention_statistics  # noqa: E402
+from tucker_attention.hf.conversion.fidelity import _random_id_batches, fidelity, reference_outputs  # noqa: E402
+from tucker_attention.hf.conversion.spill import Spill  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,13 +141,13 @@ def test_block_layers_are_read_from_the_modules_current_weights():
 def test_spilled_statistics_keep_their_whitenings_and_refuse_none_later():
     """A block's whitenings are stored with its statistics and read back equal to a fresh computation;
     statistics that have none (all zero: no inputs) are stored without, and the conversion refuses them."""
-    from tucker_attention.hf.calibration import BlockStatistics
+    from tucker_attention.hf.conversion.calibration import BlockStatistics
 
     torch.manual_seed(0)
     x = torch.randn(64, 8, dtype=torch.float64)
     good = BlockStatistics(x.T @ x / 64, (x[:, :8] * 0.5).T @ x / 64)
     with Spill() as spill:
-        from tucker_attention.hf.spill import SpilledStatistics
+        from tucker_attention.hf.conversion.calibration import SpilledStatistics
 
         kept = SpilledStatistics(spill)
         kept.store("good", good)

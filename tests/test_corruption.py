@@ -25,9 +25,9 @@ from test_distill import FAST, _llama, _tokenizer  # noqa: E402
 
 from tucker_attention.cli import main  # noqa: E402
 from tucker_attention.hf import convert, converted_blocks, load_converted  # noqa: E402
-from tucker_attention.hf.distill import DistillConfig, check_pair  # noqa: E402
-from tucker_attention.hf.distill_command import distill_folder  # noqa: E402
-from tucker_attention.hf.folder_checks import ConvertedFolderError  # noqa: E402
+from tucker_attention.hf.distillation.command import distill_folder  # noqa: E402
+from tucker_attention.hf.distillation.distill import DistillConfig, check_pair  # noqa: E402
+from tucker_attention.hf.modeling.folder_checks import ConvertedFolderError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = "model.layers.1.self_attn"
@@ -221,7 +221,7 @@ def test_distill_pairs_a_lower_precision_conversion_and_refuses_another_original
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if distill loads a model (what it must check first needs none)."""
-    from tucker_attention.hf import distill_command
+    from tucker_attention.hf.distillation import command as distill_command
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
@@ -280,10 +280,10 @@ def test_a_budget_that_is_neither_a_fraction_nor_a_whole_count_is_refused(saved,
 def test_explicit_full_ranks_are_the_exact_conversion(tmp_path, monkeypatch):
     """On a tiny q/k-norm model with one key head, ranks written out equal to the full ranks give the
     folder ``--ranks full`` gives: exact logits, norms kept, no partial RoPE."""
+    import tiny
     from test_tucker_heads import _tiny
 
-    from tucker_attention.hf import tiny
-    from tucker_attention.hf.convert_command import convert_folder
+    from tucker_attention.hf.conversion.command import convert_folder
 
     name, make_config, structure, cls = tiny.FAMILIES["qwen3"]
 
@@ -310,7 +310,7 @@ def test_explicit_full_ranks_are_the_exact_conversion(tmp_path, monkeypatch):
 @pytest.mark.parametrize("zipped", [True, False])
 def test_the_gate_reads_intact_pickled_checkpoints_of_either_format(tmp_path, zipped):
     """A legacy (non-zip) checkpoint has no zip to memory-map: it is read without, not called damaged."""
-    from tucker_attention.hf.readable import check_pickle
+    from tucker_attention.hf.sources.readable import check_pickle
 
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.randn(3, 3)}, path, _use_new_zipfile_serialization=zipped)

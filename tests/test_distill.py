@@ -16,11 +16,17 @@ T = pytest.importorskip("transformers", reason="distill needs transformers (extr
 
 from tucker_attention.cli import main  # noqa: E402
 from tucker_attention.hf import convert  # noqa: E402
-from tucker_attention.hf.convert import converted_blocks, load_converted  # noqa: E402
-from tucker_attention.hf.distill import DistillConfig, block_errors, check_pair, distill, trained_modules  # noqa: E402
-from tucker_attention.hf.distill_command import distill_folder  # noqa: E402
-from tucker_attention.hf.distill_data import TokenData, load_data  # noqa: E402
-from tucker_attention.hf.source_model import ConvertError  # noqa: E402
+from tucker_attention.hf.conversion.convert import converted_blocks, load_converted  # noqa: E402
+from tucker_attention.hf.distillation.command import distill_folder  # noqa: E402
+from tucker_attention.hf.distillation.data import TokenData, load_data  # noqa: E402
+from tucker_attention.hf.distillation.distill import (  # noqa: E402
+    DistillConfig,
+    block_errors,
+    check_pair,
+    distill,
+    trained_modules,
+)
+from tucker_attention.hf.sources.original import ConvertError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(batch_size=4, seq_len=16, eval_windows=8, eval_interval=5, checkpoint_interval=4, progress=False)
@@ -197,7 +203,7 @@ def test_activation_checkpointing_recomputes_the_blocks_and_trains_the_same_stud
 def test_chunked_end_to_end_kl_equals_the_whole_logits_formula(pair, monkeypatch):
     """The KL taken a few positions at a time (logits recomputed in backward) has the value and the
     gradients of the formula on whole logits."""
-    from tucker_attention.hf import distill_losses
+    from tucker_attention.hf.distillation import losses as distill_losses
 
     teacher, base = pair
     ids = torch.randint(0, 89, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -246,7 +252,7 @@ def test_bf16_autocast_run(pair, tmp_path):
 
 
 def test_relative_lr_rule_scales_each_parameter_by_its_rms(pair):
-    from tucker_attention.hf.distill import _make_optimizer, lr_scales
+    from tucker_attention.hf.distillation.distill import _make_optimizer, lr_scales
 
     _, base = pair
     params = list(trained_modules(copy.deepcopy(base), "attention").parameters())
@@ -350,8 +356,8 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
 def test_the_models_own_text_kept_by_convert_joins_the_default_data(folders, tmp_path, monkeypatch):
     import shutil
 
-    from tucker_attention.hf import distill_command
-    from tucker_attention.hf.model_text import SAMPLE_FILES, kept_samples, save_sample_ids
+    from tucker_attention.hf.conversion.model_text import SAMPLE_FILES, kept_samples, save_sample_ids
+    from tucker_attention.hf.distillation import command as distill_command
 
     converted = tmp_path / "converted"
     shutil.copytree(folders / "converted", converted)
@@ -382,8 +388,8 @@ def test_bf16_folders_distill_held_once_in_bf16_to_the_float32_runs_student(tmp_
     (both models loaded in float32, as before) trains."""
     from safetensors.torch import load_file
 
-    from tucker_attention.hf import distill_command
-    from tucker_attention.hf.source_model import load_source
+    from tucker_attention.hf.distillation import command as distill_command
+    from tucker_attention.hf.sources.original import load_source
 
     teacher = _llama().to(torch.bfloat16)
     teacher.save_pretrained(tmp_path / "original")

@@ -1,4 +1,4 @@
-"""Converting every decoder family, end to end, on the tiny float64 models of ``hf.tiny``.
+"""Converting every decoder family, end to end, on the tiny float64 models of ``tests/tiny.py``.
 
 - Converting to the family's own structure (GQA with its key heads, DeepSeek's MLA with its
   kv_rank) is a copy: the model's logits are unchanged (<= 1e-10 with transformers' float32
@@ -24,10 +24,10 @@ import torch
 T = pytest.importorskip("transformers", reason="the hf integration tests need transformers (extra 'hf')")
 
 from test_hf_families import float64_internals  # noqa: E402
+from tiny import FAMILIES, VOCAB, block_io, build, window_mask  # noqa: E402
 
 from tucker_attention.accounting import kv_cache_floats_per_token  # noqa: E402
 from tucker_attention.hf import attention_layers, convert, convert_block, converted_blocks, find_blocks  # noqa: E402
-from tucker_attention.hf.tiny import FAMILIES, VOCAB, block_io, build, window_mask  # noqa: E402
 from tucker_attention.tensors import to_tucker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,7 +172,7 @@ def test_a_4x_smaller_cache_generates_like_recomputation_and_holds_what_it_promi
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_one_key_head_keeps_its_q_k_norms_exactly(family, monkeypatch, tmp_path):
     """With one key head the latent is that head, so the q/k norms stay: full-rank Tucker is exact."""
-    import tucker_attention.hf.tiny as tiny
+    import tiny
 
     name, make_config, structure, cls = FAMILIES[family]
     monkeypatch.setitem(tiny.FAMILIES, family, (name, lambda: _one_key_head(make_config()), structure, cls))

@@ -29,9 +29,10 @@ import torch
 
 T = pytest.importorskip("transformers", reason="the hf integration tests need transformers (extra 'hf')")
 
+from tiny import COMMON, FAMILIES, HEADS, MLA_SIZES, VOCAB, D, build  # noqa: E402
+
 from tucker_attention.hf import SUPPORTED_BLOCKS, attention_layers, find_blocks, read_block  # noqa: E402
-from tucker_attention.hf.reading import STRUCTURES  # noqa: E402
-from tucker_attention.hf.tiny import COMMON, FAMILIES, HEADS, MLA_SIZES, VOCAB, D, build  # noqa: E402
+from tucker_attention.hf.families.reading import STRUCTURES  # noqa: E402
 from tucker_attention.layers import (  # noqa: E402
     Attention,
     GroupedQueryAttention,

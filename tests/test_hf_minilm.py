@@ -17,8 +17,8 @@ from tucker_attention.experiments.compress import (  # noqa: E402
     format_compress_table,
     run_compress_sweep,
 )
+from tucker_attention.experiments.sentences import corpus_sentences, distill, embed, similarity, spearman  # noqa: E402
 from tucker_attention.hf import load_model, model_path  # noqa: E402
-from tucker_attention.hf.sentences import corpus_sentences, distill, embed, similarity, spearman  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A short one.",
              "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
@@ -128,7 +128,7 @@ def test_stronger_truncation_is_worse(minilm, eval_set):
 @pytest.mark.parametrize("method, ranks", [("tucker", (12, 64, 48)), ("mla", 128)])
 def test_activation_aware_conversion_keeps_more_of_the_model(minilm, eval_set, method, ranks):
     """Calibrating on training sentences (never the eval ones) gives closer held-out embeddings."""
-    from tucker_attention.hf.sentences import sentence_statistics
+    from tucker_attention.experiments.sentences import sentence_statistics
 
     model, tokenizer = minilm
     sentences, reference = eval_set

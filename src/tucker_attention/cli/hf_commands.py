@@ -40,7 +40,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         stats = None
         if not args.no_calibration:
             from ..experiments.compress import CALIBRATION_SENTENCES
-            from ..hf.sentences import corpus_sentences, sentence_statistics
+            from ..experiments.sentences import corpus_sentences, sentence_statistics
 
             train = corpus_sentences(args.data, split="train", n=args.n_train)[:CALIBRATION_SENTENCES]
             stats = sentence_statistics(*model, train)
@@ -126,7 +126,7 @@ def _share(text: str) -> str | float:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
-    from ..hf.convert_command import ConvertError, convert_folder, format_report
+    from ..hf.conversion.command import ConvertError, convert_folder, format_report
 
     ranks, value_ranks = args.ranks if args.ranks is not None else (None, None)
     try:
@@ -203,8 +203,8 @@ def _add_convert(sub) -> None:
 
 
 def _distill_command(args: argparse.Namespace) -> int:
-    from ..hf.distill_command import distill_folder, format_report
-    from ..hf.source_model import ConvertError
+    from ..hf.distillation.command import distill_folder, format_report
+    from ..hf.sources.original import ConvertError
 
     fields = {f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
     try:

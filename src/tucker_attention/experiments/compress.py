@@ -88,15 +88,15 @@ def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sente
     """Convert a copy of ``model`` with ``method`` / ``ranks`` and measure it -> record (dict).
 
     reference_embeddings: the original model's embeddings (N, d) of ``eval_sentences``.
-    calibration: block input statistics (:func:`~tucker_attention.hf.sentences.sentence_statistics`
+    calibration: block input statistics (:func:`~tucker_attention.experiments.sentences.sentence_statistics`
     of training sentences) for an activation-aware conversion; None: weights only.
-    With ``finetune_steps`` > 0 the copy is then distilled (:func:`~tucker_attention.hf.sentences.distill`)
+    With ``finetune_steps`` > 0 the copy is then distilled (:func:`~tucker_attention.experiments.sentences.distill`)
     on ``train_sentences`` (targets: ``train_embeddings``, else the original model) and
     measured again (``cosine_ft``, ``spearman_ft``). ``model`` itself is never changed.
     Returns the record, or (record, converted model) with ``return_model``.
     """
     from ..hf import convert
-    from ..hf.sentences import distill, embed, similarity
+    from .sentences import distill, embed, similarity
 
     check_choice("method", method, METHODS)
     ranks = _check_ranks(method, ranks)
@@ -140,7 +140,7 @@ def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sente
 
 def reference_record(model: nn.Module, tokenizer, eval_sentences: list[str], reference_embeddings=None) -> dict:
     """The original model's row: MHA, ratio 1, its embeddings against themselves."""
-    from ..hf.sentences import embed, similarity
+    from .sentences import embed, similarity
 
     start = time.perf_counter()
     stats = attention_stats(model)
@@ -165,7 +165,7 @@ def _load(model):
 def _sentences(model, tokenizer, data, n_eval: int, n_train: int, finetune_steps: int, calibrate: bool):
     """Eval sentences (held-out documents), training sentences (for the fine-tune and the
     calibration; never eval ones) and the calibration statistics (None without ``calibrate``)."""
-    from ..hf.sentences import corpus_sentences, sentence_statistics
+    from .sentences import corpus_sentences, sentence_statistics
 
     eval_sentences = corpus_sentences(data, split="val", n=n_eval)
     train_sentences = corpus_sentences(data, split="train", n=n_train) if finetune_steps or calibrate else None
@@ -179,7 +179,7 @@ def compress_one(model="minilm", method: str = "tucker", ranks=None, *, value_ra
     """One setting of :func:`evaluate_setting` on a model name/folder; ``save``: write the
     converted (and fine-tuned) model and its tokenizer there with ``save_converted``."""
     from ..hf import save_converted
-    from ..hf.sentences import embed
+    from .sentences import embed
 
     model, tokenizer = _load(model)
     eval_sentences, train_sentences, stats = _sentences(model, tokenizer, data, n_eval, n_train, finetune_steps,
@@ -203,8 +203,8 @@ def run_compress_sweep(model="minilm", *, sweep: dict | None = None, calibrate: 
     activation-aware conversions from the first :data:`CALIBRATION_SENTENCES` training sentences."""
     from tqdm.auto import tqdm
 
-    from ..hf.sentences import embed
     from .compare import write_json_atomic
+    from .sentences import embed
 
     sweep = DEFAULT_SWEEP if sweep is None else sweep
     for method in sweep:

@@ -3,14 +3,14 @@
 :class:`Spill` is a temporary folder of safetensors files (removed on :meth:`Spill.close` or at the
 end of a ``with``); :meth:`Spill.put` writes a named group of tensors, :meth:`Spill.get` reads it
 back (a fresh copy each time). ``convert`` keeps each block's calibration statistics with their
-whitenings (:class:`SpilledStatistics`, a read-only mapping) and the source's reference logits
-(:class:`SpilledList`) there, and loads one block's / one batch's at a time.
+whitenings (:class:`~.calibration.SpilledStatistics`, a read-only mapping) and the source's reference
+logits (:class:`SpilledList`) there, and loads one block's / one batch's at a time.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -63,39 +63,3 @@ class SpilledList(Sequence):
         if not -self._length <= index < self._length:
             raise IndexError(index)
         return self._spill.get(f"{self._prefix}/{index % self._length}")["t"]
-
-
-class SpilledStatistics(Mapping):
-    """{block path: :class:`~.calibration.BlockStatistics`} kept in a :class:`Spill`, in the order stored."""
-
-    def __init__(self, spill: Spill):
-        self._spill, self._paths = spill, []
-
-    def store(self, path: str, stats) -> None:
-        """Keep ``stats`` and its whitenings (computed here once, not by every candidate that reads it;
-        statistics that have none, e.g. all zero, are kept without, for the conversion to refuse)."""
-        tensors = {"inputs": stats.inputs} | ({} if stats.mixed is None else {"mixed": stats.mixed})
-        try:
-            (tensors["S"], tensors["S_inv"]), value = stats.whitenings()
-        except ValueError:
-            pass
-        else:
-            if value is not None:
-                tensors["V"], tensors["V_inv"] = value
-        self._spill.put(f"statistics/{path}", tensors)
-        self._paths.append(path)
-
-    def __getitem__(self, path: str):
-        from .calibration import BlockStatistics
-
-        if path not in self._paths:
-            raise KeyError(path)
-        t = self._spill.get(f"statistics/{path}")
-        whitened = ((t["S"], t["S_inv"]), (t["V"], t["V_inv"]) if "V" in t else None) if "S" in t else None
-        return BlockStatistics(t["inputs"], t.get("mixed"), whitened=whitened)
-
-    def __iter__(self):
-        return iter(list(self._paths))
-
-    def __len__(self) -> int:
-        return len(self._paths)

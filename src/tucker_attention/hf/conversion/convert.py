@@ -28,19 +28,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_choice
-from ..layers import Attention, make_attention
-from ..tensors import RankPlan, convert_layer, heads_form_applies, input_transform, to_tucker_heads
-from ..tensors import plan_ranks as tensor_plan_ranks
-from ..tensors import plan_uniform as tensor_plan_uniform
-from .auto import config_class, converted_class, model_class, place_block, to_converted_classes
-from .blocks import HFAttention, layout_of
-from .cache import SharedRope
+from ..._checks import check_choice
+from ...layers import Attention, make_attention
+from ...tensors import RankPlan, convert_layer, heads_form_applies, input_transform, to_tucker_heads
+from ...tensors import plan_ranks as tensor_plan_ranks
+from ...tensors import plan_uniform as tensor_plan_uniform
+from ..families.reading import Block, find_blocks
+from ..modeling.auto import config_class, converted_class, model_class, place_block, to_converted_classes
+from ..modeling.blocks import HFAttention, layout_of
+from ..modeling.cache import SharedRope
+from ..modeling.folder_checks import ConvertedFolderError
+from ..sources.compute import release_memory
+from ..sources.readable import check_readable
 from .calibration import BlockStatistics
-from .compute import release_memory
-from .folder_checks import ConvertedFolderError
-from .readable import check_readable
-from .reading import Block, find_blocks
 
 METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.text import TextCorpus
-from .source_model import ConvertError
+from ...data.text import TextCorpus
+from ..sources.original import ConvertError
 
 PROBE = "The quick brown fox, 1234 — naïve café! ¿Qué? 東京\n\tdone."
 EVAL_BATCH = 4
@@ -74,8 +74,8 @@ def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> 
     """:class:`TokenData` of ``path`` (prepared folder, text file or folder; None: the built-in plays).
     ``samples``: the model's own text that ``convert`` kept (:func:`~.model_text.kept_samples`), joined
     to the built-in plays (its calibration samples to training, its evaluation ones to validation)."""
-    from ..data.prepared import is_prepared, open_prepared
-    from .fidelity import _text_split
+    from ...data.prepared import is_prepared, open_prepared
+    from ..conversion.fidelity import _text_split
 
     if path is not None and is_prepared(path):
         try:

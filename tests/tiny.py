@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import GroupedQueryAttention, MultiHeadAttention, MultiHeadLatentAttention
+from tucker_attention.hf.modeling.blocks import window_mask  # noqa: F401 (tests import it from here)
+from tucker_attention.layers import GroupedQueryAttention, MultiHeadAttention, MultiHeadLatentAttention
 
 
 def _transformers():
@@ -104,7 +105,7 @@ def build(family: str, *, seed: int = 0, unit_scale: bool = False):
 
 def block_io(model, **inputs) -> dict:
     """{block path: (input (B, T, d), output (B, T, d))} of every attention block in one forward."""
-    from .reading import find_blocks
+    from tucker_attention.hf.families.reading import find_blocks
 
     captured, handles = {}, []
     for block in find_blocks(model):
@@ -119,11 +120,3 @@ def block_io(model, **inputs) -> dict:
         for handle in handles:
             handle.remove()
     return captured
-
-
-def window_mask(steps: int, window: int | None) -> torch.Tensor | None:
-    """The bool (1, 1, T, T) band of a sliding window (None: none; a causal layer adds causality)."""
-    if window is None:
-        return None
-    rows, cols = torch.arange(steps)[:, None], torch.arange(steps)[None, :]
-    return ((rows - cols) < window)[None, None]

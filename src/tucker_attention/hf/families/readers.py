@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from ..layers import GroupedQueryAttention, MultiHeadAttention, MultiHeadLatentAttention
+from ...layers import GroupedQueryAttention, MultiHeadAttention, MultiHeadLatentAttention
 
 
 class _Unsupported(Exception):

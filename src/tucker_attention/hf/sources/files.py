@@ -14,7 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .._extras import require
+from ..._extras import require
 from .gguf import GGUF_MAGIC, is_gguf
 from .readable import check_readable
 
@@ -75,11 +75,11 @@ def model_path(name_or_path: str | os.PathLike) -> Path:
 
 def load_model(name_or_path: str | os.PathLike = "minilm", *, with_tokenizer: bool = True, dtype=None):
     """(model in eval mode, tokenizer or None) from a bundled name or a local folder, offline
-    (the base model; :func:`tucker_attention.hf.source_model.load_source` loads a causal LM or a GGUF file)."""
+    (the base model; :func:`tucker_attention.hf.sources.original.load_source` loads a causal LM or a GGUF file)."""
     transformers = _require_transformers()
     path = model_path(name_or_path)
     if path.is_file():
-        raise ValueError(f"{str(path)!r} is a GGUF file; load it with tucker_attention.hf.source_model.load_source")
+        raise ValueError(f"{str(path)!r} is a GGUF file; load it with tucker_attention.hf.sources.original.load_source")
     try:
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:

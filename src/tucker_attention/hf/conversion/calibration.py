@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..tensors import whitening
-from .reading import find_blocks, layer_stack
+from ...tensors import whitening
+from ..families.reading import find_blocks, layer_stack
+from ..modeling.blocks import window_mask
+from .spill import Spill
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,8 @@ def attention_statistics(model: nn.Module, batches, *, progress: bool = False,
     attention computation per block and batch.
 
     spill: a :class:`~.spill.Spill`: each block's statistics go to disk as soon as its layer is done
-    and the result is a :class:`~.spill.SpilledStatistics` reading one block's at a time (memory:
+    and the result is a :class:`SpilledStatistics` reading one block's at a time (memory:
     one layer's statistics, not all of them)."""
-    from .spill import SpilledStatistics
-
     return _statistics(model, batches, True, progress, {} if spill is None else SpilledStatistics(spill))
 
 
@@ -223,8 +223,6 @@ def _mixed_inputs(block, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Te
     """z (B, H, T, d) = a @ x for every head, a the block's attention weights, computed by its own layer
     (``layer.forward`` with a kernel that keeps the weights). Padding tokens' inputs are zeroed first:
     their weight is 0, but a model may leave them non-finite (a fully masked row: NaN), and 0 x NaN is NaN."""
-    from .tiny import window_mask
-
     layer = block.layer.to(device=x.device, dtype=x.dtype)
     steps = x.shape[1]
     mask = None if keep is None else keep[:, None, None, :]
@@ -251,3 +249,37 @@ def _mixed_inputs(block, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Te
 
     layer(x, attn_mask=mask, kernel=kernel)
     return kept[0] @ x.unsqueeze(1)
+
+
+class SpilledStatistics(Mapping):
+    """{block path: :class:`~.calibration.BlockStatistics`} kept in a :class:`Spill`, in the order stored."""
+
+    def __init__(self, spill: Spill):
+        self._spill, self._paths = spill, []
+
+    def store(self, path: str, stats) -> None:
+        """Keep ``stats`` and its whitenings (computed here once, not by every candidate that reads it;
+        statistics that have none, e.g. all zero, are kept without, for the conversion to refuse)."""
+        tensors = {"inputs": stats.inputs} | ({} if stats.mixed is None else {"mixed": stats.mixed})
+        try:
+            (tensors["S"], tensors["S_inv"]), value = stats.whitenings()
+        except ValueError:
+            pass
+        else:
+            if value is not None:
+                tensors["V"], tensors["V_inv"] = value
+        self._spill.put(f"statistics/{path}", tensors)
+        self._paths.append(path)
+
+    def __getitem__(self, path: str):
+        if path not in self._paths:
+            raise KeyError(path)
+        t = self._spill.get(f"statistics/{path}")
+        whitened = ((t["S"], t["S_inv"]), (t["V"], t["V_inv"]) if "V" in t else None) if "S" in t else None
+        return BlockStatistics(t["inputs"], t.get("mixed"), whitened=whitened)
+
+    def __iter__(self):
+        return iter(list(self._paths))
+
+    def __len__(self) -> int:
+        return len(self._paths)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import RopeTables
+from ...layers import RopeTables
 
 
 class HFCache:

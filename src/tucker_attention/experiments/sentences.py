@@ -131,7 +131,7 @@ def _trainable(student: nn.Module, params: str) -> list[nn.Parameter]:
     check_choice("params", params, PARAMS)
     if params == "all":
         return [p for p in student.parameters()]
-    from .convert import converted_blocks
+    from ..hf.conversion.convert import converted_blocks
 
     blocks = converted_blocks(student)
     if not blocks:
@@ -266,7 +266,7 @@ def sentence_statistics(model: nn.Module, tokenizer, sentences: list[str], *, ba
                         max_length: int = 128) -> dict[str, torch.Tensor]:
     """Input statistics of every attention block (:func:`~.calibration.input_statistics`) over
     the tokens of ``sentences``: what ``convert(..., calibration=...)`` needs."""
-    from .calibration import input_statistics
+    from ..hf.conversion.calibration import input_statistics
 
     if isinstance(sentences, str) or not sentences:
         raise ValueError("sentences must be a non-empty list of strings")

@@ -17,15 +17,15 @@ import os
 import time
 from pathlib import Path
 
-from .._files import write_folder
-from .._table import text_table
-from .compute import float32_compute
+from ..._files import write_folder
+from ..._table import text_table
+from ..conversion.fidelity import greedy_reply
+from ..conversion.model_text import kept_samples
+from ..sources.compute import float32_compute
+from ..sources.original import ConvertError, _read_config, _source_dtype, load_source
+from .data import check_prepared_kind, load_data
 from .distill import DistillConfig, check_pair, distill
-from .distill_data import check_prepared_kind, load_data
-from .distill_losses import trained_modules
-from .fidelity import greedy_reply
-from .model_text import kept_samples
-from .source_model import ConvertError, _read_config, _source_dtype, load_source
+from .losses import trained_modules
 
 PROMPT = "What is the capital of France?"
 
@@ -46,7 +46,7 @@ def _converted_config(converted) -> tuple[Path, dict]:
 
 
 def _load_student(path: Path, config: dict) -> tuple:
-    from .convert import load_converted
+    from ..conversion.convert import load_converted
 
     stored = _source_dtype(config)
     try:
@@ -61,9 +61,9 @@ def _check_first(config: dict, data, run_dir: Path, settings: DistillConfig) -> 
     """What needs no model, checked before either loads: the run folder is free, ``--seq-len`` fits
     the model's positions, ``--data`` exists and is readable text or a prepared folder of a
     transformers tokenizer (its ids are checked against the model's once it is loaded)."""
-    from ..data.prepared import is_prepared, read_meta
-    from ..training.lock import RunFolderError, RunLock
-    from .fidelity import _text_split
+    from ...data.prepared import is_prepared, read_meta
+    from ...training.lock import RunFolderError, RunLock
+    from ..conversion.fidelity import _text_split
 
     try:
         RunLock(run_dir).check_free()
@@ -114,7 +114,7 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
     naming the argument for bad input, before anything is written. Returns the report
     :func:`format_report` prints.
     """
-    from .convert_command import _transformers_bars
+    from ..conversion.command import _transformers_bars
 
     config = config or DistillConfig()
     with _transformers_bars(config.progress):
@@ -123,7 +123,7 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
 
 
 def _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt, prompt_tokens):
-    from .convert_command import _check_out, _save
+    from ..conversion.command import _check_out, _save
 
     start = time.perf_counter()
     student_path, student_config = _converted_config(converted)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.distill_config import PARAMS
+from ...training.distill_config import PARAMS
 
 
 def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict:
@@ -116,7 +116,7 @@ def _chunkable(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) 
 def block_errors(teacher: nn.Module, student: nn.Module, batches: list[dict]) -> dict[str, float]:
     """{block path: relative squared output error} of every converted block on the original's
     block inputs of ``batches`` (summed over the batches before the ratio)."""
-    from .convert import converted_blocks
+    from ..conversion.convert import converted_blocks
 
     paths = list(converted_blocks(student))
     num, den = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
@@ -135,7 +135,7 @@ def trained_modules(student: nn.Module, params: str) -> nn.Module:
     """The module whose parameters train (and whose state a checkpoint holds): the converted
     blocks (``"attention"``, gathered in a ModuleDict keyed by path with ``/`` for ``.``) or the
     whole model (``"all"``)."""
-    from .convert import converted_blocks
+    from ..conversion.convert import converted_blocks
 
     if params not in PARAMS:
         raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
@@ -152,7 +152,7 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
     converted blocks (embeddings, MLPs, norms) must be the original's, up to the rounding of the
     coarser of the two stored dtypes (:func:`pairing_tolerance`: a bf16 or fp16 conversion of
     the same original passes; another model's weights differ by far more)."""
-    from .convert import converted_blocks
+    from ..conversion.convert import converted_blocks
 
     inside = tuple(f"{p}." for p in converted_blocks(student))
     theirs = dict(teacher.named_parameters(remove_duplicate=False))
@@ -195,7 +195,7 @@ def share_frozen(teacher: nn.Module, student: nn.Module) -> int:
     """Make every student parameter outside the converted blocks the teacher's own tensor (they are
     equal, :func:`check_pair`; when only attention trains they are frozen in both): the weights are
     held once, not twice. Returns the number of parameters shared."""
-    from .convert import converted_blocks
+    from ..conversion.convert import converted_blocks
 
     inside = tuple(f"{p}." for p in converted_blocks(student))
     theirs = dict(teacher.named_parameters(remove_duplicate=False))

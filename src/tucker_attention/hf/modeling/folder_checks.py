@@ -38,7 +38,7 @@ def where(config) -> str:
 
 def build_layer(config, path: str, facts: dict):
     """The layer of block ``path`` from its spec entry, or a :class:`ConvertedFolderError` saying why not."""
-    from ..layers import make_attention
+    from ...layers import make_attention
 
     try:
         return make_attention(**facts["layer"])

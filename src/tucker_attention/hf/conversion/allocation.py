@@ -25,7 +25,7 @@ import heapq
 import torch
 from torch import nn
 
-from .._table import text_table
+from ..._table import text_table
 
 ALLOCATIONS = ("auto", "measured", "uniform")
 #: Levels of a layer on each side of the uniform setting.
@@ -131,8 +131,8 @@ class _Prefix:
     from i on. Without one list of layers holding the blocks, every layer runs."""
 
     def __init__(self, model: nn.Module, paths: list[str], batch, kind: str):
+        from ..families.reading import layer_stack
         from .fidelity import _run
-        from .reading import layer_stack
 
         stack = layer_stack(model, paths)
         self.layers = [layer for layer, _ in stack] if stack is not None else []
@@ -175,12 +175,12 @@ def measured_allocation(model: nn.Module, method: str, setting: tuple, nope: flo
     outputs on ``batches`` (:func:`~.fidelity.reference_outputs`), the held-in batches it is measured on."""
     from tqdm.auto import tqdm
 
-    from .auto import block_swapped
-    from .compute import release_memory
+    from ..families.readers import reading_dtype
+    from ..families.reading import find_blocks
+    from ..modeling.auto import block_swapped
+    from ..sources.compute import release_memory
     from .convert import _per_block, block_facts, convert_block
-    from .family_readers import reading_dtype
     from .fidelity import fidelity
-    from .reading import find_blocks
 
     setting = common_setting(setting)
     if setting is None:

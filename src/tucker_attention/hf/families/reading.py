@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layers import Attention
-from .family_readers import _linear, _read_gqa, _read_mla, _sliding_window, _softcap, _Unsupported
+from ...layers import Attention
+from .readers import _linear, _read_gqa, _read_mla, _sliding_window, _softcap, _Unsupported
 
 #: {structure: (what it is, the transformers classes it is tested on)}; other classes with the
 #: same structure are read as well.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import Attention, RopeTables
+from ...layers import Attention, RopeTables
 from .cache import HFCache, SharedRope
 
 
@@ -159,3 +159,11 @@ def layout_of(layers: list[Attention]) -> dict | None:
             or any(layer.kernel_layout() != spec["k"] for layer, spec in zip(layers, specs))):   # keys formed on read
         return None
     return {"num_key_value_heads": 1, "head_dim": widths.pop()}
+
+
+def window_mask(steps: int, window: int | None) -> torch.Tensor | None:
+    """The bool (1, 1, T, T) band of a sliding window (None: none; a causal layer adds causality)."""
+    if window is None:
+        return None
+    rows, cols = torch.arange(steps)[:, None], torch.arange(steps)[None, :]
+    return ((rows - cols) < window)[None, None]

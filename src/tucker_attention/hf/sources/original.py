@@ -80,7 +80,7 @@ def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
     dtype: the model's (default float32), or 'stored': as its files hold it (bf16 stays bf16; run it
     under :func:`~.compute.float32_compute` to compute in float32). A GGUF file loads in float32
     (transformers dequantizes it)."""
-    from .model_files import _require_transformers, model_path
+    from .files import _require_transformers, model_path
 
     transformers = _require_transformers()
     try:

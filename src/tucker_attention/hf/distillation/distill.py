@@ -35,19 +35,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..training.checkpoint import save_run_checkpoint, write_json_atomic
-from ..training.config import resolve_device
-from ..training.distill_config import LATER_FIELDS, DistillConfig
-from ..training.guard import NonFiniteError, NonFiniteGuard
-from ..training.lock import RunLock
-from ..training.run_folder import MetricsLog, prepare, resume_from, set_aside
-from ..training.tasks import all_reduce_sum
-from ..training.trainer import _distributed, _on_rank0, lr_factor
-from .convert import converted_blocks
-from .distill_data import TokenData
-from .distill_losses import block_errors, check_pair, layer_loss, logit_kl, share_frozen, trained_modules
-from .fidelity import fidelity
-from .reading import layer_stack
+from ...training.checkpoint import save_run_checkpoint, write_json_atomic
+from ...training.config import resolve_device
+from ...training.distill_config import LATER_FIELDS, DistillConfig
+from ...training.guard import NonFiniteError, NonFiniteGuard
+from ...training.lock import RunLock
+from ...training.run_folder import MetricsLog, prepare, resume_from, set_aside
+from ...training.tasks import all_reduce_sum
+from ...training.trainer import _distributed, _on_rank0, lr_factor
+from ..conversion.convert import converted_blocks
+from ..conversion.fidelity import fidelity
+from ..families.reading import layer_stack
+from .data import TokenData
+from .losses import block_errors, check_pair, layer_loss, logit_kl, share_frozen, trained_modules
 
 # -- the loop --------------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class _Run:
 
     def __init__(self, teacher, student, data, run_dir: Path, cfg: DistillConfig, device, use_bf16: bool,
                  rank: int, world: int):
-        from .convert import converted_blocks
+        from ..conversion.convert import converted_blocks
 
         self.teacher, self.student, self.data, self.run_dir, self.cfg = teacher, student, data, run_dir, cfg
         self.device, self.rank, self.world = device, rank, world

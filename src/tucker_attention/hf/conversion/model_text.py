@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .source_model import ConvertError
+from ..sources.original import ConvertError
 
 TEMPERATURE, TOP_P = 1.0, 0.95
 #: Seeds of the evaluation samples start here (the calibration's at ``seed``: never the same draws).
@@ -69,7 +69,7 @@ def sample_ids(model: nn.Module, tokenizer, n: int, seq_len: int, *, seed: int =
     """``n`` token-id sequences (prompt included) of at most ``seq_len`` tokens that ``model`` samples
     itself (module docstring); a sequence ends early at the end-of-sequence token. Batch b draws
     from ``torch.manual_seed(seed + b)`` inside a forked RNG (the caller's state is unchanged)."""
-    from .compute import float32_compute
+    from ..sources.compute import float32_compute
 
     if tokenizer is None:
         raise ConvertError("calibration", "sampling the model's own text needs its tokenizer, and the model has none")

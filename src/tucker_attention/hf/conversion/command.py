@@ -35,29 +35,25 @@ from pathlib import Path
 
 from torch import nn
 
-from .._files import write_folder
-from .._table import text_table
-from .compute import float32_compute, release_memory
-from .convert_settings import (  # noqa: F401  (re-exported: importable from here as before)
-    METHODS,
+from ..._files import write_folder
+from ..._table import text_table
+from ..sources.compute import float32_compute, release_memory
+from ..sources.original import (  # noqa: F401
+    DTYPES,
+    TOKENIZER_FILES,
+    ConvertError,
+    check_weights,
+    load_source,
+    model_kind,
+)
+from .fidelity import SEQ_LEN, attention_summary, fidelity, make_inputs
+from .settings import (
     _budget,
     _check_arguments,
     _normalized_ranks,
     _settings,
-    check_setting,
     convert_model,
-    plan_setting,
-    setting_label,
 )
-from .fidelity import (  # noqa: F401  (re-exported: importable from here as from pipeline before)
-    BUILTIN_TEXT,
-    SEQ_LEN,
-    attention_summary,
-    default_sizes,
-    fidelity,
-    make_inputs,
-)
-from .source_model import DTYPES, TOKENIZER_FILES, ConvertError, check_weights, load_source, model_kind  # noqa: F401
 from .spill import Spill
 
 # -- the output folder -----------------------------------------------------------------------------
@@ -99,7 +95,7 @@ def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples
 @contextlib.contextmanager
 def _transformers_bars(enabled: bool):
     """transformers' own progress bars (loading weights, writing shards) on or off, restored after."""
-    from .model_files import _require_transformers
+    from ..sources.files import _require_transformers
 
     logging = _require_transformers().utils.logging
     before = logging.is_progress_bar_enabled()
@@ -183,9 +179,9 @@ MODEL_TEXT = 0.5
 def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
              dtype: str, partial_rope, n_calibration, n_eval, seq_len: int, batch_size, seed: int,
              model_text, allocation: str, qk_norm: str, progress: bool) -> dict:
+    from ..families.reading import attention_layers
+    from ..sources.files import BUNDLED, model_path
     from .calibration import attention_statistics
-    from .model_files import BUNDLED, model_path
-    from .reading import attention_layers
 
     start = time.perf_counter()
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .source_model import ConvertError
+from ..sources.original import ConvertError
 
 #: Shares of the lowest RoPE frequencies that partial-RoPE candidates stop rotating.
 NOPE_FRACTIONS = (0.0, 0.25, 0.5, 0.625)
@@ -64,7 +64,7 @@ def _rope_kept(method: str, layers: dict, qk_norm: str = "keep") -> bool:
     """Whether ``method`` keeps these layers' RoPE in a latent (so partial RoPE is an option): Tucker of any
     RoPE, MLA of head RoPE; not Tucker of layers whose q/k norms are kept (their key heads rotate
     exactly, :class:`~tucker_attention.layers.TuckerHeadsAttention`)."""
-    from ..tensors import heads_form_applies
+    from ...tensors import heads_form_applies
 
     ropes = {layer.rope for layer in layers.values()} - {None}
     if method == "tucker" and qk_norm == "keep" and all(heads_form_applies(layer) for layer in layers.values()):
@@ -92,7 +92,7 @@ def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict,
     middle = len(settings) // 2
     if len(nopes) == 1 and len(settings) == 1 and allocation != "measured":
         return _convert(model, method, settings[0], 0, nopes[0], calibration, progress, qk_norm)
-    from .compute import release_memory
+    from ..sources.compute import release_memory
     from .fidelity import fidelity, reference_outputs
 
     selection = batches[:SELECTION_BATCHES]
@@ -137,8 +137,8 @@ def _convert(model, method: str, setting: tuple, index: int, nope: float, calibr
              qk_norm: str = "keep") -> Choice:
     """One candidate: a copy of ``model`` sharing its weights outside attention, the new layers in the
     dtype they were computed in (at least float32: measured before any rounding to the stored dtype)."""
+    from ..families.readers import reading_dtype
     from .convert import convert
-    from .family_readers import reading_dtype
 
     ranks, value_ranks = setting
     dtype = reading_dtype(next(model.parameters()).dtype)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..accounting import attention_param_count, kv_cache_floats_per_token
-from ..tensors import to_tucker
-from .source_model import DTYPES, ConvertError
+from ...accounting import attention_param_count, kv_cache_floats_per_token
+from ...tensors import to_tucker
+from ..sources.original import DTYPES, ConvertError
 
 METHODS = ("tucker", "gqa", "mla")
 
@@ -24,8 +24,8 @@ def plan_setting(model: nn.Module, method: str, *, params=None, kv=None):
     """The largest GQA n_kv_heads / MLA kv_rank of a transformers model for a budget of
     attention parameters or KV floats per token (count, or fraction in (0, 1) of the model's);
     see :func:`tucker_attention.tensors.plan_setting`."""
-    from ..tensors import plan_setting as tensor_plan_setting
-    from .reading import attention_layers
+    from ...tensors import plan_setting as tensor_plan_setting
+    from ..families.reading import attention_layers
 
     return tensor_plan_setting(attention_layers(model), method, params=params, kv=kv)
 
@@ -213,7 +213,7 @@ def _planned(budget, method: str, make_plan):
 def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stats) -> tuple[list, dict]:
     """The settings to convert with ([(ranks, value_ranks)]: one, or Tucker key widths to measure under a
     parameter budget) and {setting index: plan table}."""
-    from ..tensors import plan_setting as tensor_plan_setting
+    from ...tensors import plan_setting as tensor_plan_setting
     from .convert import plan_ranks, plan_uniform
 
     if budget is None:
@@ -260,8 +260,8 @@ def _fit_kept_heads(settings: list, layers: dict, limits: dict, qk_norm: str) ->
     kept as key heads (:class:`~tucker_attention.layers.TuckerHeadsAttention`, counted as such) fit the
     parameter limit (the plan counts every layer as the absorbed Tucker form, whose query core is r3
     wide, not head_dim), and a note for each setting lowered."""
-    from ..layers import TuckerHeadsAttention
-    from ..tensors import heads_form_applies, tucker_param_count
+    from ...layers import TuckerHeadsAttention
+    from ...tensors import heads_form_applies, tucker_param_count
     from .allocation import common_setting
 
     kept = [layer for layer in layers.values() if heads_form_applies(layer)] if qk_norm == "keep" else []
@@ -314,8 +314,8 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     Returns (converted model, {'label', 'ranks', 'value_ranks', 'nope_fraction', 'choice' (the
     measurement table or None), 'plan' (the plan table or None), 'notes' (warnings)}).
     """
+    from ..families.reading import attention_layers
     from .choose import measured
-    from .reading import attention_layers
 
     budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
     _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None, allocation=allocation,

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..accounting import attention_param_count, kv_cache_floats_per_token
+from ...accounting import attention_param_count, kv_cache_floats_per_token
+from ..sources.original import ConvertError
 from .model_text import model_samples
-from .source_model import ConvertError
 
 BUILTIN_TEXT = "the built-in Shakespeare plays"
 #: Default pieces of at most SEQ_LEN tokens (a chat turn: the choices a conversion measures are measured on
@@ -40,7 +40,7 @@ def _max_positions(model: nn.Module) -> int | None:
 
 def _text_split(calibration) -> tuple[str, str, str]:
     """(calibration text, held-out evaluation text, description)."""
-    from ..data.text import read_documents, shakespeare_plays, split_documents
+    from ...data.text import read_documents, shakespeare_plays, split_documents
 
     if calibration is None:
         docs, what = shakespeare_plays(), BUILTIN_TEXT
@@ -218,7 +218,7 @@ def _interleaved(text: list, own: list) -> list:
 
 
 def _run(model: nn.Module, batch, kind: str):
-    from .compute import head_in_chunks
+    from ..sources.compute import head_in_chunks
 
     with head_in_chunks(model):                  # a bf16 head: float32 rows a few thousand at a time
         if isinstance(batch, torch.Tensor):
@@ -337,8 +337,8 @@ def greedy_reply(model: nn.Module, tokenizer, prompt: str, tokens: int = 24) -> 
 def attention_summary(model: nn.Module, dtype: torch.dtype) -> dict:
     """Attention parameters, KV floats and bytes per token (all layers, cached in ``dtype``) of a
     source or converted model."""
+    from ..families.reading import attention_layers
     from .convert import converted_blocks
-    from .reading import attention_layers
 
     blocks = converted_blocks(model)
     layers = [b.layer for b in blocks.values()] if blocks else list(attention_layers(model).values())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .._extras import missing
+from ..._extras import missing
 
 GGUF_MAGIC = b"GGUF"
 
