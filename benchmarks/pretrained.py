@@ -97,12 +97,13 @@ def measure(key: str, label: str, method: str, options: dict, source: dict, data
     """(the row, the converted model)."""
     from tucker_attention.hf.conversion.fidelity import attention_summary
     from tucker_attention.hf.conversion.settings import convert_model
+    from tucker_attention.tensors import conversion_method
 
     model, tokenizer = source["model"], source["tokenizer"]
     start = time.perf_counter()
+    spreads = conversion_method(method).levels is not None and ("budget_kv" in options or "budget_params" in options)
     converted, info = convert_model(model, method, **options, statistics=data["stats"], batches=data["cal"],
-                                    kind="decoder", allocation=allocation if method != "gqa" and (
-                                        "budget_kv" in options or "budget_params" in options) else "uniform")
+                                    kind="decoder", allocation=allocation if spreads else "uniform")
     seconds = time.perf_counter() - start
     summary = attention_summary(converted, torch.float32)
     return ({"key": key, "label": label, "method": method, "options": options, **summary,

@@ -145,7 +145,7 @@ def test_measuring_from_a_layer_on_equals_running_every_layer(llama_data):
 
     from tucker_attention.hf.conversion.allocation import _Prefix
     from tucker_attention.hf.conversion.convert import block_facts, convert_block
-    from tucker_attention.hf.conversion.fidelity import _run
+    from tucker_attention.hf.conversion.fidelity import run_model
     from tucker_attention.hf.families.reading import find_blocks
     from tucker_attention.hf.modeling.auto import place_block
     from tucker_attention.hf.modeling.cache import SharedRope
@@ -162,12 +162,12 @@ def test_measuring_from_a_layer_on_equals_running_every_layer(llama_data):
     first = probe.model.layers[0]
     handle = first.mlp.register_forward_pre_hook(lambda *args: calls.append(1))      # inside the layer
     with torch.no_grad():
-        full = _run(probe, cal[0], "decoder")
+        full = run_model(probe, cal[0], "decoder")
         with prefix.skipping(block.path):
-            skipped = _run(probe, cal[0], "decoder")
+            skipped = run_model(probe, cal[0], "decoder")
     handle.remove()
     assert len(calls) == 1                                      # the first layer ran once: not in the skipped run
-    assert torch.equal(full, skipped) and not torch.equal(full, _run(model, cal[0], "decoder"))
+    assert torch.equal(full, skipped) and not torch.equal(full, run_model(model, cal[0], "decoder"))
     assert "forward" not in vars(first)                         # the stand-ins are gone
 
 

@@ -290,7 +290,7 @@ BAD_FIELDS = [
     (TrainConfig, {"beta2": -0.5}, "train.beta2 must be a finite float in [0, 1), got -0.5"),
     (TrainConfig, {"grad_clip": -1}, "train.grad_clip must be a finite float >= 0, got -1"),
     (TrainConfig, {"attention_lr_scale": 0}, "train.attention_lr_scale must be a finite float > 0, got 0"),
-    (TrainConfig, {"attention_lr": "fast"}, "train.attention_lr must be one of ['relative', 'uniform'], got 'fast'"),
+    (TrainConfig, {"lr_rule": "fast"}, "train.lr_rule must be one of ['relative', 'uniform'], got 'fast'"),
     (TrainConfig, {"eval_interval": 0}, "train.eval_interval must be an integer >= 1, got 0"),
     (TrainConfig, {"eval_windows": 0}, "train.eval_windows must be an integer >= 1, got 0"),
     (TrainConfig, {"checkpoint_interval": 0}, "train.checkpoint_interval must be an integer >= 1, got 0"),

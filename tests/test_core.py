@@ -148,7 +148,7 @@ def test_one_attention_lr_default():
     model = GPT(GPTConfig(vocab_size=8, block_size=8, d_model=D, n_heads=H, n_layers=1,
                           attention={"method": "tucker", "ranks": (2, 8, 8)}))
     default = {g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.0)}
-    chosen = {g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.0, attention_lr=TrainConfig().attention_lr)}
+    chosen = {g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.0, lr_rule=TrainConfig().lr_rule)}
     assert default == chosen and len(default) > 1
 
 

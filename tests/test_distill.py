@@ -26,7 +26,7 @@ from tucker_attention.hf.distillation.distill import (  # noqa: E402
     distill,
     trained_modules,
 )
-from tucker_attention.hf.sources.original import ConvertError  # noqa: E402
+from tucker_attention.training.distill_config import DistillError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(batch_size=4, seq_len=16, eval_windows=8, eval_interval=5, checkpoint_interval=4, progress=False)
@@ -136,6 +136,35 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(pair, tmp_path, kill):
     assert timeless(logs[0]) == timeless(logs[1])
 
 
+def test_a_run_written_before_the_shared_settings_and_the_loss_names_resumes(pair, tmp_path, monkeypatch):
+    """Checkpoints whose settings lack the fields added since (``beta1``, ``beta2``, ``layer_loss``, ``loss``)
+    resume at the values those runs trained with (LATER_FIELDS), to the uninterrupted run."""
+    teacher, base = pair
+    cfg = DistillConfig(layer_steps=3, steps=3, **FAST)
+    whole = copy.deepcopy(base)
+    distill(teacher, whole, _random_data(), tmp_path / "whole", cfg)
+    real = DistillConfig.fixed
+    added = ("beta1", "beta2", "layer_loss", "loss")
+    monkeypatch.setattr(DistillConfig, "fixed", lambda self: {k: v for k, v in real(self).items() if k not in added})
+
+    class Killed(Exception):
+        pass
+
+    def stop(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "old", cfg, on_step=stop)
+    monkeypatch.undo()
+    resumed = copy.deepcopy(base)
+    distill(teacher, resumed, _random_data(), tmp_path / "old", cfg, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    other = DistillConfig(layer_steps=3, steps=3, loss="block-error", **FAST)
+    with pytest.raises(ValueError, match=r"\(loss differ\)"):
+        distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "old", other, resume=True)
+
+
 def test_resume_refuses_other_settings_and_overwrite_is_needed_to_restart(pair, tmp_path):
     teacher, base = pair
     cfg = DistillConfig(layer_steps=2, steps=2, **FAST)
@@ -147,6 +176,19 @@ def test_resume_refuses_other_settings_and_overwrite_is_needed_to_restart(pair, 
         distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", cfg)
     longer = DistillConfig(layer_steps=2, steps=4, **FAST)               # more end-to-end steps: allowed
     assert distill(teacher, copy.deepcopy(base), _random_data(), tmp_path / "run", longer, resume=True)["steps"] == 6
+
+
+def test_a_stale_lock_is_taken_over_and_said(pair, tmp_path, capsys):
+    """The one loop's run folder: a lock left by a dead process is taken over, and the run says so."""
+    import socket
+
+    teacher, base = pair
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": 2**22 + 4321, "host": socket.gethostname(), "started": "then"}))
+    distill(teacher, copy.deepcopy(base), _random_data(), run, DistillConfig(layer_steps=1, steps=1, **FAST))
+    assert f"distill: took over the stale lock of process {2**22 + 4321}" in capsys.readouterr().err
+    assert (run / ".lock").read_text() == ""                                      # released
 
 
 def test_params_all_trains_every_weight_and_attention_only_the_blocks(pair, tmp_path):
@@ -334,7 +376,7 @@ def test_prepared_folder_with_the_models_tokenizer_is_read(folders, tmp_path):
     batch = data.train_batch(torch.Generator().manual_seed(0), 3, 16)
     assert batch.shape == (3, 16) and int(batch.max()) < 89
     assert data.eval_batches(16, 4, "cpu")[0]["input_ids"].shape == (4, 16)
-    with pytest.raises(ConvertError, match="vocabulary"):
+    with pytest.raises(DistillError, match="vocabulary"):
         load_data(prepared, _tokenizer(), 50)                    # a model whose vocabulary is smaller
 
 
@@ -344,7 +386,7 @@ def test_distill_folder_resumes_a_run_and_loads_with_plain_from_pretrained(folde
     cfg = DistillConfig(layer_steps=2, steps=2, **{**FAST, "batch_size": 2, "eval_windows": 2})
     report = distill_folder(folders / "original", folders / "converted", out=tmp_path / "a", config=cfg, prompt=None)
     assert report["summary"]["final"]["phase"] == "end-to-end"
-    with pytest.raises(ConvertError, match="no distillation run to resume"):
+    with pytest.raises(DistillError, match="no distillation run to resume"):
         distill_folder(folders / "original", folders / "converted", out=tmp_path / "b", config=cfg, resume=True)
     again = distill_folder(folders / "original", folders / "converted", out=tmp_path / "b", config=cfg, prompt=None,
                            run_dir=tmp_path / "a.run", resume=True)

@@ -25,9 +25,9 @@ from tucker_attention.experiments.compare import PRESETS, compare_configs
 from tucker_attention.models import GPTConfig
 from tucker_attention.training import RunConfig, apply_overrides, make_task, train
 from tucker_attention.training import tasks as tasks_module
-from tucker_attention.training import trainer as trainer_module
 from tucker_attention.training.checkpoint import latest_checkpoint, step_dirs
 from tucker_attention.training.config import TrainConfig
+from tucker_attention.training.run_folder import fixed_part
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +237,7 @@ def test_a_run_written_before_the_options_existed_resumes(corpus, tmp_path):
     for key in ("grad_accum_steps", "compile"):
         del stored["train"][key]
     (run / "config.json").write_text(json.dumps(stored))
-    assert trainer_module._fixed_part(stored) == trainer_module._fixed_part(cfg.to_dict())
+    assert fixed_part(stored) == fixed_part(cfg.to_dict())
     train(lm_config(corpus, steps=6, checkpoint_interval=2, eval_interval=2), run, resume=True)
     with pytest.raises(ValueError, match=r"train\.grad_accum_steps differ"):
         train(lm_config(corpus, steps=8, checkpoint_interval=2, eval_interval=2, grad_accum_steps=2), run,

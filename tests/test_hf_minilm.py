@@ -157,9 +157,9 @@ def test_distill_recovers_held_out_similarity(minilm, eval_set):
     with pytest.raises(ValueError, match="needs train_sentences"):
         evaluate_setting(model, tokenizer, "gqa", 4, sentences, reference, finetune_steps=1)
     with pytest.raises(ValueError, match="converted attention blocks"):
-        distill(model, reference, tokenizer, sentences, steps=1, progress=False)
+        distill(reference, model, tokenizer, sentences, steps=1, progress=False)
     with pytest.raises(ValueError, match="teacher embeddings must be"):
-        distill(student, reference[:3], tokenizer, sentences, steps=1, progress=False)
+        distill(reference[:3], student, tokenizer, sentences, steps=1, progress=False)
 
 
 def test_corpus_sentences_split_and_errors(tmp_path):
@@ -277,13 +277,13 @@ def test_distill_keeps_the_best_validated_state(minilm):
     train, val = corpus_sentences(split="train", n=48), corpus_sentences(split="train", n=56)[48:]
     student = convert(model, "gqa", inplace=False)          # full rank: exact
     before = [p.detach().clone() for p in student.parameters()]
-    run = distill(student, model, tokenizer, train, steps=4, lr=1e-2, batch_size=8, val_sentences=val,
+    run = distill(model, student, tokenizer, train, steps=4, lr=1e-2, batch_size=8, val_sentences=val,
                   eval_every=2, progress=False)
     assert run["best_step"] == 0 and sorted(run["val_cosine"]) == [0, 2, 4]
     assert run["val_cosine"][0] > 0.99999 > min(run["val_cosine"][2], run["val_cosine"][4])
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     with pytest.raises(ValueError, match="needs val_teacher"):
-        distill(student, embed(model, tokenizer, train), tokenizer, train, steps=1, val_sentences=val,
+        distill(embed(model, tokenizer, train), student, tokenizer, train, steps=1, val_sentences=val,
                 progress=False)
 
 
@@ -300,6 +300,6 @@ def test_distill_stops_on_a_non_finite_loss_without_applying_a_step(minilm):
     before = [p.detach().clone() for p in student.parameters()]
     with pytest.raises(NonFiniteError, match=r"non-finite loss nan, grad_norm nan at step 3; stopped after 3 bad "
                                              r"step\(s\) \(max_bad_steps=2"):
-        distill(student, model, tokenizer, train, steps=5, batch_size=4, max_bad_steps=2, progress=False)
+        distill(model, student, tokenizer, train, steps=5, batch_size=4, max_bad_steps=2, progress=False)
     assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
                for a, b in zip(before, student.parameters()))   # no step was applied

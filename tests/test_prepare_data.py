@@ -166,8 +166,8 @@ def test_a_large_file_is_tokenized_in_chunks_with_one_shot_ids(tmp_path, monkeyp
     monkeypatch.setattr(tokenizers_module, "MAX_CACHED_PIECES", 50)  # the piece cache starts afresh many times
     monkeypatch.setattr(prepare, "SHARD_TOKENS", 1000)     # many shards
     seen = []
-    encode = tokenizers_module._TransformersEncoder.encode if kind == "minilm" else tokenizers_module._Encoder.encode
-    monkeypatch.setattr(type(tokenizers_module._open_encoder(kind)), "encode",
+    encode = tokenizers_module._TransformersEncoder.encode if kind == "minilm" else tokenizers_module.Encoder.encode
+    monkeypatch.setattr(type(tokenizers_module.open_encoder(kind)), "encode",
                         lambda self, chunk: seen.append(chunk) or encode(self, chunk))
     meta = prepare_data(tmp_path / "big.txt", kind, tmp_path / "out", progress=False)
     assert len(seen) > 100 and max(map(len, seen)) <= 4 * 300 and "".join(seen) == text
@@ -443,7 +443,7 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(folder, tmp_path,
             raise KeyboardInterrupt
         return np.zeros(len(chunk), np.int64)
 
-    monkeypatch.setattr(tokenizers_module._Encoder, "encode", failing)
+    monkeypatch.setattr(tokenizers_module.Encoder, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(folder, "byte", tmp_path / "out", overwrite=True, progress=False)
     assert (tmp_path / "out" / "meta.json").read_text() == before  # the old folder, untouched

@@ -66,14 +66,14 @@ def test_relative_attention_lr_follows_the_init_scale():
     model = GPT(GPTConfig(vocab_size=10, block_size=8, d_model=32, n_heads=4, n_layers=1,
                           attention={"method": "tucker", "ranks": (2, 8, 8)}))
     layer = model.blocks[0].attn
-    lrs = {id(p): g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.0, attention_lr="relative")
+    lrs = {id(p): g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.0, lr_rule="relative")
            for p in g["params"]}
     assert lrs[id(layer.U1)] == pytest.approx((32 / 2) ** 0.5)
     assert lrs[id(layer.core)] == pytest.approx((32 / 8) ** 0.5)  # C ~ N(0, 1/r2)
     assert lrs[id(layer.core_tilde)] == pytest.approx((32 / (4 * 8)) ** 0.5)  # C~ ~ N(0, 1/(H r3~))
     assert lrs[id(layer.U2)] == lrs[id(model.wte.weight)] == 1.0
     mha = GPT(GPTConfig(vocab_size=10, block_size=8, d_model=32, n_heads=4, n_layers=1))
-    assert {g["lr"] for g in param_groups(mha, lr=1.0, weight_decay=0.1, attention_lr="relative")} == {1.0}
+    assert {g["lr"] for g in param_groups(mha, lr=1.0, weight_decay=0.1, lr_rule="relative")} == {1.0}
 
 
 def test_overrides_parse_values_and_refuse_unknown_keys():
@@ -144,6 +144,44 @@ def test_resume_continues_bit_for_bit(corpus, tmp_path, monkeypatch, attention):
         return [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_metrics(tmp_path / run)]
 
     assert losses("straight") == losses("resumed")  # no duplicated or missing records either
+
+
+def test_a_run_and_a_config_file_with_the_old_name_attention_lr_still_resume_and_load(corpus, tmp_path, monkeypatch):
+    """``train.lr_rule`` was ``train.attention_lr``: a run folder written with the old name (config.json,
+    the checkpoints' config) resumes to the uninterrupted run, and a config holding it loads and takes --set."""
+    from tucker_attention.training import tasks
+
+    cfg = tiny_config(corpus, lr_rule="uniform")
+    train(cfg, tmp_path / "straight")
+    real_to_dict, real_sample = RunConfig.to_dict, tasks.LMTask.sample_batch
+
+    def old_names(self):                                  # what a run of the old version wrote
+        d = real_to_dict(self)
+        d["train"]["attention_lr"] = d["train"].pop("lr_rule")
+        return d
+
+    def crash_after_six(self, *args):
+        if crash_after_six.calls == 6:
+            raise KeyboardInterrupt                          # after the step-4 checkpoint
+        crash_after_six.calls += 1
+        return real_sample(self, *args)
+
+    crash_after_six.calls = 0
+    monkeypatch.setattr(RunConfig, "to_dict", old_names)
+    monkeypatch.setattr(tasks.LMTask, "sample_batch", crash_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "old")
+    monkeypatch.undo()
+    stored = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert stored["train"]["attention_lr"] == "uniform" and "lr_rule" not in stored["train"]
+    train(cfg, tmp_path / "old", resume=True)
+    a, b = (load_file(str(latest_checkpoint(tmp_path / run) / "model.safetensors")) for run in ("straight", "old"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert RunConfig.from_dict(stored).train.lr_rule == "uniform"
+    assert apply_overrides(stored, ["train.lr_rule=relative"], GPTConfig)["train"]["lr_rule"] == "relative"
+    assert apply_overrides(stored, ["train.attention_lr=relative"], GPTConfig)["train"]["lr_rule"] == "relative"
+    with pytest.raises(ValueError, match=r"train\.attention_lr \(the old name of train\.lr_rule\)"):
+        RunConfig.from_dict({**stored, "train": {**stored["train"], "lr_rule": "relative"}})
 
 
 def test_resume_refuses_corrupted_and_mismatching_checkpoints(corpus, tmp_path):

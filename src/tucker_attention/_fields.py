@@ -27,23 +27,33 @@ _PARSE_ORDER = {type(None): 0, bool: 1, int: 2, float: 3, tuple: 4, dict: 5, str
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """What a field allows beyond its type: a numeric range (``low``/``high``, open or closed) or string choices."""
+    """What a field allows beyond its type: a numeric range (``low``/``high``, open or closed) or string
+    choices (a tuple, or a function giving them now: the names of a registry that grows)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple | None = None
+    choices: tuple | typing.Callable[[], tuple] | None = None
+    says: str | None = None             # what the field allows in words, for messages, instead of describe's
+
+    def allowed(self) -> tuple | None:
+        """The string choices as they are now (None: any string)."""
+        return self.choices() if callable(self.choices) else self.choices
 
 
 NO_RULE = Rule()
 
 
 def typed(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, low=None, high=None,
-          low_open: bool = False, high_open: bool = False, choices=None):
-    """A dataclass field with its allowed range or choices, checked by :func:`check_fields`."""
-    rule = Rule(low, high, low_open, high_open, tuple(choices) if choices is not None else None)
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": rule})
+          low_open: bool = False, high_open: bool = False, choices=None, says: str | None = None,
+          help: str | None = None):
+    """A dataclass field with its allowed range or choices, checked by :func:`check_fields`; ``says``:
+    what it allows in words (:attr:`Rule.says`); ``help``: its command-line help
+    (:func:`tucker_attention.cli.config_flags.add_config_flags`)."""
+    choices = choices if choices is None or callable(choices) else tuple(choices)
+    rule = Rule(low, high, low_open, high_open, choices, says)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": rule, "help": help})
 
 
 @functools.cache
@@ -87,7 +97,9 @@ def _items(annotation, n: int) -> tuple | None:
 
 
 def describe(annotation, rule: Rule = NO_RULE) -> str:
-    """What ``annotation`` (with ``rule``) allows, in words: ``an integer >= 1 or None``."""
+    """What ``annotation`` (with ``rule``) allows, in words: ``an integer >= 1 or None`` (``rule.says`` if set)."""
+    if rule.says is not None:
+        return rule.says
     bounds = range_text(rule.low, rule.high, rule.low_open, rule.high_open)
     if _is_union(annotation):
         arms = sorted(typing.get_args(annotation), key=lambda a: a is type(None))  # None last
@@ -99,7 +111,7 @@ def describe(annotation, rule: Rule = NO_RULE) -> str:
     if annotation in (int, float):
         return f"{'an integer' if annotation is int else 'a finite float'} {bounds}".rstrip()
     if annotation is str:
-        return f"one of {sorted(rule.choices)!r}" if rule.choices is not None else "a string"
+        return f"one of {sorted(rule.allowed())!r}" if rule.choices is not None else "a string"
     if typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         variadic = not args or (len(args) == 2 and args[1] is Ellipsis)
@@ -168,7 +180,7 @@ def _convert(value, annotation, rule: Rule):
     if annotation is str:
         if not isinstance(value, str):
             raise _Mismatch(False)
-        if rule.choices is not None and value not in rule.choices:
+        if rule.choices is not None and value not in rule.allowed():
             raise _Mismatch(True)
         return value
     if origin is tuple:

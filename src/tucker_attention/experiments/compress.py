@@ -20,8 +20,7 @@ from torch import nn
 from .._checks import check_choice, check_int
 from .._table import text_table
 from ..accounting import attention_param_count, kv_cache_floats_per_token
-
-METHODS = ("tucker", "gqa", "mla")
+from ..tensors.methods import METHODS, conversion_method
 
 # MiniLM-L6 (12 heads, d_model 384): Tucker from ~0.8 (to compare with GQA/MLA at equal size) to ~1/20 of
 # MHA's attention parameters
@@ -44,12 +43,10 @@ CALIBRATION_SENTENCES = 512
 
 
 def setting_label(method: str, ranks) -> str:
-    """'ranks (12, 128, 96)' | 'n_kv 4' | 'kv_rank 128' (None: 'full rank')."""
-    if ranks is None:
-        return "full rank"
-    if method == "tucker":
-        return "per-layer ranks" if isinstance(ranks, list) else f"ranks {tuple(ranks)}"
-    return f"n_kv {ranks}" if method == "gqa" else f"kv_rank {ranks}"
+    """'ranks (12, 128, 96)' | 'n_kv 4' | 'kv_rank 128' (None: 'full rank'; a list: 'per-layer ranks')."""
+    if isinstance(ranks, list):
+        return f"per-layer {conversion_method(method).names[0]}"
+    return conversion_method(method).label(ranks, short=True)
 
 
 def attention_stats(model: nn.Module) -> dict:
@@ -65,19 +62,24 @@ def attention_stats(model: nn.Module) -> dict:
 
 
 def _check_ranks(method: str, ranks):
-    if ranks is None:                                     # full rank: exact
+    """``ranks`` as ``convert`` takes them: the method's setting (one int, or a tuple of as many ints as it
+    takes) or a list of them per layer (a plan's); None: full rank (exact)."""
+    record = conversion_method(method)
+
+    def setting(value):
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if len(values) in record.counts and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return record.normal(values)
         return None
-    if method == "tucker":
-        if isinstance(ranks, list) and all(isinstance(r, (tuple, list)) and len(r) == 3 for r in ranks):
-            return [tuple(r) for r in ranks]                  # one (r1, r2, r3) per layer (plan_ranks)
-        if not (isinstance(ranks, (tuple, list)) and len(ranks) == 3):
-            raise ValueError(f"tucker ranks must be three ints (r1, r2, r3) or a list of them per layer, "
-                             f"got {ranks!r}")
-        return tuple(ranks)
-    if isinstance(ranks, bool) or not isinstance(ranks, int):
-        what = "n_kv_heads" if method == "gqa" else "kv_rank"
-        raise ValueError(f"{method} ranks must be one int ({what}), got {ranks!r}")
-    return ranks
+
+    if ranks is None:
+        return None
+    if isinstance(ranks, list) and ranks and all(isinstance(r, (tuple, list)) and setting(r) is not None
+                                                 for r in ranks):
+        return [setting(r) for r in ranks]                    # one setting per layer (plan_ranks)
+    if setting(ranks) is None:
+        raise ValueError(f"{method} ranks must be {record.given_as()} or a list of them per layer, got {ranks!r}")
+    return setting(ranks)
 
 
 def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sentences: list[str],
@@ -128,7 +130,7 @@ def evaluate_setting(model: nn.Module, tokenizer, method: str, ranks, eval_sente
         teacher, val_teacher = model, model
         if train_embeddings is not None:
             teacher, val_teacher = train_embeddings[:len(fit)], train_embeddings[len(fit):]
-        run = distill(converted, teacher, tokenizer, fit, steps=finetune_steps, lr=lr, batch_size=batch_size,
+        run = distill(teacher, converted, tokenizer, fit, steps=finetune_steps, lr=lr, batch_size=batch_size,
                       seed=seed, val_sentences=val or None, val_teacher=val_teacher, progress=progress)
         after = similarity(reference_embeddings, embed(converted, tokenizer, eval_sentences))
         record.update(cosine_ft=after["cosine"], spearman_ft=after["spearman"], finetune_steps=finetune_steps,
@@ -255,8 +257,6 @@ def plot_compress(records: list[dict], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from .compare import _METHOD_NAMES
-
     colors = {"gqa": "tab:blue", "mla": "tab:green", "tucker": "tab:red"}
     markers = {"gqa": "s", "mla": "^", "tucker": "o"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -267,7 +267,8 @@ def plot_compress(records: list[dict], path: str | os.PathLike) -> Path:
         for method in dict.fromkeys(r["method"] for r in records if r["method"] != "mha"):
             pts = sorted((r for r in records if r["method"] == method), key=lambda r: r["attention_params"])
             x = [r["attention_params"] for r in pts]
-            name, color, marker = _METHOD_NAMES.get(method, method), colors.get(method), markers.get(method, "o")
+            name = conversion_method(method).title or method
+            color, marker = colors.get(method), markers.get(method, "o")
             ax.plot(x, [r[metric] for r in pts], "-", marker=marker, color=color, label=name, zorder=3)
             for r in pts:
                 ax.annotate(r["label"].split(" ", 1)[1], (r["attention_params"], r[metric]), textcoords="offset points",

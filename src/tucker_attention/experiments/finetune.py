@@ -20,10 +20,10 @@ import torch
 from .._table import text_table
 from ..layers import Attention
 from ..models.blocks import layer_spec
-from ..tensors.convert import CONVERSIONS, convert_layer
+from ..tensors.methods import METHODS, conversion_method, convert_layer
 from ..training import RunConfig, make_task, train
 from ..training.checkpoint import load_trained_model
-from .compare import VIT_PRESETS, _finished, _slug, add_ratios, spec_record, write_json_atomic
+from .compare import VIT_PRESETS, add_ratios, finished, slug, spec_record, write_json_atomic
 
 
 @dataclass
@@ -63,13 +63,14 @@ FINETUNE_PRESETS = {
 
 
 def _convert(layer: Attention, spec: dict) -> Attention:
-    """``layer`` (MHA) converted to the method of ``spec``: SVD for GQA/MLA, truncated HOSVD for Tucker."""
+    """``layer`` (MHA) converted to the method of ``spec`` (a registered conversion method, its setting by
+    the method's ``spec_keys``): SVD for GQA/MLA, truncated HOSVD for Tucker."""
     method = spec["method"]
-    setting = {"gqa": "n_kv_heads", "mla": "kv_rank", "tucker": "ranks"}.get(method)
-    if setting is None:
-        raise ValueError(f"conversion target must be one of {list(CONVERSIONS)}, got {method!r}")
-    value = (spec["kv_rank"], spec.get("q_rank")) if method == "mla" else spec[setting]
-    return convert_layer(layer, method, value, value_ranks=spec.get("value_ranks"))
+    if method not in METHODS:
+        raise ValueError(f"conversion target must be one of {list(METHODS)}, got {method!r}")
+    record = conversion_method(method)
+    options = {"value_ranks": spec["value_ranks"]} if spec.get("value_ranks") is not None else {}
+    return convert_layer(layer, method, record.from_spec(spec), **options)
 
 
 def convert_model(model: torch.nn.Module, spec: dict) -> tuple[torch.nn.Module, dict]:
@@ -98,7 +99,7 @@ def run_finetune_compare(preset: str = "default", out: str | Path = "finetune-ou
         for spec in p.settings.values():  # rank checks before the baseline trains
             convert_model(dry, spec)
         run_dir = out / "runs" / "mha-baseline"
-        if _finished(run_dir, base_config) is None:
+        if finished(run_dir, base_config) is None:
             print(f"training the MHA baseline in {run_dir}", flush=True)
             train(base_config, run_dir, overwrite=True)
         source = run_dir
@@ -121,8 +122,8 @@ def run_finetune_compare(preset: str = "default", out: str | Path = "finetune-ou
             cfg = {**config_dict, "model": {**extra["model_config"], "attention": spec},
                    "train": {**p.finetune, "seed": seed, "progress": progress, **({"steps": steps} if steps else {})}}
             run_config = RunConfig.from_dict(cfg)
-            run_dir = out / "runs" / f"{_slug(label)}-seed{seed}"
-            summary = _finished(run_dir, run_config) or train(
+            run_dir = out / "runs" / f"{slug(label)}-seed{seed}"
+            summary = finished(run_dir, run_config) or train(
                 run_config, run_dir, overwrite=True, task=make_task(run_config, reuse=task),
                 init_state=model.state_dict())
             accs.append(summary["val_accuracy"])
@@ -171,17 +172,15 @@ def plot_finetune(records: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = records[0]
     ax.axhline(base["finetuned_accuracy"], color="black", ls="--", label="MHA baseline")
-    for method in ("gqa", "mla", "tucker"):
+    for method in METHODS:
         pts = sorted((r for r in records if r["method"] == method), key=lambda r: r["attention_params"])
         if not pts:
             continue
         x = [r["attention_params"] for r in pts]
-        c = colors[method]
-        ax.plot(x, [r["converted_accuracy"] for r in pts], "o:", mfc="none", color=c,
-                label=f"{method.upper() if method != 'tucker' else 'Tucker'} converted")
+        c, title = colors.get(method), conversion_method(method).title or method
+        ax.plot(x, [r["converted_accuracy"] for r in pts], "o:", mfc="none", color=c, label=f"{title} converted")
         ax.errorbar(x, [r["finetuned_accuracy"] for r in pts], yerr=[r["finetuned_accuracy_std"] for r in pts],
-                    fmt="o-", color=c, capsize=3, label=f"{method.upper() if method != 'tucker' else 'Tucker'} "
-                                                        f"fine-tuned")
+                    fmt="o-", color=c, capsize=3, label=f"{title} fine-tuned")
         for r in pts:
             ax.annotate(r["label"].split(" ", 1)[1], (r["attention_params"], r["finetuned_accuracy"]),
                         textcoords="offset points", xytext=(4, -10), fontsize=7)

@@ -9,7 +9,6 @@ so a fine-tune on the training sentences never sees them.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 
@@ -18,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_int
+from ..training.config import OptimConfig
 from ..training.distill_config import PARAMS
-from ..training.guard import NonFiniteGuard
+from ..training.loop import Job, Loop, adamw, lr_schedule
 
 SPLITS = ("train", "val")
 
@@ -127,17 +127,15 @@ def similarity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, fl
     return {"cosine": float(cosine), "spearman": spearman(*pairs)}
 
 
-def _trainable(student: nn.Module, params: str) -> list[nn.Parameter]:
-    check_choice("params", params, PARAMS)
-    if params == "all":
-        return [p for p in student.parameters()]
-    from ..hf.conversion.convert import converted_blocks
+def _trainable(student: nn.Module, params: str) -> nn.Module:
+    """The module whose parameters train: the converted blocks (``"attention"``) or the whole student."""
+    from ..hf.distillation.losses import trained_modules
 
-    blocks = converted_blocks(student)
-    if not blocks:
-        raise ValueError("params='attention' trains the converted attention blocks, but the student has none; "
-                         "convert it first (tucker_attention.hf.convert) or pass params='all'")
-    return list(dict.fromkeys(p for block in blocks.values() for p in block.parameters()))
+    check_choice("params", params, PARAMS)
+    try:
+        return trained_modules(student, params)
+    except ValueError as err:                          # a hint for calls in the old (student, teacher) order
+        raise ValueError(f"{err} (the arguments are distill(teacher, student, ...))") from None
 
 
 def _targets(teacher, tokenizer, sentences: list[str], max_length: int, name: str) -> torch.Tensor:
@@ -186,11 +184,12 @@ def _copy_into(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
         p.copy_(value)
 
 
-def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 3e-4,
+def distill(teacher, student: nn.Module, tokenizer, sentences: list[str], *, steps: int = 100, lr: float = 3e-4,
             batch_size: int = 32, seed: int = 0, params: str = "attention", max_length: int = 128,
             val_sentences: list[str] | None = None, val_teacher=None, eval_every: int = 25,
             max_bad_steps: int = 0, progress: bool = True) -> dict:
-    """Recovery fine-tune: minimize 1 - cosine(student embedding, teacher embedding) on ``sentences``.
+    """Recovery fine-tune: minimize 1 - cosine(student embedding, teacher embedding) on ``sentences``
+    (the arguments in the order of :func:`tucker_attention.hf.distill`: teacher, then student).
 
     teacher: the original model, or its embeddings (N, d) of ``sentences`` (row i = sentence i).
     params: 'attention' (only the converted blocks' parameters, the default) or 'all'.
@@ -198,68 +197,96 @@ def distill(student: nn.Module, teacher, tokenizer, sentences: list[str], *, ste
     the teacher (``val_teacher``: model or embeddings, default ``teacher`` if it is a model)
     is measured before training and every ``eval_every`` steps, and the best state is kept,
     so the fine-tune never ends worse than it started on them.
-    AdamW, no weight decay; dropout off (the model runs in eval mode, to match the teacher's
-    deterministic embeddings); batches walk seeded permutations of the sentences.
+    A job of the one training loop (:class:`~tucker_attention.training.loop.Loop`) in one process
+    and without a run folder: AdamW (betas 0.9, 0.999), no weight decay, constant lr, no clipping;
+    dropout off (the model runs in eval mode, to match the teacher's deterministic embeddings);
+    batches walk seeded permutations of the sentences.
     A step with a non-finite loss or gradient norm is not applied; after ``max_bad_steps`` of
     them :class:`~tucker_attention.training.guard.NonFiniteError` stops the fine-tune (the
     student keeps its last finite weights).
     Returns {'losses': per step, 'val_cosine': {step: cosine}, 'best_step': step kept}; the
     student is left in eval mode.
     """
-    from tqdm.auto import tqdm
-
     _check_distill(sentences, steps=steps, batch_size=batch_size, eval_every=eval_every, max_bad_steps=max_bad_steps)
+    settings = OptimConfig(batch_size=batch_size, lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                           beta2=0.999, grad_clip=0.0, lr_rule="uniform", eval_interval=eval_every, seed=seed,
+                           precision="fp32", max_bad_steps=max_bad_steps, progress=progress)
     targets = _targets(teacher, tokenizer, sentences, max_length, "teacher")
     val_targets = _val_targets(teacher, val_teacher, tokenizer, val_sentences, max_length)
-    trainable = _trainable(student, params)
-    targets = targets.to(_device(student))
-    chosen = {id(p) for p in trainable}
+    trained = _trainable(student, params)
     saved = {p: p.requires_grad for p in student.parameters()}
-    result = {"losses": [], "val_cosine": {}, "best_step": steps}
-    best = None
-
-    def validate(step: int) -> None:
-        nonlocal best
-        if val_targets is None:
-            return
-        got = embed(student, tokenizer, val_sentences, max_length=max_length)
-        cosine = float(F.cosine_similarity(got, val_targets.to(got.device), dim=1).mean())
-        result["val_cosine"][step] = cosine
-        if best is None or cosine > best[0]:
-            best = (cosine, step, [p.detach().clone() for p in trainable])
-
     try:
+        chosen = {id(p) for p in trained.parameters()}
         for p in student.parameters():
             p.requires_grad_(id(p) in chosen)
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        guard = NonFiniteGuard(max_bad_steps, setting="max_bad_steps")
-        generator = torch.Generator().manual_seed(seed)
-        order: list[int] = []
         student.eval()
-        validate(0)
-        bar = tqdm(range(1, steps + 1), desc="distill", disable=not progress, leave=False)
-        for step in bar:
-            idx, order = _next_batch(order, generator, len(sentences), batch_size)
-            out = embed(student, tokenizer, [sentences[i] for i in idx], batch_size=batch_size, max_length=max_length,
-                        grad=True)
-            loss = 1 - F.cosine_similarity(out, targets[idx], dim=1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value, norm_value = guard.values(loss, nn.utils.clip_grad_norm_(trainable, math.inf))
-            if guard.check(step, loss=loss_value, grad_norm=norm_value):
-                optimizer.step()
-            result["losses"].append(loss_value)
-            bar.set_postfix(loss=f"{result['losses'][-1]:.2e}")
-            if step % eval_every == 0 or step == steps:
-                validate(step)
-        if best is not None:
-            _copy_into(trainable, best[2])
-            result["best_step"] = best[1]
+        with Loop(settings, distributed=False, device=_device(student)) as loop:
+            return loop.run(_SentenceJob(student, trained, tokenizer, (sentences, targets),
+                                         (val_sentences, val_targets), steps, max_length, loop))
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         student.eval()
-    return result
+
+
+class _SentenceJob(Job):
+    """What :func:`distill` gives the loop: the student's trained module, batches of sentence indices,
+    the cosine loss against the teacher's embeddings, validation with the best state kept."""
+
+    label, leave_bar = "distill", False
+
+    def __init__(self, student: nn.Module, trained: nn.Module, tokenizer, fit: tuple, validation: tuple, steps: int,
+                 max_length: int, loop):
+        """fit: (sentences, their targets (N, d)); validation: (sentences, their targets (M, d)) or (None, None)."""
+        self.student, self.holder, self.tokenizer, self.loop = student, trained, tokenizer, loop
+        (self.sentences, targets), (self.val_sentences, self.val_targets) = fit, validation
+        self.targets, self.steps, self.max_length = targets.to(loop.device), steps, max_length
+        self.data_seed, self.order, self.best = loop.settings.seed, [], None
+        self.result = {"losses": [], "val_cosine": {}, "best_step": steps}
+
+    def trained(self) -> nn.Module:
+        return self.holder
+
+    def start(self, state: dict | None) -> None:
+        loop, settings = self.loop, self.loop.settings
+        group = {"params": list(self.holder.parameters()), "lr": settings.lr, "weight_decay": settings.weight_decay}
+        loop.optimizer = adamw([group], settings, loop.device)
+        loop.schedule = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, lr_schedule(settings, self.steps))
+
+    def begin(self) -> None:
+        self.validate(0)
+
+    def batch(self, generator: torch.Generator) -> list:
+        idx, self.order = _next_batch(self.order, generator, len(self.sentences), self.loop.settings.batch_size)
+        return [idx]
+
+    def loss(self, net: nn.Module, idx: list[int]) -> torch.Tensor:
+        out = embed(self.student, self.tokenizer, [self.sentences[i] for i in idx], batch_size=len(idx),
+                    max_length=self.max_length, grad=True)
+        return 1 - F.cosine_similarity(out, self.targets[idx], dim=1).mean()
+
+    def after_step(self, loss: float, grad_norm: float, good: bool) -> None:
+        step = self.loop.step
+        self.result["losses"].append(loss)
+        self.loop.bar.set_postfix(loss=f"{loss:.2e}")
+        if step % self.loop.settings.eval_interval == 0 or step == self.steps:
+            self.validate(step)
+
+    def validate(self, step: int) -> None:
+        """The mean cosine of the validation sentences to their targets; the best state so far is kept."""
+        if self.val_targets is None:
+            return
+        got = embed(self.student, self.tokenizer, self.val_sentences, max_length=self.max_length)
+        cosine = float(F.cosine_similarity(got, self.val_targets.to(got.device), dim=1).mean())
+        self.result["val_cosine"][step] = cosine
+        if self.best is None or cosine > self.best[0]:
+            self.best = (cosine, step, [p.detach().clone() for p in self.holder.parameters()])
+
+    def summary(self) -> dict:
+        if self.best is not None:
+            _copy_into(list(self.holder.parameters()), self.best[2])
+            self.result["best_step"] = self.best[1]
+        return self.result
 
 
 def sentence_statistics(model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 64,

@@ -86,8 +86,8 @@ class Attention(nn.Module, ABC):
       carry from the source's heads (0: a pair that is not rotated). ``config()`` has it when set.
     - ``bias``: biases on every projection whose bias is not redundant (see each class).
     - Learning-rate scales (:meth:`lr_scales`) follow from :meth:`init_stds`, i.e. from the
-      configuration alone; the trainer's ``attention_lr`` default lives in one place,
-      ``tucker_attention.training.config.DEFAULT_ATTENTION_LR``.
+      configuration alone; the trainer's ``lr_rule`` default lives in one place,
+      ``tucker_attention.training.config.DEFAULT_LR_RULE``.
 
     A subclass defines ``method`` and
 

@@ -24,10 +24,9 @@ from .budget import (
     plan_uniform,
     tucker_param_count,
 )
+from .builtin_methods import STEP_SHARE, even_step, tucker_highs
 from .convert import (
-    CONVERSIONS,
     compress,
-    convert_layer,
     input_transform,
     mha_to_gqa,
     mha_to_mla,
@@ -36,14 +35,23 @@ from .convert import (
     whitening,
 )
 from .heads import heads_form_applies, to_tucker_heads, truncate_heads
+from .methods import (
+    CONVERSIONS,
+    METHODS,
+    ConversionMethod,
+    SettingError,
+    conversion_method,
+    convert_layer,
+    register,
+    unregister,
+)
 from .view import AttentionFactors, HeadFactors, attention_factors, attention_tensors, check_finite, factored_hosvd
 
-__all__ = ["CONVERSIONS", "AttentionFactors", "HeadFactors", "RankPlan", "SettingPlan", "TuckerTensor",
-           "allocate_ranks", "attention_factors", "attention_tensors", "check_finite", "compress", "convert_layer",
-           "converted_cost", "energy_rank", "factored_hosvd", "heads_form_applies", "hooi", "hosvd",
-           "input_transform", "layer_cost",
+__all__ = ["AttentionFactors", "CONVERSIONS", "ConversionMethod", "HeadFactors", "METHODS", "RankPlan", "STEP_SHARE",
+           "SettingError", "SettingPlan", "TuckerTensor", "allocate_ranks", "attention_factors", "attention_tensors",
+           "check_finite", "compress", "conversion_method", "convert_layer", "converted_cost", "energy_rank",
+           "even_step", "factored_hosvd", "heads_form_applies", "hooi", "hosvd", "input_transform", "layer_cost",
            "mha_to_gqa", "mha_to_mla", "mode_product", "mode_spectra", "multilinear_ranks", "numerical_rank",
-           "plan_ranks", "plan_setting", "plan_uniform", "relative_error", "to_tucker", "to_tucker_heads",
-           "top_eigenvectors", "truncate_heads",
-           "tucker_param_count",
-           "tucker_to_tensor", "unfold", "whitening"]
+           "plan_ranks", "plan_setting", "plan_uniform", "register", "relative_error", "to_tucker",
+           "to_tucker_heads", "top_eigenvectors", "truncate_heads", "tucker_highs", "tucker_param_count",
+           "tucker_to_tensor", "unfold", "unregister", "whitening"]

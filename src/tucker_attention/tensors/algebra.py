@@ -111,7 +111,8 @@ def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :rank]
 
 
-def _check_ranks(shape, ranks) -> tuple[int, ...]:
+def check_mode_ranks(shape, ranks) -> tuple[int, ...]:
+    """``ranks`` as a tuple, one integer in [1, size] per mode of a tensor of ``shape``; ValueError otherwise."""
     if len(ranks) != len(shape):
         raise ValueError(f"ranks must have {len(shape)} entries, got {tuple(ranks)!r}")
     return tuple(check_int(f"ranks[{n}] (r{n + 1})", r, high=size) for n, (r, size) in enumerate(zip(ranks, shape)))
@@ -130,7 +131,7 @@ def hosvd(tensor: torch.Tensor, ranks, order=(1, 2, 3)) -> TuckerTensor:
     Each factor holds the leading left singular vectors of the unfolding of the tensor
     already projected on the modes before it; the core is the full projection.
     """
-    ranks = _check_ranks(tensor.shape, ranks)
+    ranks = check_mode_ranks(tensor.shape, ranks)
     if sorted(order) != list(range(1, tensor.dim() + 1)):
         raise ValueError(f"order must be a permutation of the modes 1..{tensor.dim()}, got {order!r}")
     core, factors = tensor, [None] * tensor.dim()
@@ -149,7 +150,7 @@ def hooi(tensor: torch.Tensor, ranks, n_iter: int = 10, init: TuckerTensor | Non
     ||T - T_hat||^2 = ||T||^2 - ||core||^2 for orthonormal factors) is returned, so the
     result is never worse than its start.
     """
-    ranks = _check_ranks(tensor.shape, ranks)
+    ranks = check_mode_ranks(tensor.shape, ranks)
     check_int("n_iter", n_iter, low=0)
     best = init or hosvd(tensor, ranks)
     factors = list(best.factors)

@@ -36,7 +36,7 @@ def layer_cost(layer: TuckerAttention, ranks, value_ranks) -> tuple[int, int]:
 NEGLIGIBLE_ENERGY = 1e-12
 
 
-def _energy_chains(layer: TuckerAttention, rope_pairs: bool = False) -> tuple[list[list[float] | None], list[int]]:
+def energy_chains(layer: TuckerAttention, rope_pairs: bool = False) -> tuple[list[list[float] | None], list[int]]:
     """(chains, steps): relative energies s_k[j]^2 / ||T||^2 of the 6 modes (W modes 1-3, W_tilde modes
     1-3), None when fixed, and the rank step of each. A joint mode 3 (``shared_kv`` without RoPE) sits
     at index 2 with 2 s^2 / (||W||^2 + ||W~||^2), so its energies sum to 2 like the two modes it serves;
@@ -81,13 +81,13 @@ def allocate_ranks(layers, *, params: int | None = None, kv: int | None = None,
     taking an increment the smaller one could not afford, and every later increment has a lower
     ratio, the kept energy never decreases with the budget.
 
-    chains: the layers' :func:`_energy_chains` when already taken (then the layers are only read for
+    chains: the layers' :func:`energy_chains` when already taken (then the layers are only read for
     their structure: they may be on the meta device).
 
     Raises ValueError when even the smallest setting exceeds a budget.
     """
     layers, limits = _allocation_inputs(layers, params, kv)
-    chains, steps = zip(*(chains or [_energy_chains(layer, rope_pairs) for layer in layers]))
+    chains, steps = zip(*(chains or [energy_chains(layer, rope_pairs) for layer in layers]))
     current = [list(layer.ranks) + list(layer.value_ranks) for layer in layers]
     state = [_lowest_ranks(layer, c, s, now, params is not None)   # per layer: [r1, r2, r3, r1~, r2~, r3~]
              for layer, c, s, now in zip(layers, chains, steps, current)]

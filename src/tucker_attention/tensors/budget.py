@@ -19,10 +19,11 @@ import torch
 
 from .._checks import check_choice
 from .._table import text_table
-from ..layers import Attention, TuckerAttention, make_attention
+from ..layers import Attention, TuckerAttention
 from .algebra import energy_rank
-from .allocate import NEGLIGIBLE_ENERGY, _energy_chains, allocate_ranks, layer_cost, tucker_param_count  # noqa: F401
+from .allocate import NEGLIGIBLE_ENERGY, allocate_ranks, energy_chains, layer_cost, tucker_param_count  # noqa: F401
 from .exact import to_tucker
+from .methods import MethodNames, conversion_method
 from .view import attention_factors, factored_hosvd
 
 BUDGETS = ("params", "kv")
@@ -46,6 +47,11 @@ class RankPlan:
     source_kv: int
     errors: list[tuple[float, float]] = field(default_factory=list)
     how: str = ""
+
+    @property
+    def pair(self) -> tuple[list, list]:
+        """(ranks, value_ranks): what ``convert`` takes."""
+        return self.ranks, self.value_ranks
 
     def table(self) -> str:
         """Per-layer ranks and relative errors, then the totals."""
@@ -147,7 +153,7 @@ def _limits(params, kv, source_params: int, source_kv: int) -> list[int | None]:
 
 def _exact_forms(layers: dict[str, Attention], params, kv) -> tuple[list[TuckerAttention], list, tuple, list]:
     """The layers' exact latent-RoPE Tucker forms on the meta device (their structure: ranks, costs),
-    their :func:`~.allocate._energy_chains`, the source totals (:func:`_source_totals`) and the
+    their :func:`~.allocate.energy_chains`, the source totals (:func:`_source_totals`) and the
     budgets' limits, taken in one pass one layer at a time: one exact form (float64, H x d x r3
     cores) is held at once, not one per layer, and each layer is read once (``layers`` may compute
     its values on access, e.g. whitened by calibration statistics)."""
@@ -157,7 +163,7 @@ def _exact_forms(layers: dict[str, Attention], params, kv) -> tuple[list[TuckerA
         for i, total in enumerate(_source_totals({"": layer})):
             totals[i] += total
         exact = to_tucker(layer)
-        chains.append(_energy_chains(exact, rope_pairs=True))
+        chains.append(energy_chains(exact, rope_pairs=True))
         forms.append(exact.to("meta"))
         del layer, exact
     return forms, chains, tuple(totals), _limits(params, kv, *totals)
@@ -241,7 +247,8 @@ def _hosvd_error(factors, ranks) -> float:
     return max(0.0, 1.0 - float(core.square().sum()) / norm) ** 0.5 if norm > 0 else 0.0
 
 
-SETTING_METHODS = ("gqa", "mla")
+#: The methods :func:`plan_setting` plans (one setting for every layer, by the cost of the layer it builds).
+SETTING_METHODS = MethodNames(lambda method: method.build is not None and method.valid is not None)
 
 
 @dataclass
@@ -264,12 +271,13 @@ class SettingPlan:
     valid: list[int] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def pair(self) -> tuple:
+        """(setting, None): what ``convert`` takes (ranks, value_ranks)."""
+        return self.setting, None
+
     def label(self) -> str:
-        if self.method == "gqa":
-            return f"n_kv_heads {self.setting}"
-        if isinstance(self.setting, tuple):
-            return f"kv_rank {self.setting[0]}, q_rank {self.setting[1]}"
-        return f"kv_rank {self.setting}"
+        return conversion_method(self.method).label(self.setting)
 
     def table(self) -> str:
         held = (" and ".join(f"{name} {limit:,}" for name, limit in self.limits.items())
@@ -286,22 +294,14 @@ def converted_cost(layer: Attention, method: str, setting) -> tuple[int, int]:
     head-RoPE source's MLA has down-projection biases when it has biases, :func:`.rope.rope_mla`).
 
     Counted on a layer built on the meta device, with the layers' own accounting
-    (parameters, ``cache_spec()``). gqa: setting = n_kv_heads; mla: kv_rank or (kv_rank, q_rank).
+    (parameters, ``cache_spec()``; the method's ``build``). gqa: setting = n_kv_heads; mla: kv_rank or
+    (kv_rank, q_rank).
     Raises ValueError for a setting such a layer cannot have (e.g. n_kv_heads not dividing
     n_heads, an odd kv_rank under latent RoPE).
     """
     check_choice("method", method, SETTING_METHODS)
-    config = layer.config()
-    bias = bool(config.get("bias", False))
-    common = {"head_dim": getattr(layer, "head_dim", None), "bias": bias,
-              "rope": True if layer.rope is not None else None, "causal": layer.causal}
     with torch.device("meta"):
-        if method == "gqa":
-            target = make_attention("gqa", layer.d_model, layer.n_heads, n_kv_heads=setting, **common)
-        else:
-            kv_rank, q_rank = tuple(setting) if isinstance(setting, (tuple, list)) else (setting, None)
-            target = make_attention("mla", layer.d_model, layer.n_heads, kv_rank=kv_rank, q_rank=q_rank,
-                                    down_bias=bias and layer.rope == "head", **common)
+        target = conversion_method(method).build(layer, setting)
     return (sum(p.numel() for p in target.parameters()),
             sum(h * w for h, w in target.cache_spec().values()))
 
@@ -338,14 +338,10 @@ def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=N
     groups: dict[tuple, list[Attention]] = {}
     for layer in items:                                      # identical layers cost the same: count one per shape
         groups.setdefault(_signature(layer), []).append(layer)
+    record = conversion_method(method)
     d = min(layer.d_model for layer in items)
-    if method == "gqa":
-        valid = [g for g in range(1, min(layer.n_heads for layer in items) + 1)
-                 if all(layer.n_heads % g == 0 for layer in items)]
-    else:
-        step = 2 if any(layer.rope is not None for layer in items) else 1
-        top = 2 * d if all(layer.rope == "head" for layer in items) else d
-        valid = list(range(step, top + 1, step))
+    valid = record.valid(items)
+    second = 2 in record.counts                              # a second integer (MLA's q_rank) may be added
 
     def cost(setting) -> tuple[int, int]:
         totals = [0, 0]
@@ -362,7 +358,7 @@ def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=N
             return None
         if limits[0] is None or n_params <= limits[0]:
             return setting
-        if method == "gqa" or not query_latent or cost((setting, 1))[0] > limits[0]:
+        if not second or not query_latent or cost((setting, 1))[0] > limits[0]:
             return None
         low, high = 1, d                                     # the largest q_rank within the parameter limit
         while low < high:
@@ -371,10 +367,10 @@ def plan_setting(layers: dict[str, Attention], method: str, *, params=None, kv=N
         return setting, low
 
     if fitting(valid[0]) is None:
-        smallest = cost(valid[0] if method == "gqa" else (valid[0], 1))
+        smallest = cost((valid[0], 1) if second else valid[0])
         name, limit, minimum = next((n, lim, c) for n, lim, c in zip(BUDGETS, limits, smallest)
                                     if lim is not None and c > lim)
-        what = "n_kv_heads" if method == "gqa" else "kv_rank"
+        what = record.names[0]
         total = source_params if name == "params" else source_kv
         raise ValueError(f"{name} budget {limit:,} is below the smallest {method} setting's {minimum:,} "
                          f"({what}={valid[0]}: {minimum / total:.4f} of the source's {total:,})")

@@ -5,6 +5,8 @@
 - :func:`mha_to_gqa`, :func:`mha_to_mla`: the paper's SVD baselines (App. C.1.4), so every
   method can start from the same pretrained MHA weights.
 
+:func:`~.methods.convert_layer` (re-exported here) converts by a registered method's name.
+
 Sources with RoPE keep it exactly (:mod:`.rope`): Tucker and MLA get latent RoPE whose pairs
 carry the source's frequencies, GQA merges key heads pair by pair.
 
@@ -18,10 +20,11 @@ import copy
 
 import torch
 
-from .._checks import check_choice, check_int, check_ranks
+from .._checks import check_int, check_ranks
 from ..layers import Attention, GroupedQueryAttention, MultiHeadLatentAttention, TuckerAttention
 from .algebra import top_eigenvectors
 from .exact import to_tucker  # noqa: F401  (re-exported: tensors.convert.to_tucker)
+from .methods import CONVERSIONS, convert_layer  # noqa: F401  (re-exported: tensors.convert.convert_layer)
 from .rope import rope_compress, rope_gqa, rope_mla
 from .view import attention_factors, check_finite, factored_hosvd, key_side_basis
 
@@ -238,40 +241,3 @@ def whitening(second_moment: torch.Tensor, eps: float = 1e-3) -> tuple[torch.Ten
     if not values.min() > 0:
         raise ValueError("second_moment is zero: no inputs were recorded")
     return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
-
-
-CONVERSIONS = ("gqa", "mla", "tucker")
-
-
-def convert_layer(layer: Attention, method: str, setting, *, value_ranks=None, hosvd: str = "hosvd",
-                  n_iter: int = 10, ignore_rope: bool = False, nope_fraction: float = 0.0) -> Attention:
-    """``layer`` converted to ``method`` ('gqa' | 'mla' | 'tucker'), initialized from its weights:
-    the SVD baselines for GQA/MLA, truncated HOSVD (``hosvd='hooi'``: refined by ``n_iter``
-    HOOI sweeps) for Tucker. A RoPE source keeps its RoPE exactly (module docstring).
-
-    setting: n_kv_heads (gqa); kv_rank or (kv_rank, q_rank) (mla); ranks (r1, r2, r3) (tucker);
-    None: full rank (the source's key heads, else n_heads; MLA kv_rank d_model, or every key pair and value
-    direction under RoPE; Tucker (h, d, d), or the exact latent-RoPE form).
-    ignore_rope: convert a RoPE layer from its weights at offset 0 (an approximation of its
-    position-dependent logits; the result has no RoPE, the caller decides which it gets).
-    nope_fraction: Tucker / MLA of a RoPE source: partial RoPE (:func:`.rope.derotated`).
-    """
-    check_choice("method", method, CONVERSIONS)
-    if method != "tucker" and value_ranks is not None:
-        raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
-    rope = layer.rope is not None and not ignore_rope if isinstance(layer, Attention) else False
-    exact_form = rope or (isinstance(layer, Attention) and layer.exact_with_norms())   # full rank: that form
-    if method == "gqa":
-        if nope_fraction:
-            raise ValueError("nope_fraction is for tucker and mla: GQA keeps every head's RoPE")
-        native = layer.native_setting("gqa") if setting is None else None
-        return mha_to_gqa(layer, setting if setting is not None else native or layer.n_heads, ignore_rope=ignore_rope)
-    if method == "mla":
-        kv_rank, q_rank = tuple(setting) if isinstance(setting, (tuple, list)) else (setting, None)
-        if kv_rank is None and not rope:
-            kv_rank = layer.d_model
-        return mha_to_mla(layer, kv_rank, q_rank, ignore_rope=ignore_rope, nope_fraction=nope_fraction)
-    if setting is None and not exact_form:
-        setting = (layer.n_heads, layer.d_model, layer.d_model)
-    return compress(layer, None if setting is None else tuple(setting), value_ranks, method=hosvd, n_iter=n_iter,
-                    ignore_rope=ignore_rope, nope_fraction=nope_fraction)

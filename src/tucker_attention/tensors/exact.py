@@ -16,7 +16,9 @@ def _fit_width(U: torch.Tensor, core: torch.Tensor, mode: int):
     return Q, torch.movedim(torch.tensordot(R, core, dims=([1], [mode - 1])), 0, mode - 1)
 
 
-def _exact_pair(core, factors, fixed: bool = False):
+def exact_pair(core, factors, fixed: bool = False):
+    """(core, (U1, U2, U3)) of an exact form with U2 (and U3, unless ``fixed``: RoPE pairs or normed dims)
+    at most d_model wide (:func:`_fit_width`); the product is unchanged."""
     U1, U2, U3 = factors
     U2, core = _fit_width(U2, core, 2)
     if not fixed:           # a RoPE latent keeps its pairs (a QR would mix frequencies), a normed one its dims
@@ -46,7 +48,7 @@ def to_tucker(layer: Attention) -> TuckerAttention:
     else:
         factors = attention_factors(layer, ignore_rope=rope)
         key_bias, out_bias = (None if "q_bias" in form else factors.key_bias), factors.out_bias
-    return TuckerAttention.from_factors(layer, _exact_pair(*form["pre"], fixed), _exact_pair(*form["post"], fixed),
+    return TuckerAttention.from_factors(layer, exact_pair(*form["pre"], fixed), exact_pair(*form["post"], fixed),
                                         key_bias=key_bias, q_bias=form.get("q_bias"), k_bias=form.get("k_bias"),
                                         out_bias=out_bias, shared_kv=form["shared_kv"], rope=form["rope"],
                                         rope_freqs=form.get("rope_freqs"), qk_norm=form.get("qk_norm"))

@@ -9,7 +9,7 @@ import torch
 
 from ..layers import Attention, TuckerHeadsAttention
 from ..layers.tucker_heads_ranks import truncate_heads  # noqa: F401  (re-exported)
-from .exact import _exact_pair
+from .exact import exact_pair
 
 
 def heads_form_applies(layer) -> bool:
@@ -27,7 +27,7 @@ def to_tucker_heads(layer: Attention) -> TuckerHeadsAttention:
     d, h, g, width = layer.d_model, layer.n_heads, form["key_heads"], form["head_dim"]
     core, U2 = _stacked(form["query"], h, width, d)                            # (H, r2, D), (d, r2)
     key_up, U3 = _stacked(form["key"], g, width, d)                            # (Hkv, r3, D), (d, r3)
-    post_core, (U1_t, U2_t, U3_t) = _exact_pair(*layer.linearized().exact_tucker()["post"])   # widths <= d
+    post_core, (U1_t, U2_t, U3_t) = exact_pair(*layer.linearized().exact_tucker()["post"])   # widths <= d
     values = {"core": core, "U1": torch.eye(h, dtype=torch.float64), "U2": U2, "U3": U3, "key_up": key_up,
               "core_tilde": post_core, "U1_tilde": U1_t, "U2_tilde": U2_t, "U3_tilde": U3_t,
               "q_norm.weight": form["q_gain"], "k_norm.weight": form["k_gain"],

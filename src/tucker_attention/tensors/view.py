@@ -12,7 +12,7 @@ import torch
 
 from ..layers import Attention
 from ..layers.factors import AttentionFactors, HeadFactors, sum_over_heads
-from .algebra import TuckerTensor, _check_ranks, mode_product, top_eigenvectors, unfold
+from .algebra import TuckerTensor, check_mode_ranks, mode_product, top_eigenvectors, unfold
 
 __all__ = ["AttentionFactors", "HeadFactors", "attention_factors", "attention_tensors", "check_finite",
            "factored_hosvd", "key_side_basis"]
@@ -65,7 +65,7 @@ def factored_hosvd(factors: HeadFactors, ranks, *, method: str = "hosvd", n_iter
     """
     if method not in ("hosvd", "hooi"):
         raise ValueError(f"method must be 'hosvd' or 'hooi', got {method!r}")
-    r1, r2, r3 = _check_ranks(factors.shape, ranks)
+    r1, r2, r3 = check_mode_ranks(factors.shape, ranks)
     A, B = factors.A, factors.B
     U2 = top_eigenvectors(factors.gram(2), r2)
     A2 = U2.T @ A                                                     # (h, r2, k)

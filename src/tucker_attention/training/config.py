@@ -22,9 +22,12 @@ from ..models.blocks import attention_arguments, attention_spec
 from .task_models import TASK_MODELS
 
 TASKS = ("lm", "vit")
-ATTENTION_LRS = ("relative", "uniform")
+LR_RULES = ("relative", "uniform")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_ATTENTION_LR = "relative"  # the one default of the per-parameter attention lr rule
+DEFAULT_LR_RULE = "relative"  # the one default of the trainer's per-parameter lr rule
+#: {old name: name} of the optimization fields that were renamed; config files and run folders
+#: written with the old name still load and resume (:func:`renamed`)
+RENAMED_FIELDS = {"attention_lr": "lr_rule"}
 _ACCELERATORS = ("cuda", "xpu", "mps", "mtia")  # device types whose torch module says whether it is there
 
 
@@ -52,34 +55,30 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimization and bookkeeping of one run.
+class OptimConfig:
+    """The optimization section that training (:class:`TrainConfig`) and distillation
+    (:class:`~tucker_attention.training.distill_config.DistillConfig`) share: the same names,
+    checks and meaning, run by :class:`~tucker_attention.training.loop.Loop`.
 
-    AdamW with decoupled weight decay on matrices (not on norms, biases or 1-D tensors), linear
-    warmup then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm
-    (``grad_clip`` 0: none).
-    ``attention_lr="relative"`` scales each attention parameter's learning rate by its layer's
-    ``lr_scales()`` (init std × sqrt(d_model): 1 for MHA/GQA weights, larger for Tucker's cores
-    and head factors, which otherwise learn slowly in relative terms); ``"uniform"`` uses one
-    rate. ``attention_lr_scale`` multiplies the learning rate of every attention parameter.
+    AdamW (``beta1``, ``beta2``) with decoupled weight decay on matrices (not on norms, biases or
+    1-D tensors), linear warmup (``warmup_steps``) then cosine decay to ``min_lr_ratio·lr``,
+    gradient clipping by global norm (``grad_clip`` 0: none). ``lr_rule``: the per-parameter
+    learning rate, ``"relative"`` (each parameter's lr times its scale × sqrt(d_model), so that
+    Adam moves every weight by the same fraction of its own scale) or ``"uniform"`` (one rate).
     ``batch_size`` is the global batch of one forward/backward (split across DDP processes);
     ``grad_accum_steps`` k: one optimizer step accumulates the gradients of k such micro-batches
-    (each loss scaled by 1/k: the gradient of the mean loss over all k·batch_size examples), so a
-    step trains on batch_size × grad_accum_steps examples (LM: × block_size tokens) whatever the
-    number of processes; it equals one step with batch_size × k. ``compile``: ``torch.compile``
-    the training forward/backward (checkpoints and evaluation use the plain module; a rank cut
-    recompiles). ``device``: ``auto`` or a
-    torch device string (checked against this machine by :func:`resolve_device` when a run
-    starts). ``precision``: ``auto`` is bf16 autocast on CUDA and float32 on CPU.
-    ``max_bad_steps``: how many steps with a non-finite loss or gradient norm are skipped before
-    the run stops. ``keep_checkpoints``: how many newest checkpoints rotation keeps.
-    Rank-adaptive Tucker (:mod:`~tucker_attention.training.ranks`): ``rank_budget_params`` or
-    ``rank_budget_kv`` (a fraction <= 1 of MHA's attention parameters / KV floats per token, or
-    a count) with a Tucker spec without ranks; the run starts at ``rank_start`` x the budget and
-    reaches it in ``rank_cuts`` truncations by ``rank_until`` x ``steps``.
+    (each loss scaled by 1/k: the gradient of the mean loss over all k·batch_size examples).
+    ``eval_windows`` held-out examples are measured every ``eval_interval`` steps; a checkpoint
+    is written every ``checkpoint_interval`` steps, and rotation keeps the ``keep_checkpoints``
+    newest. ``seed``: weights and data order. ``device``: ``auto`` or a torch device string
+    (checked against this machine by :func:`resolve_device` when a run starts). ``precision``:
+    ``auto`` is bf16 autocast on CUDA and float32 on CPU. ``max_bad_steps``: how many steps with
+    a non-finite loss or gradient norm are skipped before the run stops. ``progress``: a
+    progress bar. Errors name a field ``SECTION.field`` (``train.lr``).
     """
 
-    steps: int = typed(1000, low=1)
+    SECTION = ""  # how errors name the fields: "train" gives train.lr
+
     batch_size: int = typed(32, low=1)
     grad_accum_steps: int = typed(1, low=1)
     lr: float = typed(1e-3, low=0, low_open=True)
@@ -89,38 +88,88 @@ class TrainConfig:
     beta1: float = typed(0.9, low=0, high=1, high_open=True)
     beta2: float = typed(0.95, low=0, high=1, high_open=True)
     grad_clip: float = typed(1.0, low=0)
-    attention_lr_scale: float = typed(1.0, low=0, low_open=True)
-    attention_lr: str = typed(DEFAULT_ATTENTION_LR, choices=ATTENTION_LRS)
+    lr_rule: str = typed(DEFAULT_LR_RULE, choices=LR_RULES)
     eval_interval: int = typed(100, low=1)
     eval_windows: int = typed(256, low=1)
     checkpoint_interval: int = typed(250, low=1)
-    log_interval: int = typed(10, low=1)
+    keep_checkpoints: int = typed(2, low=1)
     seed: int = typed(0, low=0, high=2**63 - 1)
     device: str = "auto"
     precision: str = typed("auto", choices=PRECISIONS)
-    progress: bool = True
-    compile: bool = False
     max_bad_steps: int = typed(0, low=0)
-    keep_checkpoints: int = typed(2, low=1)
+    progress: bool = True
+
+    def __post_init__(self):
+        check_fields(self, self.SECTION)
+        _parse_device(self.device, self.name("device"))  # the syntax only: a GPU machine's config loads anywhere
+
+    def name(self, field_name: str) -> str:
+        """How errors and messages name a field: ``train.lr``, or ``lr`` without a section."""
+        return f"{self.SECTION}.{field_name}" if self.SECTION else field_name
+
+    @staticmethod
+    def default(name: str, value):
+        """The shared field ``name`` with another default (the same type and checks), for a section
+        whose runs start elsewhere, e.g. ``lr: float = OptimConfig.default("lr", 2e-4)``."""
+        return field(default=value, metadata=OptimConfig.__dataclass_fields__[name].metadata)
+
+
+def renamed(section: dict, where: str = "train") -> dict:
+    """``section`` (a mapping of :class:`OptimConfig` fields) with each old name of
+    :data:`RENAMED_FIELDS` replaced by today's; both names with different values is an error."""
+    section = dict(section)
+    for old, new in RENAMED_FIELDS.items():
+        if old in section:
+            value = section.pop(old)
+            if section.setdefault(new, value) != value:
+                raise ValueError(f"{where}.{old} (the old name of {where}.{new}) and {where}.{new} differ "
+                                 f"({value!r}, {section[new]!r}); give {where}.{new} alone")
+    return section
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """Optimization and bookkeeping of one run: the shared section (:class:`OptimConfig`: lr,
+    schedule, batch, accumulation, clipping, ``lr_rule``, ``eval_interval``, ``eval_windows``,
+    ``checkpoint_interval``, ``keep_checkpoints``, ``seed``, ``device``, ``precision``,
+    ``max_bad_steps``, ``progress``) and what only training has.
+
+    ``steps``: optimizer steps; a step trains on batch_size × grad_accum_steps examples (LM: ×
+    block_size tokens) whatever the number of processes, and equals one step with batch_size × k.
+    ``lr_rule="relative"`` scales each attention parameter's learning rate by its layer's
+    ``lr_scales()`` (init std × sqrt(d_model): 1 for MHA/GQA weights, larger for Tucker's cores
+    and head factors, which otherwise learn slowly in relative terms); ``"uniform"`` uses one
+    rate. ``attention_lr_scale`` multiplies the learning rate of every attention parameter.
+    ``log_interval``: steps between training-loss records. ``compile``: ``torch.compile`` the
+    training forward/backward (checkpoints and evaluation use the plain module; a rank cut
+    recompiles).
+    Rank-adaptive Tucker (:mod:`~tucker_attention.training.ranks`): ``rank_budget_params`` or
+    ``rank_budget_kv`` (a fraction <= 1 of MHA's attention parameters / KV floats per token, or
+    a count) with a Tucker spec without ranks; the run starts at ``rank_start`` x the budget and
+    reaches it in ``rank_cuts`` truncations by ``rank_until`` x ``steps``.
+    """
+
+    SECTION = "train"
+
+    steps: int = typed(1000, low=1)
+    attention_lr_scale: float = typed(1.0, low=0, low_open=True)
+    log_interval: int = typed(10, low=1)
+    compile: bool = False
     rank_budget_params: float | None = typed(None, low=0, low_open=True)
     rank_budget_kv: float | None = typed(None, low=0, low_open=True)
     rank_start: float = typed(4.0, low=1)
     rank_until: float = typed(0.5, low=0, high=1, low_open=True)
     rank_cuts: int = typed(4, low=1)
 
-    def __post_init__(self):
-        check_fields(self, "train")
-        _parse_device(self.device)  # the syntax only: a config written on a GPU machine still loads elsewhere
 
-
-def _parse_device(name: str) -> torch.device | None:
-    """``torch.device(name)``, None for ``auto``; a ValueError naming ``train.device`` if it does not parse."""
+def _parse_device(name: str, setting: str = "train.device") -> torch.device | None:
+    """``torch.device(name)``, None for ``auto``; a ValueError naming ``setting`` if it does not parse."""
     if name == "auto":
         return None
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1' or "
+        raise ValueError(f"{setting} must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1' or "
                          f"'mps', got {name!r}") from None
 
 
@@ -136,12 +185,12 @@ def offered_devices() -> list[str]:
     return names
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
     """The device of ``train.device`` on this machine. ``auto``: ``cuda:local_rank`` when CUDA is
     available, else cpu; an accelerator without index (``cuda``) is the one of ``local_rank``
     (each DDP process its own). A name that does not parse, or a device this build or machine
-    does not offer (``cuda`` on a CPU build, ``cuda:7`` with one GPU), raises a ValueError."""
-    device = _parse_device(name)
+    does not offer (``cuda`` on a CPU build, ``cuda:7`` with one GPU), raises a ValueError naming ``setting``."""
+    device = _parse_device(name, setting)
     if device is None:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
@@ -150,7 +199,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     offered = offered_devices()
     if f"{device.type}:{index}" not in offered:
         implied = f" (as {device.type}:{index} for local rank {local_rank})" if device.index is None else ""
-        raise ValueError(f"train.device={name!r}{implied} is not available with this torch build and machine; "
+        raise ValueError(f"{setting}={name!r}{implied} is not available with this torch build and machine; "
                          f"it offers {offered}")
     return torch.device(device.type, index)
 
@@ -184,6 +233,8 @@ class RunConfig:
 
 
 def _from_dict(cls, d: dict, where: str):
+    if issubclass(cls, OptimConfig) and isinstance(d, dict):
+        d = renamed(d, where)
     check_keys(cls, d, where)
     return cls(**copy.deepcopy(d))
 
@@ -230,12 +281,17 @@ def apply_overrides(config: dict, assignments: list[str], model_config_cls: type
     an attention argument by its annotation in the method's constructor (:func:`parse_text`).
     """
     config = copy.deepcopy(config)
+    if isinstance(config.get("train"), dict):
+        config["train"] = renamed(config["train"])  # an old file's names, so that --set of today's overrides them
     sections = {"data": DataConfig, "train": TrainConfig, "model": model_config_cls}
     arguments = []  # model.attention.<argument>: applied last, once the method is known
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
+        section, dot, name = key.partition(".")
+        if section == "train" and dot and name in RENAMED_FIELDS:
+            key = f"train.{RENAMED_FIELDS[name]}"
         target = _assignment_target(key, sections)
         parts = key.split(".")
         if target is None and parts[2] == "method":

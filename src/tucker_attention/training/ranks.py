@@ -31,8 +31,6 @@ import torch
 from ..layers import make_attention
 from ..models.blocks import attention_spec, layer_spec
 
-KINDS = ("params", "kv")
-
 
 def _cost(layer, kind: str) -> int:
     if kind == "params":

@@ -7,18 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from ..io import read_metadata
 from .checkpoint import CheckpointError, checkpoint_step, load_run_checkpoint, step_dirs, verify_checkpoint
+from .config import renamed
 from .lock import LOCK, RunFolderError
-
-
-def say(message: str) -> None:
-    print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -161,6 +157,8 @@ _LATER_TRAIN_KEYS = {"grad_accum_steps": 1, "compile": False}
 
 
 def fixed_part(config: dict) -> dict:
-    """A config without the keys a resumed run may change (and with the keys added since it was written)."""
-    train = {k: v for k, v in {**_LATER_TRAIN_KEYS, **config["train"]}.items() if k not in ("steps", "progress")}
+    """A config without the keys a resumed run may change (with the keys added since it was written, and
+    today's names of renamed ones)."""
+    train = {k: v for k, v in {**_LATER_TRAIN_KEYS, **renamed(config["train"])}.items()
+             if k not in ("steps", "progress")}
     return {**config, "train": train}

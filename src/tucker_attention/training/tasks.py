@@ -11,16 +11,8 @@ from ..data.images import ImageDataset, augment, load_images
 from ..data.prepared import PreparedCorpus, check_run_tokenizer
 from ..data.text import TextCorpus
 from .config import RunConfig
+from .loop import all_reduce_sum
 from .task_models import LMModel, TaskModel, VisionModel
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum ``values`` over the processes of a distributed run (identity in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 class Task(TaskModel):

@@ -26,32 +26,18 @@ import torch
 from torch import nn
 
 from ..._table import text_table
+from ...tensors import STEP_SHARE, conversion_method  # noqa: F401  (STEP_SHARE: re-exported)
+from ...training.convert_config import ALLOCATIONS  # noqa: F401  (re-exported)
 
-ALLOCATIONS = ("auto", "measured", "uniform")
 #: Levels of a layer on each side of the uniform setting.
 STEPS = 2
-#: A level step's share of the uniform setting's KV width (r3 and r3~; MLA's kv_rank).
-STEP_SHARE = 0.25
-
-
-def _even_step(width: int) -> int:
-    return max(2, round(width * STEP_SHARE / 2) * 2)
 
 
 def level_setting(method: str, setting: tuple, level: int) -> tuple:
-    """The (ranks, value_ranks) ``level`` steps wider (negative: narrower) than the uniform ``setting``.
-
-    tucker: r3 and r3~ change by :func:`_even_step` of r3 (r3~ by its own step when it differs);
-    mla: kv_rank changes by its step (the query rank is kept)."""
-    ranks, value_ranks = setting
-    if method == "tucker":
-        (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks if value_ranks is not None else ranks
-        step = _even_step(r3)
-        value_step = step if v3 == r3 else max(1, round(v3 * STEP_SHARE))
-        return (r1, r2, r3 + level * step), (v1, v2, v3 + level * value_step)
-    kv_rank, rest = (ranks[0], tuple(ranks[1:])) if isinstance(ranks, tuple) else (ranks, ())
-    wider = kv_rank + level * _even_step(kv_rank)
-    return ((wider, *rest) if rest else wider), None
+    """The (ranks, value_ranks) ``level`` steps wider (negative: narrower) than the uniform ``setting``
+    (the method's ``levels``: tucker r3 and r3~ by an even step of r3, r3~ by its own step when it
+    differs; mla kv_rank by its step, the query rank kept)."""
+    return conversion_method(method).levels.setting(setting, level)
 
 
 def common_setting(setting: tuple) -> tuple | None:
@@ -68,18 +54,8 @@ def common_setting(setting: tuple) -> tuple | None:
 
 def _fits(method: str, layer, setting: tuple) -> bool:
     """Whether ``setting`` is a valid setting for ``layer`` (a source layer, meta is enough) that keeps
-    its cache no wider than the source's, key side and value side each."""
-    ranks, value_ranks = setting
-    spec = layer.cache_spec()
-    total = sum(h * w for h, w in spec.values())
-    keys, values = (sum(h * w for name, (h, w) in spec.items() if name in side) for side in (("k",), ("v",)))
-    if not keys:                                       # one shared latent serves as both
-        keys = values = total
-    if method == "tucker":
-        (r1, r2, r3), (v1, v2, v3) = ranks, value_ranks
-        return 2 <= r3 <= min(layer.d_model, r1 * r2, keys) and 1 <= v3 <= min(layer.d_model, v1 * v2, values)
-    kv_rank = ranks[0] if isinstance(ranks, tuple) else ranks
-    return 2 <= kv_rank <= total
+    its cache no wider than the source's (the method's ``levels``)."""
+    return conversion_method(method).levels.fits(layer, setting)
 
 
 def levels_allowed(method: str, setting: tuple, layer) -> tuple[int, int]:
@@ -132,7 +108,7 @@ class _Prefix:
 
     def __init__(self, model: nn.Module, paths: list[str], batch, kind: str):
         from ..families.reading import layer_stack
-        from .fidelity import _run
+        from .fidelity import run_model
 
         stack = layer_stack(model, paths)
         self.layers = [layer for layer, _ in stack] if stack is not None else []
@@ -144,7 +120,7 @@ class _Prefix:
 
         handles = [layer.register_forward_hook(record) for layer in self.layers]
         try:
-            _run(model, batch, kind)
+            run_model(model, batch, kind)
         finally:
             for handle in handles:
                 handle.remove()
@@ -175,11 +151,11 @@ def measured_allocation(model: nn.Module, method: str, setting: tuple, nope: flo
     outputs on ``batches`` (:func:`~.fidelity.reference_outputs`), the held-in batches it is measured on."""
     from tqdm.auto import tqdm
 
-    from ..families.readers import reading_dtype
+    from ..families.common import reading_dtype
     from ..families.reading import find_blocks
     from ..modeling.auto import block_swapped
     from ..sources.compute import release_memory
-    from .convert import _per_block, block_facts, convert_block
+    from .convert import block_facts, convert_block, per_block
     from .fidelity import fidelity
 
     setting = common_setting(setting)
@@ -188,7 +164,7 @@ def measured_allocation(model: nn.Module, method: str, setting: tuple, nope: flo
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     probe = copy.deepcopy(model, memo).eval()            # its weights are the model's own; blocks swapped one by one
     blocks = find_blocks(probe)
-    covs = _per_block("calibration", calibration, blocks)
+    covs = per_block("calibration", calibration, blocks)
     batches = batches[:SENSITIVITY_BATCHES]
     reference = [reference[i] for i in range(len(batches))]      # (spilled: read back once)
     prefix = _Prefix(probe, [b.path for b in blocks], batches[0], kind) if len(batches) == 1 else None
@@ -211,19 +187,12 @@ def measured_allocation(model: nn.Module, method: str, setting: tuple, nope: flo
         release_memory(collect=False)
     levels = allocate(damage, allowed)
     chosen = [level_setting(method, setting, j) for j in levels]
-    rows = [[block.path, f"{d0:.4g}", f"{dm:.4g}", f"{j:+d}", _width(method, s)]
+    rows = [[block.path, f"{d0:.4g}", f"{dm:.4g}", f"{j:+d}", conversion_method(method).levels.width(s)]
             for block, (d0, dm), j, s in zip(blocks, damage, levels, chosen)]
     metric = "1 - cosine" if kind == "encoder" else "KL"
     table = (f"per-layer allocation by measured sensitivity ({metric} with one layer converted, on {len(batches)} "
              f"held-in batches):\n" + text_table(["layer", f"{metric} at the uniform setting",
                                                     f"{metric} one step narrower", "level", "kept"], rows))
     ranks = [s[0] for s in chosen]
-    value_ranks = [s[1] for s in chosen] if method == "tucker" else None
+    value_ranks = [s[1] for s in chosen] if chosen[0][1] is not None else None
     return (ranks, value_ranks), table
-
-
-def _width(method: str, setting: tuple) -> str:
-    ranks, value_ranks = setting
-    if method == "tucker":
-        return f"r3 {ranks[2]}, r3~ {value_ranks[2]}"
-    return f"kv_rank {ranks[0] if isinstance(ranks, tuple) else ranks}"

@@ -61,15 +61,17 @@ def _label(setting: tuple, nope_fraction: float) -> str:
 
 
 def _rope_kept(method: str, layers: dict, qk_norm: str = "keep") -> bool:
-    """Whether ``method`` keeps these layers' RoPE in a latent (so partial RoPE is an option): Tucker of any
-    RoPE, MLA of head RoPE; not Tucker of layers whose q/k norms are kept (their key heads rotate
+    """Whether ``method`` keeps these layers' RoPE in a latent (so partial RoPE is an option): a method
+    taking ``nope_fraction`` that keeps their RoPE exactly (Tucker of any RoPE, MLA of head RoPE); not
+    one keeping q/k norms (``norm_forms``) of layers whose norms are kept (their key heads rotate
     exactly, :class:`~tucker_attention.layers.TuckerHeadsAttention`)."""
-    from ...tensors import heads_form_applies
+    from ...tensors import conversion_method, heads_form_applies
 
+    record = conversion_method(method)
     ropes = {layer.rope for layer in layers.values()} - {None}
-    if method == "tucker" and qk_norm == "keep" and all(heads_form_applies(layer) for layer in layers.values()):
+    if record.norm_forms and qk_norm == "keep" and all(heads_form_applies(layer) for layer in layers.values()):
         return False
-    return bool(ropes) and (method == "tucker" or (method == "mla" and ropes == {"head"}))
+    return bool(ropes) and "nope_fraction" in record.options and all(record.keeps(rope) for rope in ropes)
 
 
 def measured(model: nn.Module, method: str, settings: list[tuple], layers: dict, partial_rope, *, calibration,
@@ -137,7 +139,7 @@ def _convert(model, method: str, setting: tuple, index: int, nope: float, calibr
              qk_norm: str = "keep") -> Choice:
     """One candidate: a copy of ``model`` sharing its weights outside attention, the new layers in the
     dtype they were computed in (at least float32: measured before any rounding to the stored dtype)."""
-    from ..families.readers import reading_dtype
+    from ..families.common import reading_dtype
     from .convert import convert
 
     ranks, value_ranks = setting

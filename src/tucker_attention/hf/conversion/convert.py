@@ -30,9 +30,18 @@ from torch import nn
 
 from ..._checks import check_choice
 from ...layers import Attention, make_attention
-from ...tensors import RankPlan, convert_layer, heads_form_applies, input_transform, to_tucker_heads
+from ...tensors import (
+    METHODS,
+    RankPlan,
+    conversion_method,
+    convert_layer,
+    heads_form_applies,
+    input_transform,
+    to_tucker_heads,
+)
 from ...tensors import plan_ranks as tensor_plan_ranks
 from ...tensors import plan_uniform as tensor_plan_uniform
+from ...training.convert_config import QK_NORMS
 from ..families.reading import Block, find_blocks
 from ..modeling.auto import config_class, converted_class, model_class, place_block, to_converted_classes
 from ..modeling.blocks import HFAttention, layout_of
@@ -42,7 +51,6 @@ from ..sources.compute import release_memory
 from ..sources.readable import check_readable
 from .calibration import BlockStatistics
 
-METHODS = ("tucker", "gqa", "mla")
 SPEC_FILE = "tucker_attention.json"
 
 
@@ -59,27 +67,23 @@ def _with_rope(layer: Attention, source: Attention) -> Attention:
 
 def _ignores_rope(source: Attention, method: str) -> bool:
     """Whether converting ``source`` to ``method`` cannot keep its RoPE exactly (then its weights at
-    offset 0 are converted and the result gets ``method``'s own RoPE): GQA and MLA keep head RoPE,
-    Tucker keeps every kind."""
-    return source.rope is not None and method != "tucker" and source.rope != "head"
-
-
-#: What ``convert`` does with per-head q/k norms below full rank: keep them (key heads formed from the
-#: latent, :class:`~tucker_attention.layers.TuckerHeadsAttention`) or linearize them (the absorbed form).
-QK_NORMS = ("keep", "linearize")
+    offset 0 are converted and the result gets ``method``'s own RoPE): the method's ``keeps_rope``
+    (GQA and MLA keep head RoPE, Tucker every kind)."""
+    return not conversion_method(method).keeps(source.rope)
 
 
 def _keeps_heads(source: Attention, method: str, ranks, value_ranks, qk_norm: str) -> bool:
-    """Whether ``source`` converts to a TuckerHeadsAttention: tucker of a q/k-norm GQA layer with
-    ``qk_norm='keep'``, unless its plain Tucker form keeps the norms already (one key head, full rank)."""
-    return (method == "tucker" and qk_norm == "keep" and heads_form_applies(source)
+    """Whether ``source`` converts to a TuckerHeadsAttention: tucker (a method with ``norm_forms``) of a
+    q/k-norm GQA layer with ``qk_norm='keep'``, unless its plain Tucker form keeps the norms already (one
+    key head, full rank)."""
+    return (conversion_method(method).norm_forms and qk_norm == "keep" and heads_form_applies(source)
             and not _keeps_norms(source, method, ranks, value_ranks))
 
 
 def _keeps_norms(source: Attention, method: str, ranks, value_ranks=None) -> bool:
     """Whether a non-linear source converts with its norms kept exactly (full-rank Tucker of a layer
     whose exact form keeps them: one key head under q/k norms), not linearized."""
-    return method == "tucker" and ranks is None and value_ranks is None and source.exact_with_norms()
+    return conversion_method(method).norm_forms and ranks is None and value_ranks is None and source.exact_with_norms()
 
 
 def inexact_reasons(source: Attention, method: str, ranks, qk_norm: str = "keep") -> list[str]:
@@ -94,12 +98,13 @@ def inexact_reasons(source: Attention, method: str, ranks, qk_norm: str = "keep"
         reasons.append(f"{source.nonlinearity()} has no linear tensor form: each norm becomes its gain times "
                        f"the 1/rms its inputs had on the calibration inputs (Attention.linearized)")
     if _ignores_rope(source, method):
-        reasons.append(f"{source.rope} RoPE becomes {method}'s own RoPE on the weights at offset 0 (only head "
+        kept = " or ".join(conversion_method(method).keeps_rope) or "no"
+        reasons.append(f"{source.rope} RoPE becomes {method}'s own RoPE on the weights at offset 0 (only {kept} "
                        f"RoPE converts exactly to {method}): a different positional scheme")
     return reasons
 
 
-def _per_block(name: str, value, blocks: list[Block]) -> Sequence:
+def per_block(name: str, value, blocks: list[Block]) -> Sequence:
     """A list has one setting per block, a dict one per block path; anything else (a tuple, an
     int, None) is one setting for every block."""
     paths = [b.path for b in blocks]
@@ -134,11 +139,11 @@ class _InOrder(Sequence):
 def _whitenings(input_cov, method: str) -> tuple[tuple, tuple] | None:
     """((S, S_value), (S^-1, S_value^-1)) for :func:`~tucker_attention.tensors.input_transform` from a
     block's statistics (a (d, d) second moment or :class:`~.calibration.BlockStatistics`); S_value is
-    None without mixed statistics, and for MLA, whose one latent serves keys and values alike."""
+    None without mixed statistics, and for a method whose one latent serves keys and values alike (MLA)."""
     if input_cov is None:
         return None
     stats = input_cov if isinstance(input_cov, BlockStatistics) else BlockStatistics(input_cov)
-    (S, S_inv), value = stats.whitenings(mixed=method != "mla")
+    (S, S_inv), value = stats.whitenings(mixed=not conversion_method(method).shared_latent)
     V, V_inv = value if value is not None else (None, None)
     return (S, V), (S_inv, V_inv)
 
@@ -233,11 +238,12 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
     target = model if inplace else copy.deepcopy(model, memo)
     blocks = find_blocks(target)
-    rank_list = _per_block("ranks", ranks, blocks)
-    value_list = _per_block("value_ranks", value_ranks, blocks)
-    if method != "tucker" and value_ranks is not None:
-        raise ValueError(f"value_ranks is for method='tucker', got method={method!r}")
-    covs = _per_block("calibration", calibration, blocks) if calibration is not None else [None] * len(blocks)
+    rank_list = per_block("ranks", ranks, blocks)
+    value_list = per_block("value_ranks", value_ranks, blocks)
+    if value_ranks is not None and "value_ranks" not in conversion_method(method).options:
+        takers = " or ".join(repr(m) for m in METHODS if "value_ranks" in conversion_method(m).options)
+        raise ValueError(f"value_ranks is for method={takers}, got method={method!r}")
+    covs = per_block("calibration", calibration, blocks) if calibration is not None else [None] * len(blocks)
     from tqdm.auto import tqdm
 
     layers = []
@@ -356,26 +362,27 @@ def plan_ranks(model: nn.Module, *, params=None, kv=None, calibration=None) -> R
     >>> plan = plan_ranks(model, params=0.25)                                 # doctest: +SKIP
     >>> convert(model, "tucker", ranks=plan.ranks, value_ranks=plan.value_ranks)  # doctest: +SKIP
     """
-    return tensor_plan_ranks(_planning_layers(model, calibration), params=params, kv=kv)
+    return tensor_plan_ranks(planning_layers(model, calibration), params=params, kv=kv)
 
 
 def plan_uniform(model: nn.Module, *, params=None, kv=None, calibration=None, r3: int | None = None) -> RankPlan:
     """One Tucker setting for every block of a transformers model within a budget (see
     :func:`tucker_attention.tensors.plan_uniform`; r3 given or the largest that fits); errors as
     for :func:`plan_ranks`."""
-    return tensor_plan_uniform(_planning_layers(model, calibration), params=params, kv=kv, r3=r3)
+    return tensor_plan_uniform(planning_layers(model, calibration), params=params, kv=kv, r3=r3)
 
 
-def _planning_layers(model: nn.Module, calibration) -> Mapping[str, Attention]:
-    """The model's layers as a conversion sees them: linearized, and whitened by the calibration;
-    each computed when it is read (a plan reads each once), so one is in memory at a time."""
-    return _Planning(find_blocks(model), calibration)
+def planning_layers(model: nn.Module, calibration, method: str = "tucker") -> Mapping[str, Attention]:
+    """The model's layers as a conversion to ``method`` sees them: linearized, and whitened by the
+    calibration; each computed when it is read (a plan reads each once), so one is in memory at a time."""
+    return _Planning(find_blocks(model), calibration, method)
 
 
 class _Planning(Mapping):
-    def __init__(self, blocks: list[Block], calibration):
+    def __init__(self, blocks: list[Block], calibration, method: str):
         self._blocks = {b.path: b for b in blocks}
-        self._covs = None if calibration is None else _per_block("calibration", calibration, blocks)
+        self._covs = None if calibration is None else per_block("calibration", calibration, blocks)
+        self._method = method
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -389,4 +396,4 @@ class _Planning(Mapping):
             return layer.linearized()
         cov = self._covs[list(self._blocks).index(path)]               # read now (spilled statistics: from disk)
         inputs = cov.inputs if isinstance(cov, BlockStatistics) else cov
-        return input_transform(layer.linearized(inputs), *_whitenings(cov, "tucker")[0])
+        return input_transform(layer.linearized(inputs), *_whitenings(cov, self._method)[0])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...accounting import attention_param_count, kv_cache_floats_per_token
+from ...training.convert_config import SEQ_LEN
 from ..sources.original import ConvertError
 from .model_text import model_samples
 
@@ -21,7 +22,7 @@ BUILTIN_TEXT = "the built-in Shakespeare plays"
 #: Default pieces of at most SEQ_LEN tokens (a chat turn: the choices a conversion measures are measured on
 #: pieces as long as the ones it will see), as many as fill CALIBRATION_TOKENS (~8k, what the MiniLM calibration
 #: of `compress` uses) and EVAL_TOKENS, BATCH_TOKENS a batch; image models: IMAGES (calibration, evaluation, batch).
-SEQ_LEN, CALIBRATION_TOKENS, EVAL_TOKENS, BATCH_TOKENS = 512, 8192, 4096, 1024
+CALIBRATION_TOKENS, EVAL_TOKENS, BATCH_TOKENS = 8192, 4096, 1024
 IMAGES = (64, 16, 8)
 #: elements of one (positions, vocabulary) block of logits scored at once (float64: 64 MB a tensor)
 CHUNK_ELEMENTS = 1 << 23
@@ -38,7 +39,7 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _text_split(calibration) -> tuple[str, str, str]:
+def text_split(calibration) -> tuple[str, str, str]:
     """(calibration text, held-out evaluation text, description)."""
     from ...data.text import read_documents, shakespeare_plays, split_documents
 
@@ -181,7 +182,7 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
         return cal, ev, (f"calibration: {n_calibration} random token-id sequences of {seq_len} tokens (no tokenizer "
                          f"in SRC); evaluation: {n_eval} other random sequences")
     sampled = {"calibration": round(n_calibration * model_text), "evaluation": round(n_eval * model_text)}
-    train, held_out, what = _text_split(calibration)
+    train, held_out, what = text_split(calibration)
     words = max(1, int(seq_len * 0.75))
     cal_pieces = _pieces(train, n_calibration - sampled["calibration"], words)
     if calibration is not None and len(cal_pieces) < n_calibration - sampled["calibration"]:
@@ -217,7 +218,9 @@ def _interleaved(text: list, own: list) -> list:
     return out + text[n:] + own[n:]
 
 
-def _run(model: nn.Module, batch, kind: str):
+def run_model(model: nn.Module, batch, kind: str):
+    """``model``'s output on ``batch`` as fidelity compares it: a decoder's / classifier's logits, an
+    encoder's last hidden states (a tensor batch is pixel values)."""
     from ..sources.compute import head_in_chunks
 
     with head_in_chunks(model):                  # a bf16 head: float32 rows a few thousand at a time
@@ -238,12 +241,12 @@ def reference_outputs(source: nn.Module, batches, kind: str, *, spill=None):
     converted models without running the source again: a list, or with a :class:`~.spill.Spill` a
     :class:`~.spill.SpilledList` on disk (one batch's logits in memory at a time)."""
     if spill is None:
-        return [_run(source, batch, kind).detach() for batch in batches]
+        return [run_model(source, batch, kind).detach() for batch in batches]
     from .spill import SpilledList
 
     outputs = SpilledList(spill, "reference")
     for batch in batches:
-        outputs.append(_run(source, batch, kind))
+        outputs.append(run_model(source, batch, kind))
     return outputs
 
 
@@ -263,8 +266,8 @@ def fidelity(source: nn.Module | Sequence, converted: nn.Module, batches, kind: 
     sums = dict.fromkeys(("kl", "top1", "cosine", "nll", "source_nll", "count", "tokens"), 0.0)
     given = not isinstance(source, nn.Module)
     for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
-        a = source[i] if given else _run(source, batch, kind)
-        b = _run(converted, batch, kind)
+        a = source[i] if given else run_model(source, batch, kind)
+        b = run_model(converted, batch, kind)
         if kind == "encoder":
             mask = None if isinstance(batch, torch.Tensor) else batch["attention_mask"]
             a, b = a.double(), b.double()

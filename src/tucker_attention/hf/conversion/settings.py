@@ -7,16 +7,12 @@ settings (plans), the settings only a measurement settles (:mod:`.choose`), and
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from torch import nn
 
 from ...accounting import attention_param_count, kv_cache_floats_per_token
-from ...tensors import to_tucker
-from ..sources.original import DTYPES, ConvertError
-
-METHODS = ("tucker", "gqa", "mla")
-
+from ...tensors import METHODS, SettingError, conversion_method, tucker_highs  # noqa: F401  (re-exported)
+from ...training.convert_config import BUDGET, ConvertConfig, ConvertError
 
 # -- settings --------------------------------------------------------------------------------------
 
@@ -34,8 +30,7 @@ def _budget_count(argument: str, value, total: int) -> int:
     """A fraction 0 < F <= 1 of ``total``, or an absolute count F > 1."""
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
             or value > 1 and value != int(value)):
-        raise ConvertError(argument, f"must be a fraction in (0, 1] of the source's or a whole count > 1, got "
-                                     f"{value!r}")
+        raise ConvertError(argument, f"must be {BUDGET}, got {value!r}")
     return max(1, int(value * total)) if value <= 1 else int(value)
 
 
@@ -45,143 +40,54 @@ def _describe_budget(argument: str, value, limit: int, total: int) -> str:
     return f"{share} ({limit / total:.3f} of the source's)" if value > 1 else share
 
 
-def tucker_highs(layer) -> tuple[tuple, tuple, bool]:
-    """(largest ranks, largest value ranks, whether they are the exact latent-RoPE form's) of a block:
-    (n_heads, d_model, d_model), or for a RoPE layer its exact form's ranks (the full-rank conversion)."""
-    if layer.rope is None:
-        highs = (layer.n_heads, layer.d_model, layer.d_model)
-        return highs, highs, False
-    exact = to_tucker(layer.linearized())
-    return tuple(exact.ranks), tuple(exact.value_ranks), True
-
-
 def check_setting(layers: dict, method: str, ranks, value_ranks=None) -> bool:
-    """Ranks against every block's dimensions; ConvertError('ranks' / 'value_ranks') otherwise.
-    Returns whether the ranks are every block's full ranks (:func:`tucker_highs`; tucker only)."""
-    def ints(argument, values, n):
+    """Ranks against every block's dimensions (the method's ``check``); ConvertError('ranks' / 'value_ranks')
+    otherwise. Returns whether the ranks are every block's full ranks (tucker: :func:`tucker_highs`)."""
+    record = conversion_method(method)
+
+    def ints(argument, values):
         values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
-        if len(values) not in n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ConvertError(argument, f"{method} takes {' or '.join(map(str, n))} positive integers, got {values}")
+        if len(values) not in record.counts or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                   for v in values):
+            raise ConvertError(argument, f"{method} takes {' or '.join(map(str, record.counts))} positive integers, "
+                                         f"got {values}")
         return values
 
-    if method == "tucker":
-        checks = [("ranks", ints("ranks", ranks, (3,)))]
-        if value_ranks is not None:
-            checks.append(("value_ranks", ints("value_ranks", value_ranks, (3,))))
-        full = True
-        for path, layer in layers.items():
-            rank_highs, value_highs, exact = tucker_highs(layer)
-            for argument, values in checks:
-                highs = rank_highs if argument == "ranks" else value_highs
-                for i, (r, high) in enumerate(zip(values, highs)):
-                    if r > high:
-                        mode = "n_heads" if i == 0 else "d_model" if not exact else "the exact form's"
-                        what = "the exact latent-RoPE form's ranks" if exact else "(n_heads, d_model, d_model)"
-                        raise ConvertError(argument, f"{values}: r{i + 1}={r} exceeds {mode}={high} of block {path} "
-                                                     f"(Tucker ranks are at most {what} = {highs})")
-            if layer.rope is not None and checks[0][1][2] % 2:
-                raise ConvertError("ranks", f"{checks[0][1]}: r3 must be even, block {path} uses RoPE (latent RoPE "
-                                            f"rotates pairs of the r3 coordinates)")
-            full = full and checks[0][1] == rank_highs and checks[-1][1] == value_highs
-        return full
-    if value_ranks is not None:
-        raise ConvertError("value_ranks", f"value ranks are for --method tucker, not {method}")
-    if method == "gqa":
-        (n_kv,) = ints("ranks", ranks, (1,))
-        for path, layer in layers.items():
-            h = layer.n_heads
-            if n_kv > h or h % n_kv:
-                raise ConvertError("ranks", f"n_kv_heads={n_kv} must divide n_heads={h} of block {path}; allowed: "
-                                            f"{[g for g in range(1, h + 1) if h % g == 0]}")
-        return
-    values = ints("ranks", ranks, (1, 2))
+    if value_ranks is not None and "value_ranks" not in record.options:
+        takers = " / ".join(m for m in METHODS if "value_ranks" in conversion_method(m).options)
+        raise ConvertError("value_ranks", f"value ranks are for --method {takers}, not {method}")
+    setting = record.normal(ints("ranks", ranks))
+    value_ranks = ints("value_ranks", value_ranks) if value_ranks is not None else None
+    full = True
     for path, layer in layers.items():
-        for name, r in zip(("kv_rank", "q_rank"), values):
-            high = 2 * layer.d_model if name == "kv_rank" and layer.rope == "head" else layer.d_model
-            if r > high:
-                what = "2 x d_model (key pairs and value directions)" if high > layer.d_model else "d_model"
-                raise ConvertError("ranks", f"{name}={r} exceeds {what}={high} of block {path}")
-        if layer.rope is not None and values[0] % 2:
-            raise ConvertError("ranks", f"kv_rank={values[0]} must be even: block {path} uses RoPE, which the MLA "
-                                        f"layer applies to its latent (pairs of coordinates)")
+        try:
+            full = record.check(path, layer, setting, value_ranks) and full
+        except SettingError as err:
+            raise ConvertError(err.argument, err.message) from None
+    return full
 
 
 def setting_label(method: str, ranks, value_ranks=None) -> str:
-    if ranks is None:
-        return "full rank"
-    if method == "tucker":
-        if isinstance(ranks, list):
-            same = len(set(ranks)) == 1 and (value_ranks is None or len(set(value_ranks)) == 1)
-            if not same:
-                return f"per-layer ranks ({len(ranks)} layers)"
-            ranks, value_ranks = ranks[0], value_ranks[0] if value_ranks is not None else None
-        return f"ranks {tuple(ranks)}" + (f" / {tuple(value_ranks)}" if value_ranks is not None else "")
-    if isinstance(ranks, list):                          # one setting per layer
-        return f"per-layer {'n_kv_heads' if method == 'gqa' else 'kv_rank'} ({len(ranks)} layers)"
-    if method == "gqa":
-        return f"n_kv_heads {ranks}"
-    return f"kv_rank {ranks[0]}, q_rank {ranks[1]}" if isinstance(ranks, (tuple, list)) else f"kv_rank {ranks}"
+    """'full rank', 'ranks (2, 16, 8)', 'n_kv_heads 2', 'kv_rank 8, q_rank 4', 'per-layer ranks (2 layers)', ...;
+    per-layer settings that are all equal are labelled as that one setting."""
+    if isinstance(ranks, list) and len({str(r) for r in ranks}) == 1 and (
+            value_ranks is None or len({str(v) for v in value_ranks}) == 1):
+        ranks, value_ranks = ranks[0], value_ranks[0] if value_ranks is not None else None
+    return conversion_method(method).label(ranks, value_ranks)
 
 
-def _check_arguments(method, ranks, value_ranks, budgets: dict, dtype, partial_rope, counts: dict, calibration,
-                     model_text="auto", allocation="auto", qk_norm="keep") -> None:
-    """Every argument that needs no model, checked before anything is loaded."""
-    from .allocation import ALLOCATIONS
-    from .convert import QK_NORMS
-
-    if qk_norm not in QK_NORMS:
-        raise ConvertError("qk_norm", f"must be one of {list(QK_NORMS)}, got {qk_norm!r}")
-    if method not in METHODS:
-        raise ConvertError("method", f"must be one of {list(METHODS)}, got {method!r}")
-    if allocation not in ALLOCATIONS:
-        raise ConvertError("allocation", f"must be one of {list(ALLOCATIONS)}, got {allocation!r}")
-    if allocation == "measured" and (method == "gqa" or not budgets):
-        why = "gqa's n_kv_heads must divide the heads" if method == "gqa" else "ranks were given"
-        raise ConvertError("allocation", f"measured spreads a budget's KV across layers (tucker, mla with "
-                                         f"budget_kv / budget_params); {why}: use uniform or leave it auto")
-    if ranks is not None and budgets:
-        raise ConvertError("ranks", f"give either ranks or a budget ({', '.join(budgets)}), not both")
-    if ranks is None and not budgets:
-        raise ConvertError("ranks", "give ranks or a budget (budget_params / budget_kv); ranks 'full': full rank")
-    if value_ranks is not None and (ranks is None or ranks == "full"):
-        raise ConvertError("value_ranks", "value ranks go with ranks; full rank and a budget set them")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConvertError("dtype", f"must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
-    if partial_rope != "auto" and not (isinstance(partial_rope, (int, float)) and not isinstance(partial_rope, bool)
-                                       and 0 <= partial_rope <= 1):
-        raise ConvertError("partial_rope", f"must be 'auto' or a share in [0, 1] of the lowest RoPE frequencies, "
-                                           f"got {partial_rope!r}")
-    for name, value in counts.items():
-        if value is None and name != "seq_len":            # a default that follows seq_len
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConvertError(name, f"must be a positive integer, got {value!r}")
-    if model_text != "auto" and not (isinstance(model_text, (int, float)) and not isinstance(model_text, bool)
-                                     and 0 <= model_text <= 1):
-        raise ConvertError("model_text", f"must be 'auto' or a share in [0, 1] of the pieces the model samples itself, "
-                                         f"got {model_text!r}")
-    if calibration is not None and not Path(calibration).exists():
-        raise ConvertError("calibration", f"{str(calibration)!r} does not exist (give a text file or a folder of "
-                                          f".txt files)")
-
-
-def _normalized_ranks(method: str, ranks, value_ranks, layers: dict):
+def normalized_ranks(method: str, ranks, value_ranks, layers: dict):
     """The ranks as ``convert`` takes them (None: full rank), checked against every block."""
     if ranks is None or ranks == "full":
         return None, None
-    if method == "tucker":
-        ranks = tuple(ranks)
-        value_ranks = tuple(value_ranks) if value_ranks is not None else None
-    elif method == "mla" and isinstance(ranks, (tuple, list)):
-        ranks = tuple(ranks) if len(ranks) > 1 else ranks[0]
-    elif isinstance(ranks, (tuple, list)) and len(ranks) == 1:
-        ranks = ranks[0]
+    ranks = conversion_method(method).normal(ranks)
+    value_ranks = tuple(value_ranks) if value_ranks is not None else None
     if check_setting(layers, method, ranks, value_ranks):
         return None, None                              # every block's full ranks: the exact conversion
     return ranks, value_ranks
 
 
-def _budget(budgets: dict, layers: dict):
+def budget_limits(budgets: dict, layers: dict):
     """(argument, value, limit, source total, {'params': .., 'kv': ..}) of the budget given (the KV
     one when both are), or None: the limits of both, each at most the source's (a conversion never
     grows either)."""
@@ -210,35 +116,33 @@ def _planned(budget, method: str, make_plan):
                                      f"{method} within {bound} ({err}); nothing was converted") from None
 
 
-def _settings(model, method: str, layers: dict, ranks, value_ranks, budget, stats) -> tuple[list, dict]:
-    """The settings to convert with ([(ranks, value_ranks)]: one, or Tucker key widths to measure under a
-    parameter budget) and {setting index: plan table}."""
-    from ...tensors import plan_setting as tensor_plan_setting
-    from .convert import plan_ranks, plan_uniform
+def conversion_settings(model, method: str, layers: dict, ranks, value_ranks, budget, stats) -> tuple[list, dict]:
+    """The settings to convert with ([(ranks, value_ranks)]: one, or the plans at the key widths the
+    method measures under a parameter budget, ``plan_widths``) and {setting index: plan table}; a budget
+    is planned on the layers whitened by ``stats`` when the method's plan reads the weights."""
+    from .convert import planning_layers
 
     if budget is None:
         return [(ranks, value_ranks)], {}
-    limits = budget[4]
-    if method != "tucker":
-        plan = _planned(budget, method, lambda: tensor_plan_setting(layers, method, **limits,
-                                                                   query_latent=budget[0] == "budget_kv"))
-        return [(plan.setting, None)], {0: plan.table()}
-    if not any(layer.rope is not None for layer in layers.values()):
-        plan = _planned(budget, method, lambda: plan_ranks(model, calibration=stats, **limits))
-        return [(plan.ranks, plan.value_ranks)], {0: plan.table()}
+    record, limits = conversion_method(method), budget[4]
+    how = {"query_latent": budget[0] == "budget_kv"} if "query_latent" in record.plan_options else {}
+    planning = planning_layers(model, stats, method) if record.plan_reads_weights else layers
     widths = [None]
-    if budget[0] == "budget_params":                   # the key width is free: measure three
-        top = min(to_tucker(layer.linearized()).ranks[2] for layer in layers.values())
-        widths = sorted({max(2, top // f // 2 * 2) for f in (8, 4, 2)})
+    if record.plan_widths is not None and budget[0] == "budget_params":     # the key width is free: measure some
+        widths = record.plan_widths(layers)
+
+    def plan(width):
+        return record.plan(planning, **limits, **how, **({} if width is None else {"r3": width}))
+
     plans = []
     for width in widths:
         try:
-            plans.append(plan_uniform(model, calibration=stats, r3=width, **limits))
+            plans.append(plan(width))
         except ValueError:
             continue
     if not plans:                                       # none fits: the smallest one's error names why
-        _planned(budget, method, lambda: plan_uniform(model, calibration=stats, r3=widths[0], **limits))
-    return [(p.ranks, p.value_ranks) for p in plans], {i: p.table() for i, p in enumerate(plans)}
+        _planned(budget, method, lambda: plan(widths[0]))
+    return [p.pair for p in plans], {i: p.table() for i, p in enumerate(plans)}
 
 
 def _allocation(allocation: str, method: str, settings: list, layers: dict) -> str:
@@ -247,7 +151,8 @@ def _allocation(allocation: str, method: str, settings: list, layers: dict) -> s
     from .allocation import common_setting
 
     uniform = all(common_setting(setting) is not None for setting in settings)
-    possible = method in ("tucker", "mla") and uniform and len(layers) > 1 and settings != [(None, None)]
+    possible = (conversion_method(method).levels is not None and uniform and len(layers) > 1
+                and settings != [(None, None)])
     if allocation == "measured" and not possible:
         why = ("the plan already gives each layer its ranks (a source without RoPE: energy-level plan)"
                if not uniform else "the model has one attention block")
@@ -317,16 +222,15 @@ def convert_model(model: nn.Module, method: str, *, ranks=None, value_ranks=None
     from ..families.reading import attention_layers
     from .choose import measured
 
-    budgets = {k: v for k, v in (("budget_params", budget_params), ("budget_kv", budget_kv)) if v is not None}
-    _check_arguments(method, ranks, value_ranks, budgets, "auto", partial_rope, {}, None, allocation=allocation,
-                     qk_norm=qk_norm)
+    config = ConvertConfig(method, ranks=ranks, value_ranks=value_ranks, budget_params=budget_params,
+                           budget_kv=budget_kv, partial_rope=partial_rope, allocation=allocation, qk_norm=qk_norm)
     layers = attention_layers(model, lazy=True)           # read block by block: one float32 copy at a time
-    ranks, value_ranks = _normalized_ranks(method, ranks, value_ranks, layers)
-    budget = _budget(budgets, layers)
-    settings, plans = _settings(model, method, layers, ranks, value_ranks, budget, statistics)
+    ranks, value_ranks = normalized_ranks(method, config.ranks, config.value_ranks, layers)
+    budget = budget_limits(config.budgets, layers)
+    settings, plans = conversion_settings(model, method, layers, ranks, value_ranks, budget, statistics)
     layers = {path: layer.to("meta") for path, layer in layers.items()}    # their structure only from here on
     refits = []
-    if budget is not None and method == "tucker":
+    if budget is not None and conversion_method(method).norm_forms:
         settings, refits = _fit_kept_heads(settings, layers, budget[4], qk_norm)
     allocation = _allocation(allocation, method, settings, layers)
     choice = measured(model, method, settings, layers, partial_rope, calibration=statistics, batches=batches,

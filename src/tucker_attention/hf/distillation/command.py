@@ -11,6 +11,7 @@ student outside attention); what trains is cast to float32 and every forward com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from ..._files import write_folder
 from ..._table import text_table
+from ...training.distill_config import DistillError
 from ..conversion.fidelity import greedy_reply
 from ..conversion.model_text import kept_samples
 from ..sources.compute import float32_compute
-from ..sources.original import ConvertError, _read_config, _source_dtype, load_source
+from ..sources.original import ConvertError, load_source, read_config, source_dtype
 from .data import check_prepared_kind, load_data
 from .distill import DistillConfig, check_pair, distill
 from .losses import trained_modules
@@ -30,17 +32,25 @@ from .losses import trained_modules
 PROMPT = "What is the capital of France?"
 
 
+@contextlib.contextmanager
+def _as_distill_error(argument: str | None = None):
+    """A :class:`ConvertError` of the loaders this command shares with ``convert`` as a
+    :class:`DistillError` naming ``argument`` (default: the one the loader named)."""
+    try:
+        yield
+    except ConvertError as err:
+        raise DistillError(argument or err.argument, err.message) from None
+
+
 def _converted_config(converted) -> tuple[Path, dict]:
     """(folder, its config.json) of the converted folder, checked to be one."""
     path = Path(converted)
     if not path.is_dir():
-        raise ConvertError("converted", f"{str(path)!r} is not a folder (give the folder tucker-attn convert wrote)")
-    try:
-        config = _read_config(path)
-    except ConvertError as err:
-        raise ConvertError("converted", err.message) from None
+        raise DistillError("converted", f"{str(path)!r} is not a folder (give the folder tucker-attn convert wrote)")
+    with _as_distill_error("converted"):
+        config = read_config(path)
     if not config.get("tucker_attention"):
-        raise ConvertError("converted", f"{str(path)!r} holds no converted model (its config.json has no "
+        raise DistillError("converted", f"{str(path)!r} holds no converted model (its config.json has no "
                                         f"tucker_attention); give the folder tucker-attn convert wrote")
     return path, config
 
@@ -48,11 +58,11 @@ def _converted_config(converted) -> tuple[Path, dict]:
 def _load_student(path: Path, config: dict) -> tuple:
     from ..conversion.convert import load_converted
 
-    stored = _source_dtype(config)
+    stored = source_dtype(config)
     try:
         model = load_converted(path, dtype=stored)          # bf16 stays bf16; what trains becomes float32 later
     except Exception as err:          # a damaged or edited folder: the loaders say what (one line)
-        raise ConvertError("converted", f"{str(path)!r} is not a readable converted model: "
+        raise DistillError("converted", f"{str(path)!r} is not a readable converted model: "
                                         f"{' '.join(str(err).split())}") from None
     return model, stored
 
@@ -63,15 +73,15 @@ def _check_first(config: dict, data, run_dir: Path, settings: DistillConfig) -> 
     transformers tokenizer (its ids are checked against the model's once it is loaded)."""
     from ...data.prepared import is_prepared, read_meta
     from ...training.lock import RunFolderError, RunLock
-    from ..conversion.fidelity import _text_split
+    from ..conversion.fidelity import text_split
 
     try:
         RunLock(run_dir).check_free()
     except RunFolderError as err:
-        raise ConvertError("run_dir", str(err)) from None
+        raise DistillError("run_dir", str(err)) from None
     positions = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(positions, int) and settings.seq_len > positions:
-        raise ConvertError("seq_len", f"{settings.seq_len} tokens exceed the model's {positions} positions "
+        raise DistillError("seq_len", f"{settings.seq_len} tokens exceed the model's {positions} positions "
                                       f"(max_position_embeddings in its config.json); give at most {positions}")
     if data is None:
         return
@@ -79,23 +89,21 @@ def _check_first(config: dict, data, run_dir: Path, settings: DistillConfig) -> 
         try:
             kind = read_meta(Path(data))["tokenizer"]["kind"]
         except (ValueError, OSError, KeyError) as err:
-            raise ConvertError("data", f"{str(data)!r} is not a readable prepared folder: {err}") from None
+            raise DistillError("data", f"{str(data)!r} is not a readable prepared folder: {err}") from None
         check_prepared_kind(data, kind)
         return
-    try:
-        _text_split(data)
-    except ConvertError as err:
-        raise ConvertError("data", err.message) from None
+    with _as_distill_error("data"):
+        text_split(data)
 
 
 def _run_dir(run_dir, out: Path, resume: bool, overwrite: bool) -> Path:
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
     if resume and not (run_dir / "checkpoints").is_dir():
-        raise ConvertError("run_dir", f"{str(run_dir)!r} holds no distillation run to resume")
+        raise DistillError("run_dir", f"{str(run_dir)!r} holds no distillation run to resume")
     if run_dir.resolve() == out.resolve():
-        raise ConvertError("run_dir", "the run folder must not be the output folder")
+        raise DistillError("run_dir", "the run folder must not be the output folder")
     if not resume and not overwrite and (run_dir / "checkpoints").exists():
-        raise ConvertError("run_dir", f"{str(run_dir)!r} already holds a distillation run; continue it with "
+        raise DistillError("run_dir", f"{str(run_dir)!r} already holds a distillation run; continue it with "
                                       f"--resume, or pass --overwrite to start afresh")
     return run_dir
 
@@ -110,48 +118,47 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
     built-in Shakespeare plays, joined by the model's own text when ``convert`` kept it in
     ``converted`` (its calibration samples train, its evaluation ones validate). run_dir:
     checkpoints and metrics (default ``OUT.run``). resume: continue that run; overwrite: replace
-    ``out`` and a finished or stale run in ``run_dir``. Raises :class:`~.source.ConvertError`
-    naming the argument for bad input, before anything is written. Returns the report
-    :func:`format_report` prints.
+    ``out`` and a finished or stale run in ``run_dir``. Raises
+    :class:`~tucker_attention.training.distill_config.DistillError` naming the argument for bad input,
+    before anything is written. Returns the report :func:`format_report` prints.
     """
-    from ..conversion.command import _transformers_bars
+    from ..conversion.command import transformers_bars
 
     config = config or DistillConfig()
-    with _transformers_bars(config.progress):
+    with transformers_bars(config.progress):
         return _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt,
                                prompt_tokens)
 
 
 def _distill_folder(original, converted, out, data, run_dir, config, resume, overwrite, prompt, prompt_tokens):
-    from ..conversion.command import _check_out, _save
+    from ..conversion.command import check_out, save
 
     start = time.perf_counter()
     student_path, student_config = _converted_config(converted)
-    out = _check_out(out, student_path, overwrite)
+    with _as_distill_error():
+        out = check_out(out, student_path, overwrite)
     run_dir = _run_dir(run_dir, out, resume, overwrite)
     _check_first(student_config, data, run_dir, config)
     student, stored_dtype = _load_student(student_path, student_config)
-    try:
+    with _as_distill_error("original"):
         source = load_source(original, dtype="stored")       # held once, in its stored dtype (shared with the student)
-    except ConvertError as err:
-        raise ConvertError("original", err.message) from None
     if source["kind"] != "decoder":
-        raise ConvertError("original", f"distill is for causal LMs; {source['class']} is a {source['kind']}")
+        raise DistillError("original", f"distill is for causal LMs; {source['class']} is a {source['kind']}")
     teacher, tokenizer = source["model"], source["tokenizer"]
     try:
         check_pair(teacher, student)
     except ValueError as err:
-        raise ConvertError("converted", str(err).removeprefix("converted: ")) from None
+        raise DistillError("converted", str(err).removeprefix("converted: ")) from None
     try:
         trained_modules(student, config.params).float()    # trained in float32; the rest computes in float32
     except ValueError as err:
-        raise ConvertError("converted", str(err)) from None
+        raise DistillError("converted", str(err)) from None
     samples = kept_samples(student_path) if data is None else {}
     tokens = load_data(data, tokenizer, teacher.config.vocab_size, samples)
     try:
         tokens.check_seq_len(config.seq_len)
     except ValueError as err:
-        raise ConvertError("data", str(err)) from None
+        raise DistillError("data", str(err)) from None
     lead = int(os.environ.get("RANK", "0")) == 0           # under torchrun only rank 0 samples and writes
     sample = bool(prompt) and tokenizer is not None and lead
     with float32_compute():                                  # bf16 weights computed as float32, module by module
@@ -166,11 +173,11 @@ def _distill_folder(original, converted, out, data, run_dir, config, resume, ove
               "summary": summary, "answers": answers, "dtype": str(stored_dtype).removeprefix("torch.")}
 
     def write(tmp: Path) -> None:
-        _save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"], samples)
+        save(student.to(stored_dtype), tmp, tokenizer, source["generation_config"], samples)
         (tmp / "distill.json").write_text(json.dumps(report, indent=1))
 
     if lead:
-        write_folder(out, write, overwrite=overwrite, error=ConvertError)
+        write_folder(out, write, overwrite=overwrite, error=DistillError)
     report["seconds"] = time.perf_counter() - start
     return report
 

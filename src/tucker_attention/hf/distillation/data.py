@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...data.text import TextCorpus
+from ...training.distill_config import DistillError
 from ..sources.original import ConvertError
 
 PROBE = "The quick brown fox, 1234 — naïve café! ¿Qué? 東京\n\tdone."
@@ -51,7 +52,7 @@ class TokenData:
 def check_prepared_kind(path, kind: str | None) -> None:
     """A prepared folder holds the ids of a transformers tokenizer (a char or byte one is not the model's)."""
     if kind != "transformers":
-        raise ConvertError("data", f"{str(path)!r} holds ids of the {kind!r} tokenizer, not the model's; prepare it "
+        raise DistillError("data", f"{str(path)!r} holds ids of the {kind!r} tokenizer, not the model's; prepare it "
                                    f"again with the model's tokenizer (tucker-attn prepare-data SRC --tokenizer "
                                    f"CONVERTED_FOLDER --out DIR)")
 
@@ -59,12 +60,12 @@ def check_prepared_kind(path, kind: str | None) -> None:
 def _check_tokenizer(tokenizer, corpus, path: Path, vocab_size: int) -> None:
     """The prepared folder's tokenizer must encode like the model's and fit its vocabulary."""
     if tokenizer is None:
-        raise ConvertError("data", "the original model has no tokenizer to check the prepared folder against")
+        raise DistillError("data", "the original model has no tokenizer to check the prepared folder against")
     check_prepared_kind(path, getattr(corpus.tokenizer, "kind", None))
     theirs = corpus.tokenizer.encode_ids(PROBE)
     ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
     if list(theirs) != list(ours) or corpus.tokenizer.vocab_size > vocab_size:
-        raise ConvertError("data", f"{str(path)!r} was tokenized with another tokenizer than the model's (a probe "
+        raise DistillError("data", f"{str(path)!r} was tokenized with another tokenizer than the model's (a probe "
                                    f"text gives other ids, or its vocabulary of {corpus.tokenizer.vocab_size} exceeds "
                                    f"the model's {vocab_size}); prepare it again with the model's tokenizer "
                                    f"(tucker-attn prepare-data SRC --tokenizer CONVERTED_FOLDER)")
@@ -75,23 +76,23 @@ def load_data(path, tokenizer, vocab_size: int, samples: dict | None = None) -> 
     ``samples``: the model's own text that ``convert`` kept (:func:`~.model_text.kept_samples`), joined
     to the built-in plays (its calibration samples to training, its evaluation ones to validation)."""
     from ...data.prepared import is_prepared, open_prepared
-    from ..conversion.fidelity import _text_split
+    from ..conversion.fidelity import text_split
 
     if path is not None and is_prepared(path):
         try:
             corpus = open_prepared(path)
         except (ValueError, OSError, KeyError) as err:
-            raise ConvertError("data", f"{str(path)!r} is not a readable prepared folder: {err}") from None
+            raise DistillError("data", f"{str(path)!r} is not a readable prepared folder: {err}") from None
         _check_tokenizer(tokenizer, corpus, Path(path), vocab_size)
         data = TokenData(corpus.train, corpus.val, f"the prepared folder {str(path)!r}")
         data.windows = corpus.windows
         return data
     if tokenizer is None:
-        raise ConvertError("data", "text needs the model's tokenizer, and the original model has none")
+        raise DistillError("data", "text needs the model's tokenizer, and the original model has none")
     try:
-        train, held_out, what = _text_split(path)
+        train, held_out, what = text_split(path)
     except ConvertError as err:                       # the user typed --data
-        raise ConvertError("data", err.message) from None
+        raise DistillError("data", err.message) from None
 
     def ids(text: str) -> torch.Tensor:              # in pieces of whole lines (no over-long sequence warning)
         lines, pieces, size = text.splitlines(keepends=True), [], 0

@@ -1,7 +1,11 @@
-"""What a distillation run (:mod:`.distill`) minimizes and checks: the per-layer loss (each
-converted block against the original block on the original's own block inputs), the end-to-end
-next-token KL, the per-block held-out errors, which parameters train, and whether a converted
-model belongs to an original.
+"""What a distillation run (:mod:`.distill`) minimizes and checks: the losses by name (the per-layer
+``"block-error"``: each converted block against the original block on the original's own block
+inputs; the end-to-end ``"logit-kl"``: the next-token KL), the per-block held-out errors, which
+parameters train, and whether a converted model belongs to an original.
+
+A new loss is one function ``loss(teacher, student, input_ids, blocks)`` registered under its name
+with :func:`register_loss` (then ``DistillConfig(layer_loss=name)`` or ``loss=name``, ``tucker-attn
+distill --loss NAME``); :func:`block_pairs` gives a per-layer loss the blocks' outputs and targets.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...training.distill_config import PARAMS
+from ...training.distill_config import LOSSES, PARAMS, get_loss, loss_names, register_loss
+
+__all__ = ["LOSSES", "block_error", "block_errors", "block_io", "block_pairs", "check_pair", "get_loss",
+           "logit_kl", "loss_names", "register_loss", "share_frozen", "trained_modules"]
 
 
-def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict:
-    """{path: (args, kwargs, output)} of the original's attention modules at ``paths`` on ``input_ids``."""
+def block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict:
+    """{path: (args, kwargs, output)} of the original's attention modules at ``paths`` on ``input_ids``
+    (B, T), caught by forward hooks in one forward without gradient."""
     caught = {}
 
     def hook(path, module, args, kwargs, output):
@@ -33,23 +41,26 @@ def _block_io(teacher: nn.Module, paths: list[str], input_ids: torch.Tensor) -> 
     return caught
 
 
-def _relative_errors(student: nn.Module, caught: dict) -> dict[str, torch.Tensor]:
-    """{path: (B,) ||y_student - y||² / ||y||² per window} of each converted block on the original
-    block's inputs (B, T, d)."""
-    errors = {}
-    for path, (args, kwargs, target) in caught.items():
+def block_pairs(teacher: nn.Module, student: nn.Module, blocks: list[str],
+                input_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{path: (the converted block's output, the original block's output)}, each (B, T, d), both on the
+    original block's inputs: each block's gradient comes from its own output only."""
+    pairs = {}
+    for path, (args, kwargs, target) in block_io(teacher, blocks, input_ids).items():
         out = student.get_submodule(path)(*args, **kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).float()
-        target = target.float()
-        errors[path] = (out - target).pow(2).sum((1, 2)) / target.pow(2).sum((1, 2)).clamp_min(1e-30)
-    return errors
+        pairs[path] = (out[0] if isinstance(out, tuple) else out, target)
+    return pairs
 
 
-def layer_loss(teacher: nn.Module, student: nn.Module, paths: list[str], input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-layer matching: the mean over blocks and windows of the relative squared output error
-    (a mean over windows, so DDP's slices and accumulation's micro-batches average to it)."""
-    errors = _relative_errors(student, _block_io(teacher, paths, input_ids))
-    return torch.stack(list(errors.values())).mean()
+def block_error(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor, blocks: list[str]) -> torch.Tensor:
+    """Per-layer matching (``"block-error"``): the mean over blocks and windows of the relative squared
+    output error ||y_student - y||² / ||y||² (a mean over windows, so DDP's slices and accumulation's
+    micro-batches average to it); nothing is back-propagated through the network."""
+    errors = []
+    for out, target in block_pairs(teacher, student, blocks, input_ids).values():
+        out, target = out.float(), target.float()
+        errors.append((out - target).pow(2).sum((1, 2)) / target.pow(2).sum((1, 2)).clamp_min(1e-30))   # (B,)
+    return torch.stack(errors).mean()
 
 
 #: positions of one chunk of the end-to-end KL (its logits: chunk x vocabulary floats, recomputed
@@ -74,8 +85,9 @@ def _kl_chunk(student_hidden, teacher_hidden, head) -> torch.Tensor:
     return F.kl_div(got.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="sum")
 
 
-def logit_kl(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """End-to-end: KL(original ‖ converted) of the next-token distributions, mean over positions.
+def logit_kl(teacher: nn.Module, student: nn.Module, input_ids: torch.Tensor, blocks=()) -> torch.Tensor:
+    """End-to-end (``"logit-kl"``): KL(original ‖ converted) of the next-token distributions, mean over
+    positions (``blocks`` is not needed).
 
     Where the logits are the output head of the last hidden states (checked against the models'
     own logits on two positions), the KL is taken :data:`KL_CHUNK` positions at a time, each chunk's
@@ -121,14 +133,10 @@ def block_errors(teacher: nn.Module, student: nn.Module, batches: list[dict]) ->
     paths = list(converted_blocks(student))
     num, den = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
     for batch in batches:
-        caught = _block_io(teacher, paths, batch["input_ids"])
-        for path, (args, kwargs, target) in caught.items():
-            out = student.get_submodule(path)(*args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+        for path, (out, target) in block_pairs(teacher, student, paths, batch["input_ids"]).items():
             num[path] += float((out.double() - target.double()).pow(2).sum())
             den[path] += float(target.double().pow(2).sum())
     return {p: num[p] / max(den[p], 1e-300) for p in paths}
-
 
 
 def trained_modules(student: nn.Module, params: str) -> nn.Module:
@@ -143,7 +151,8 @@ def trained_modules(student: nn.Module, params: str) -> nn.Module:
         return student
     blocks = converted_blocks(student)
     if not blocks:
-        raise ValueError("the student has no converted attention blocks (convert it with tucker_attention.hf.convert)")
+        raise ValueError("params='attention' trains the converted attention blocks, but the student has none; "
+                         "convert it first (tucker_attention.hf.convert) or train params='all'")
     return nn.ModuleDict({path.replace(".", "/"): block for path, block in blocks.items()})
 
 

@@ -1,39 +1,20 @@
 """Reading Hugging Face attention blocks into our layers.
 
-A block is recognized by the structure of its attention module, not by its class name. Each
-structure (:data:`STRUCTURES`) names the parts it needs, and a module matching one must have
-exactly those parts (dropouts aside): anything else (attention sinks, a relative-position
-table, a norm over the whole projection, a second query projection for gating) is reported,
-never silently dropped.
+A block is recognized by the structure of its attention module, not by its class name: the
+registered families (:mod:`.registry`; built-in: ``mla``, ``proj``, ``qkv_proj``, ``neox``,
+``gpt2``, ``bert``, one module each) are tried in registration order and the first whose parts
+the module has takes it. A module matching one must have exactly that family's parts (dropouts
+aside): anything else (attention sinks, a relative-position table, a norm over the whole
+projection, a second query projection for gating) is reported, never silently dropped.
 
-- ``bert``: ``query``/``key``/``value`` (nn.Linear); the output projection is the parent's
-  ``output.dense`` (BERT, RoBERTa, XLM-R).
-- ``gpt2``: fused ``c_attn`` (Conv1D, d -> 3d) and ``c_proj`` (GPT-2).
-- ``proj``: ``q_proj``/``k_proj``/``v_proj``/``o_proj``, optional per-head RMSNorms ``q_norm``,
-  ``k_norm`` before RoPE (gain w, or 1 + w as Gemma's, found by probing the norm), GQA,
-  head_dim != d/h, the block's own ``scaling`` (Gemma's ``query_pre_attn_scalar``), head RoPE
-  (full or partial) taken from the model's ``position_embeddings`` (Llama, Mistral, Qwen2,
-  Qwen3, Gemma 2/3, SmolLM3's NoPE layers, ViT without RoPE).
-- ``qkv_proj``: fused ``qkv_proj`` laid out [q | k | v] and ``o_proj`` (Phi-3).
-- ``neox``: fused ``query_key_value`` laid out per head [h, 3, head_dim] and ``dense``, partial
-  rotary ``rotary_ndims`` (GPT-NeoX / Pythia).
-- ``mla``: ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or ``q_proj``), ``kv_a_proj_with_mqa``,
-  ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj`` (DeepSeek-V2/V3): read into
-  :class:`~tucker_attention.layers.MultiHeadLatentAttention` with ``latent_norm=True`` and
-  decoupled RoPE; DeepSeek's interleaved RoPE pairs are permuted into our rotate-half layout
-  (the same permutation on queries and keys leaves every logit unchanged), YaRN's attention
-  factor is folded into the RoPE branch's weights and its mscale is in ``scale``.
-
-Head-RoPE structures are checked against their family's own ``apply_rotary_pos_emb`` (a
-pure function, probed on a few numbers), so a family that rotates interleaved pairs (Cohere)
-is refused instead of read wrongly. Soft-capping (Gemma 2) and sliding windows (Mistral,
-Gemma's sliding layers) belong to the kernel and the mask: they are reported in
-:class:`Block` (``softcap``, ``sliding_window``), not applied by our layers.
+Head-RoPE families are checked against their module's own ``apply_rotary_pos_emb`` (a pure
+function, probed on a few numbers), so a family that rotates interleaved pairs (Cohere) is
+refused instead of read wrongly. Soft-capping (Gemma 2) and sliding windows (Mistral, Gemma's
+sliding layers) belong to the kernel and the mask: they are reported in :class:`Block`
+(``softcap``, ``sliding_window``), not applied by our layers.
 
 :func:`read_block` turns a block into our layer, whose output is the block's output before
 the residual, to float rounding. :class:`~.blocks.HFAttention` replaces the block in a model.
-
-The per-structure readers and their RoPE / norm probes are in :mod:`.family_readers`.
 """
 
 from __future__ import annotations
@@ -47,35 +28,15 @@ import torch
 from torch import nn
 
 from ...layers import Attention
-from .readers import _linear, _read_gqa, _read_mla, _sliding_window, _softcap, _Unsupported
+from .common import sliding_window, softcap
+from .registry import Family, Unsupported, families, recognize
 
-#: {structure: (what it is, the transformers classes it is tested on)}; other classes with the
-#: same structure are read as well.
-STRUCTURES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "bert": ("query/key/value and the parent's output.dense",
-             ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention")),
-    "gpt2": ("fused Conv1D c_attn and c_proj", ("GPT2Attention",)),
-    "proj": ("q_proj/k_proj/v_proj/o_proj, optional per-head q_norm/k_norm, head RoPE (full or partial)",
-             ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "Gemma2Attention",
-              "Gemma3Attention", "SmolLM3Attention", "ViTAttention")),
-    "qkv_proj": ("fused qkv_proj [q | k | v] and o_proj", ("Phi3Attention",)),
-    "neox": ("fused query_key_value per head [h, 3, head_dim] and dense, partial RoPE", ("GPTNeoXAttention",)),
-    "mla": ("q_a_proj/q_a_layernorm/q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj",
-            ("DeepseekV2Attention", "DeepseekV3Attention")),
-}
-#: The transformers attention classes the readers are tested on (every structure's families).
+#: {structure: (what it is, the transformers classes it is tested on)} of the built-in families, in
+#: recognition order; other classes with the same structure are read as well.
+STRUCTURES: dict[str, tuple[str, tuple[str, ...]]] = {f.name: (f.description, f.tested_on) for f in families()}
+#: The transformers attention classes the built-in families are tested on.
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(name for _, names in STRUCTURES.values() for name in names)
 
-#: The parts each structure may have (nn.Dropout children are always allowed).
-_PARTS = {
-    "bert": {"query", "key", "value"},
-    "gpt2": {"c_attn", "c_proj"},
-    "proj": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"},
-    "qkv_proj": {"qkv_proj", "o_proj"},
-    "neox": {"query_key_value", "dense"},
-    "mla": {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
-            "kv_b_proj", "o_proj"},
-}
 #: Child names that make a module look like attention (for the messages about unread modules).
 _PROJECTION_NAMES = {"q", "k", "v", "o", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj",
                      "out_proj", "qkv", "qkv_proj", "c_attn", "Wqkv", "query_key_value", "in_proj", "q_lin",
@@ -86,8 +47,8 @@ _PROJECTION_NAMES = {"q", "k", "v", "o", "query", "key", "value", "q_proj", "k_p
 class Block:
     """One supported attention block of a model.
 
-    path: its module path (e.g. ``encoder.layer.0.attention.self``). kind: its structure
-    (:data:`STRUCTURES`: 'bert' | 'gpt2' | 'proj' | 'qkv_proj' | 'neox' | 'mla').
+    path: its module path (e.g. ``encoder.layer.0.attention.self``). kind: the name of its family
+    (:mod:`.registry`; built-in: 'mla' | 'proj' | 'qkv_proj' | 'neox' | 'gpt2' | 'bert').
     layer: our layer holding a copy of its weights, read from the module at each access (so a list
     of blocks holds no copies, and a copy follows the module's current weights); ``read`` reads it.
     layer_idx: its index in the model's cache.
@@ -117,29 +78,6 @@ class Block:
 
 # -- recognizing blocks ------------------------------------------------------------------------------
 
-def _conv1d(module, name: str) -> bool:
-    part = getattr(module, name, None)
-    return isinstance(part, nn.Module) and type(part).__name__ == "Conv1D" and isinstance(
-        getattr(part, "weight", None), torch.Tensor)
-
-
-def _structure(module: nn.Module) -> str | None:
-    """The structure ``module`` has by its parts (:data:`STRUCTURES`), or None."""
-    if _linear(module, "kv_a_proj_with_mqa") and _linear(module, "kv_b_proj") and _linear(module, "o_proj"):
-        return "mla"
-    if all(_linear(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "proj"
-    if _linear(module, "qkv_proj") and _linear(module, "o_proj"):
-        return "qkv_proj"
-    if _linear(module, "query_key_value") and _linear(module, "dense"):
-        return "neox"
-    if _conv1d(module, "c_attn") and _conv1d(module, "c_proj"):
-        return "gpt2"
-    if all(_linear(module, n) for n in ("query", "key", "value")):
-        return "bert"
-    return None
-
-
 def _is_cross_attention(module: nn.Module) -> bool:
     return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower()
 
@@ -166,48 +104,48 @@ def _describe(module: nn.Module) -> str:
 
 
 def _supported_text() -> str:
-    return "; ".join(f"{kind}: {what} ({', '.join(names)})" for kind, (what, names) in STRUCTURES.items())
+    """Every registered family, for messages."""
+    return "; ".join(f"{f.name}: {f.description} ({', '.join(f.tested_on)})" for f in families())
 
 
-def _check_parts(module: nn.Module, structure: str) -> None:
-    allowed = _PARTS[structure]
-    extra = [n for n, c in module.named_children() if n not in allowed and not isinstance(c, nn.Dropout)]
+def _check_parts(module: nn.Module, family: Family) -> None:
+    extra = [n for n, c in module.named_children() if n not in family.parts and not isinstance(c, nn.Dropout)]
     extra += [n for n, _ in module.named_parameters(recurse=False)]
     if extra:
-        raise _Unsupported(f"it has parts the {structure!r} structure does not have: {', '.join(extra)} "
-                           f"(e.g. attention sinks, gating or relative positions, which our layers do not compute)")
+        raise Unsupported(f"it has parts the {family.name!r} structure does not have: {', '.join(extra)} "
+                          f"(e.g. attention sinks, gating or relative positions, which our layers do not compute)")
 
 
 def read_block(module: nn.Module, parent: nn.Module | None = None) -> tuple[Attention, dict]:
     """One supported block -> (our layer with its weights, facts the drop-in needs).
 
-    The layer is a :class:`~tucker_attention.layers.GroupedQueryAttention` (MHA when it has
-    as many key heads as query heads) or, for DeepSeek's MLA, a
+    The layer is the one its family reads: a :class:`~tucker_attention.layers.GroupedQueryAttention`
+    (MHA when it has as many key heads as query heads) or, for DeepSeek's MLA, a
     :class:`~tucker_attention.layers.MultiHeadLatentAttention`. Facts: ``kind`` (the
-    structure), ``layer_idx``, ``model_rope``, ``resid_dropout``, ``rope_exact``,
+    family's name), ``layer_idx``, ``model_rope``, ``resid_dropout``, ``rope_exact``,
     ``sliding_window``, ``softcap`` (see :class:`Block`). ``parent`` is the BERT-style
     block's parent (holding ``output.dense``). A module that is not a supported self-attention
     block raises TypeError naming what it holds and what is supported.
     """
-    structure = _structure(module)
+    family = recognize(module)
     try:
-        if structure is None:
-            raise _Unsupported("it matches none of the supported structures")
+        if family is None:
+            raise Unsupported("it matches none of the supported structures")
         if _is_cross_attention(module):
-            raise _Unsupported("it is cross-attention; only self-attention blocks are read")
+            raise Unsupported("it is cross-attention; only self-attention blocks are read")
         if not isinstance(getattr(getattr(module, "config", None), "hidden_size", None), int):
-            raise _Unsupported("it has no config with hidden_size (a transformers attention module has)")
-        _check_parts(module, structure)
+            raise Unsupported("it has no config with hidden_size (a transformers attention module has)")
+        _check_parts(module, family)
         rope_params = getattr(module.config, "rope_parameters", None) or {}
         if isinstance(rope_params, dict) and any("mrope_section" in p for p in [rope_params, *rope_params.values()]
                                                  if isinstance(p, dict)):
-            raise _Unsupported("it uses multimodal RoPE (mrope_section), which our layers do not compute")
-        layer, info = _read_mla(module) if structure == "mla" else _read_gqa(module, structure, parent)
-    except _Unsupported as why:
+            raise Unsupported("it uses multimodal RoPE (mrope_section), which our layers do not compute")
+        layer, info = family.read(module, parent)
+    except Unsupported as why:
         raise TypeError(f"unsupported attention block {_describe(module)}: {why}. Supported structures: "
                         f"{_supported_text()}") from None
-    info = {"kind": structure, "layer_idx": getattr(module, "layer_idx", None), **info,
-            "sliding_window": _sliding_window(module, module.config), "softcap": _softcap(module)}
+    info = {"kind": family.name, "layer_idx": getattr(module, "layer_idx", None), **info,
+            "sliding_window": sliding_window(module, module.config), "softcap": softcap(module)}
     return layer, info
 
 
@@ -227,7 +165,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
     modules = dict(model.named_modules())
     blocks, cross = [], []
     for path, module in modules.items():
-        if _structure(module) is None:
+        if recognize(module) is None:
             continue
         if _is_cross_attention(module):
             cross.append(path)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..families.registry import family_named
 from ..sources.readable import check_readable
 from .blocks import HFAttention
 from .cache import SharedRope
@@ -41,8 +42,6 @@ AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageClassific
 #: Base model types registered on import (others register when converted, or load as remote code).
 FAMILIES = ("bert", "roberta", "xlm-roberta", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3_text", "phi3", "gpt_neox", "deepseek_v2", "deepseek_v3", "vit")
-#: Config fields a serving layout rewrites; the original values rebuild the skeleton.
-LAYOUT_FIELDS = ("num_key_value_heads", "head_dim")
 #: ids of the configs whose skeleton is being built (a head model builds its base model inside).
 _BUILDING: set[int] = set()
 
@@ -71,12 +70,6 @@ def config_class(base_type: str) -> type:
     name = "Tucker" + base.__name__
     return type(name, (TuckerConfigMixin, base), {"model_type": "tucker_" + base_type, "__module__": __name__,
                                                   "__qualname__": name})
-
-
-def _base_config_class(config) -> type:
-    """The transformers config class under a (possibly converted) config."""
-    return next(c for c in type(config).__mro__ if c is not TuckerConfigMixin
-                and not issubclass(c, TuckerConfigMixin))
 
 
 class TuckerModelMixin:
@@ -240,8 +233,8 @@ def place_block(model: nn.Module, path: str, layer, facts: dict, rope_source: Sh
                         resid_dropout=facts["resid_dropout"], sliding_window=facts.get("sliding_window"),
                         softcap=facts.get("softcap"), config=model.config, rope_source=rope_source)
     setattr(parent, name, block.train(parent.get_submodule(name).training))
-    if facts["kind"] == "bert":                           # the output projection is inside our layer
-        parent.output.dense = nn.Identity()
+    for part in family_named(facts["kind"]).outside_parts:   # computed by our layer (BERT's output.dense)
+        parent.set_submodule(part, nn.Identity())
     return block
 
 
@@ -252,14 +245,14 @@ def block_swapped(model: nn.Module, path: str, layer, facts: dict):
     parent_path, _, name = _resolve(model, path).rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     original = getattr(parent, name)
-    dense = parent.output.dense if facts["kind"] == "bert" else None
+    outside = {part: parent.get_submodule(part) for part in family_named(facts["kind"]).outside_parts}
     place_block(model, path, layer, facts, SharedRope())
     try:
         yield model
     finally:
         setattr(parent, name, original)
-        if dense is not None:
-            parent.output.dense = dense
+        for part, module in outside.items():
+            parent.set_submodule(part, module)
 
 
 def install_blocks(model: nn.Module, spec: dict) -> None:
@@ -319,11 +312,3 @@ def register_families() -> None:
     for base_type in FAMILIES:
         if base_type in transformers.CONFIG_MAPPING:
             register(base_type)
-
-
-def is_converted_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a model saved from a converted model."""
-    import json
-
-    config = Path(path) / "config.json"
-    return config.is_file() and str(json.loads(config.read_text()).get("model_type", "")).startswith("tucker_")

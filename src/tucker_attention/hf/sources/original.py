@@ -12,20 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...training.convert_config import DTYPES, ConvertError  # noqa: F401  (the commands' error, read from here)
 from .gguf import load_gguf
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "merges.txt")
-
-
-class ConvertError(ValueError):
-    """A bad argument of :func:`~.pipeline.convert_folder`: ``argument`` names it (``src``, ``ranks``,
-    ``budget_params``, ``budget_kv``, ``out``, ``calibration``, ``dtype``, ...)."""
-
-    def __init__(self, argument: str, message: str):
-        super().__init__(f"{argument}: {message}")
-        self.argument, self.message = argument, message
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -62,14 +53,14 @@ def model_kind(architecture: str | None) -> tuple[str, str]:
     return architecture, "encoder"
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise ConvertError("src", f"{str(path)!r}: config.json is not readable JSON ({err})") from None
 
 
-def _source_dtype(config: dict) -> torch.dtype:
+def source_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
 
@@ -80,9 +71,9 @@ def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
     dtype: the model's (default float32), or 'stored': as its files hold it (bf16 stays bf16; run it
     under :func:`~.compute.float32_compute` to compute in float32). A GGUF file loads in float32
     (transformers dequantizes it)."""
-    from .files import _require_transformers, model_path
+    from .files import model_path, require_transformers
 
-    transformers = _require_transformers()
+    transformers = require_transformers()
     try:
         path = model_path(src)
     except (FileNotFoundError, ValueError) as err:
@@ -92,12 +83,12 @@ def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
             return load_gguf(path, transformers)
         except (ImportError, ValueError) as err:
             raise ConvertError("src", str(err)) from None
-    config = _read_config(path)
+    config = read_config(path)
     if config.get("tucker_attention"):
         raise ConvertError("src", f"{str(path)!r} is already a converted model (its config has tucker_attention); "
                                   f"convert the original model")
     if dtype == "stored":
-        dtype = _source_dtype(config)
+        dtype = source_dtype(config)
     architecture = (config.get("architectures") or [None])[0]
     class_name, kind = model_kind(architecture)
     cls = getattr(transformers, class_name)
@@ -127,7 +118,7 @@ def load_source(src, dtype: torch.dtype | str = torch.float32) -> dict:
     if (path / "generation_config.json").is_file():
         generation_config = transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
     return {"path": path, "model": model.eval(), "tokenizer": tokenizer, "kind": kind,
-            "class": type(model).__name__, "dtype": _source_dtype(config), "generation_config": generation_config}
+            "class": type(model).__name__, "dtype": source_dtype(config), "generation_config": generation_config}
 
 
 def check_weights(model: nn.Module, where: str = "the model") -> None:
