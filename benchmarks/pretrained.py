@@ -290,16 +290,16 @@ def held_out_kinds(model, tokenizer, n: int, seq_len: int) -> tuple[dict, dict]:
     plays, CPython's documentation text, standard-library code, and the model's own samples from
     seeds no calibration uses; ``n`` pieces of at most ``seq_len`` tokens each."""
     from tucker_attention.data.local_text import python_code, python_docs
-    from tucker_attention.hf.conversion.fidelity import _id_batches, _pad_id, _token_batches, make_inputs
+    from tucker_attention.hf.conversion.fidelity import id_batches, make_inputs, pad_id, token_batches
     from tucker_attention.hf.conversion.model_text import sample_ids
 
     _, plays, _ = make_inputs(model, tokenizer, None, n_calibration=1, n_eval=n, seq_len=seq_len, model_text=0.0)
     chars = 4 * seq_len
     kinds = {"plays": plays,
-             "python docs": _token_batches(tokenizer, line_pieces(python_docs(), n, chars), seq_len, 8),
-             "python code": _token_batches(tokenizer, line_pieces(python_code(), n, chars), seq_len, 8)}
+             "python docs": token_batches(tokenizer, line_pieces(python_docs(), n, chars), seq_len, 8),
+             "python code": token_batches(tokenizer, line_pieces(python_code(), n, chars), seq_len, 8)}
     own = sample_ids(model, tokenizer, n, seq_len, seed=HELD_OUT_SAMPLES_SEED)
-    kinds["own samples"] = _id_batches(own, _pad_id(tokenizer), 8)
+    kinds["own samples"] = id_batches(own, pad_id(tokenizer), 8)
     described = {"plays": "the held-out plays", "python docs": "CPython's help() topics (pydoc_data)",
                  "python code": "standard-library modules' source",
                  "own samples": f"the model's answers to its chat prompts, seeds from {HELD_OUT_SAMPLES_SEED:,}"}

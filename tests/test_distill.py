@@ -26,7 +26,7 @@ from tucker_attention.hf.distillation.distill import (  # noqa: E402
     distill,
     trained_modules,
 )
-from tucker_attention.training.distill_config import DistillError  # noqa: E402
+from tucker_attention.settings.distill import DistillError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(batch_size=4, seq_len=16, eval_windows=8, eval_interval=5, checkpoint_interval=4, progress=False)

@@ -112,7 +112,7 @@ def test_convert_settings_from_a_config_file_and_flags(tmp_path):
 
     from tucker_attention.cli import build_parser
     from tucker_attention.cli.config_flags import config_values
-    from tucker_attention.training.convert_config import ConvertConfig, ConvertError
+    from tucker_attention.settings.convert import ConvertConfig, ConvertError
 
     (tmp_path / "c.json").write_text(json.dumps({"method": NAME, "ranks": [4], "seed": 1, "seq_len": 32}))
     args = build_parser().parse_args(["convert", "src", "--config", str(tmp_path / "c.json"), "--seed", "3",

@@ -81,7 +81,7 @@ def test_core_imports_without_the_extras(plain):
     for module in ("tucker_attention.layers.tucker", "tucker_attention.tensors.algebra", "tucker_attention.models.gpt",
                    "tucker_attention.training.trainer", "tucker_attention.experiments.compare",
                    "tucker_attention.experiments.compress", "tucker_attention.cli.hf_commands",
-                   "tucker_attention.training.distill_config", "tucker_attention.data.tokenizers"):
+                   "tucker_attention.settings.distill", "tucker_attention.data.tokenizers"):
         assert module in report["imported"]
     assert report["leaked"] == []
 

@@ -7,10 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
+from ..settings.convert import ConvertConfig, ConvertError
+from ..settings.distill import DistillConfig, DistillError
 from ..tensors.methods import METHODS, conversion_method
-from ..training.convert_config import ConvertConfig, ConvertError
-from ..training.distill_config import DistillConfig, DistillError
-from ._types import _int_list
+from .arg_types import int_list
 from .config_flags import add_config_flags, config_values, flag_of
 
 
@@ -79,7 +79,7 @@ def _add_compress(sub) -> None:
     k.add_argument("--hf", default="minilm", help="'minilm' (bundled all-MiniLM-L6-v2, default) or a local "
                                                   "transformers model folder")
     k.add_argument("--method", choices=METHODS, help="compression method (one setting)")
-    k.add_argument("--ranks", type=_int_list, help="; ".join(f"{m}: {conversion_method(m).syntax}" for m in METHODS)
+    k.add_argument("--ranks", type=int_list, help="; ".join(f"{m}: {conversion_method(m).syntax}" for m in METHODS)
                    + " (default: full rank, exact)")
     k.add_argument("--budget-params", type=float, metavar="B",
                    help="tucker: ranks per layer for this many attention parameters (a count, or a fraction < 1)")
@@ -116,7 +116,7 @@ def _convert_ranks(text: str) -> Ranks:
     if text.strip() == "full":
         return Ranks("full", None)
     ranks, _, value_ranks = text.partition("/")
-    parsed = _int_list(ranks), (_int_list(value_ranks) if value_ranks else None)
+    parsed = int_list(ranks), (int_list(value_ranks) if value_ranks else None)
     if not parsed[0] or parsed[1] == []:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers (tucker: r1,r2,r3[/v1,v2,v3]), "
                                          f"got {text!r}")
@@ -219,3 +219,9 @@ def _add_distill(sub) -> None:
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(x, DistillConfig, skip=("progress",))
     x.set_defaults(func=_distill_command)
+
+
+def add_commands(sub) -> None:
+    """The Hugging Face sub-commands: compress, convert, distill."""
+    for add in (_add_compress, _add_convert, _add_distill):
+        add(sub)

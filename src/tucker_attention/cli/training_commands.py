@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..accounting import PRESETS, attention_table, custom_preset, format_table
-from ._types import _int_list, _ranks
+from .arg_types import int_list, rank_triple
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -35,9 +35,10 @@ def _add_params(sub) -> None:
     p.add_argument("--n-heads", type=int, help="custom shape: query heads")
     p.add_argument("--n-layers", type=int, default=1, help="custom shape: attention layers (default 1)")
     p.add_argument("--seq-len", type=int, default=1024, help="custom shape: tokens in the KV cache (default 1024)")
-    p.add_argument("--gqa", type=_int_list, help="custom shape: GQA n_kv_heads values, e.g. 4,2")
-    p.add_argument("--mla", type=_int_list, help="custom shape: MLA kv_rank values, e.g. 64,128")
-    p.add_argument("--tucker", type=_ranks, action="append", help="custom shape: Tucker ranks r1,r2,r3 (repeatable)")
+    p.add_argument("--gqa", type=int_list, help="custom shape: GQA n_kv_heads values, e.g. 4,2")
+    p.add_argument("--mla", type=int_list, help="custom shape: MLA kv_rank values, e.g. 64,128")
+    p.add_argument("--tucker", type=rank_triple, action="append",
+                   help="custom shape: Tucker ranks r1,r2,r3 (repeatable)")
     p.add_argument("--bytes", type=int, default=2, help="bytes per scalar (default 2, bf16)")
     p.set_defaults(func=_params)
 
@@ -280,3 +281,9 @@ def _add_finetune_compare(sub) -> None:
     f.add_argument("--steps", type=int, help="fine-tune steps (default 150)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_finetune_command)
+
+
+def add_commands(sub) -> None:
+    """The sub-commands of our own models: params, ranks, train, generate, compare, finetune-compare."""
+    for add in (_add_params, _add_ranks, _add_train, _add_generate, _add_compare, _add_finetune_compare):
+        add(sub)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_int
+from ..settings.distill import PARAMS
 from ..training.config import OptimConfig
-from ..training.distill_config import PARAMS
 from ..training.loop import Job, Loop, adamw, lr_schedule
 
 SPLITS = ("train", "val")

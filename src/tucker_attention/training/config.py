@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """The optimization section that training (:class:`TrainConfig`) and distillation
-    (:class:`~tucker_attention.training.distill_config.DistillConfig`) share: the same names,
+    (:class:`~tucker_attention.settings.distill.DistillConfig`) share: the same names,
     checks and meaning, run by :class:`~tucker_attention.training.loop.Loop`.
 
     AdamW (``beta1``, ``beta2``) with decoupled weight decay on matrices (not on norms, biases or

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..._table import text_table
+from ...settings.convert import ALLOCATIONS  # noqa: F401  (re-exported)
 from ...tensors import STEP_SHARE, conversion_method  # noqa: F401  (STEP_SHARE: re-exported)
-from ...training.convert_config import ALLOCATIONS  # noqa: F401  (re-exported)
 
 #: Levels of a layer on each side of the uniform setting.
 STEPS = 2

@@ -37,8 +37,8 @@ from torch import nn
 
 from ..._files import write_folder
 from ..._table import text_table
+from ...settings.convert import ConvertConfig
 from ...tensors import conversion_method
-from ...training.convert_config import ConvertConfig
 from ..sources.compute import float32_compute, release_memory
 from ..sources.original import (  # noqa: F401
     DTYPES,
@@ -151,7 +151,7 @@ def convert_folder(src, method: str | None = None, *, ranks=None, value_ranks=No
         :data:`MODEL_TEXT` for a decoder with a tokenizer, else 0. The samples are kept in ``out``
         (``samples_*.safetensors``) and reused by a rerun with the same model and settings.
     seed: of the samples (reproducible) and of random inputs.
-    config: a :class:`~tucker_attention.training.convert_config.ConvertConfig` of these settings (what
+    config: a :class:`~tucker_attention.settings.convert.ConvertConfig` of these settings (what
         ``tucker-attn convert`` builds from its flags); settings given as keywords too replace its own.
 
     Returns the report: source / converted attention params, KV floats and bytes per token,

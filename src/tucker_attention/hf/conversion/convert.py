@@ -30,6 +30,7 @@ from torch import nn
 
 from ..._checks import check_choice
 from ...layers import Attention, make_attention
+from ...settings.convert import QK_NORMS
 from ...tensors import (
     METHODS,
     RankPlan,
@@ -41,7 +42,6 @@ from ...tensors import (
 )
 from ...tensors import plan_ranks as tensor_plan_ranks
 from ...tensors import plan_uniform as tensor_plan_uniform
-from ...training.convert_config import QK_NORMS
 from ..families.reading import Block, find_blocks
 from ..modeling.auto import config_class, converted_class, model_class, place_block, to_converted_classes
 from ..modeling.blocks import HFAttention, layout_of
@@ -222,7 +222,7 @@ def convert(model: nn.Module, method: str = "tucker", ranks=None, *, value_ranks
         buffers outside the converted blocks are the model's own tensors (no memory; a change to one
         is a change to both), as a conversion pipeline measuring candidates wants.
     dtype: of the new layers (default: each block's own weights'; the conversion math runs in at
-        least float32 whatever the model's dtype, see :func:`~.family_readers.reading_dtype`).
+        least float32 whatever the model's dtype, see :func:`~tucker_attention.hf.families.common.reading_dtype`).
     qk_norm: 'keep' | 'linearize': per-head q/k norms under Tucker (see :func:`convert_block`).
     progress: a progress bar over the blocks.
 

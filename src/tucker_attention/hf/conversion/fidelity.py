@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...accounting import attention_param_count, kv_cache_floats_per_token
-from ...training.convert_config import SEQ_LEN
+from ...settings.convert import SEQ_LEN
 from ..sources.original import ConvertError
 from .model_text import model_samples
 
@@ -86,16 +86,16 @@ def _encoded(tokenizer, pieces: list[str], seq_len: int) -> list[list[int]]:
     return tokenizer(pieces, truncation=True, max_length=seq_len)["input_ids"] if pieces else []
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _token_batches(tokenizer, pieces: list[str], seq_len: int, batch_size: int) -> list[dict]:
-    """:func:`_encoded` pieces in batches (:func:`_id_batches`)."""
-    return _id_batches(_encoded(tokenizer, pieces, seq_len), _pad_id(tokenizer), batch_size)
+def token_batches(tokenizer, pieces: list[str], seq_len: int, batch_size: int) -> list[dict]:
+    """:func:`_encoded` pieces in batches (:func:`id_batches`)."""
+    return id_batches(_encoded(tokenizer, pieces, seq_len), pad_id(tokenizer), batch_size)
 
 
-def _id_batches(rows: list[list[int]], pad: int, batch_size: int) -> list[dict]:
+def id_batches(rows: list[list[int]], pad: int, batch_size: int) -> list[dict]:
     """Token-id rows right-padded by hand with an attention mask (so tokenizers without a pad token
     work), ``batch_size`` rows a batch; empty rows are dropped."""
     batches = []
@@ -196,9 +196,9 @@ def make_inputs(model: nn.Module, tokenizer, calibration=None, *, n_calibration:
         eval_pieces, where = cal_pieces[:n_eval], "calibration text (too short to hold out a part)"
     own = model_samples(model, tokenizer, sampled, seq_len, batch_size=batch_size, seed=seed, cache=cache,
                         keep=samples, progress=progress)
-    cal = _id_batches(_interleaved(_encoded(tokenizer, cal_pieces, seq_len), own["calibration"]), _pad_id(tokenizer),
+    cal = id_batches(_interleaved(_encoded(tokenizer, cal_pieces, seq_len), own["calibration"]), pad_id(tokenizer),
                       batch_size)
-    ev = _id_batches(_interleaved(_encoded(tokenizer, eval_pieces, seq_len), own["evaluation"]), _pad_id(tokenizer),
+    ev = id_batches(_interleaved(_encoded(tokenizer, eval_pieces, seq_len), own["evaluation"]), pad_id(tokenizer),
                      batch_size)
     if not cal or not ev:
         raise ConvertError("calibration", f"{what} gives no tokens")

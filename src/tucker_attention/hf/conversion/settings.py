@@ -11,8 +11,8 @@ import math
 from torch import nn
 
 from ...accounting import attention_param_count, kv_cache_floats_per_token
+from ...settings.convert import BUDGET, ConvertConfig, ConvertError
 from ...tensors import METHODS, SettingError, conversion_method, tucker_highs  # noqa: F401  (re-exported)
-from ...training.convert_config import BUDGET, ConvertConfig, ConvertError
 
 # -- settings --------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..._files import write_folder
 from ..._table import text_table
-from ...training.distill_config import DistillError
+from ...settings.distill import DistillError
 from ..conversion.fidelity import greedy_reply
 from ..conversion.model_text import kept_samples
 from ..sources.compute import float32_compute
@@ -119,7 +119,7 @@ def distill_folder(original, converted, *, out, data=None, run_dir=None, config:
     ``converted`` (its calibration samples train, its evaluation ones validate). run_dir:
     checkpoints and metrics (default ``OUT.run``). resume: continue that run; overwrite: replace
     ``out`` and a finished or stale run in ``run_dir``. Raises
-    :class:`~tucker_attention.training.distill_config.DistillError` naming the argument for bad input,
+    :class:`~tucker_attention.settings.distill.DistillError` naming the argument for bad input,
     before anything is written. Returns the report :func:`format_report` prints.
     """
     from ..conversion.command import transformers_bars

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ...data.text import TextCorpus
-from ...training.distill_config import DistillError
+from ...settings.distill import DistillError
 from ..sources.original import ConvertError
 
 PROBE = "The quick brown fox, 1234 — naïve café! ¿Qué? 東京\n\tdone."

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...settings.distill import LATER_FIELDS, DistillConfig
 from ...training.checkpoint import write_json_atomic
-from ...training.distill_config import LATER_FIELDS, DistillConfig
 from ...training.loop import Job, Loop, adamw, lr_schedule
 from ..conversion.convert import converted_blocks
 from ..conversion.fidelity import fidelity

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...training.distill_config import LOSSES, PARAMS, get_loss, loss_names, register_loss
+from ...settings.distill import LOSSES, PARAMS, get_loss, loss_names, register_loss
 
 __all__ = ["LOSSES", "block_error", "block_errors", "block_io", "block_pairs", "check_pair", "get_loss",
            "logit_kl", "loss_names", "register_loss", "share_frozen", "trained_modules"]

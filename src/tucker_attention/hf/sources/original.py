@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...training.convert_config import DTYPES, ConvertError  # noqa: F401  (the commands' error, read from here)
+from ...settings.convert import DTYPES, ConvertError  # noqa: F401  (the commands' error, read from here)
 from .gguf import load_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",

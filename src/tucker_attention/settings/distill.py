@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._fields import typed
-from .config import OptimConfig
+from ..training.config import OptimConfig
 
 PARAMS = ("attention", "all")     # which parameters train: the converted attention blocks, or every one
 

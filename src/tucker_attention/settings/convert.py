@@ -1,6 +1,7 @@
 """The settings of a conversion (:class:`ConvertConfig`: the fields of ``tucker-attn convert``'s flags and of
 :func:`~tucker_attention.hf.conversion.command.convert_folder`'s keywords) and :class:`ConvertError`, the
-bad-argument error of ``convert`` and ``distill``. Kept apart from the conversion
+bad-argument error of ``convert`` and of the loaders it shares with ``distill`` (which reports its own as
+:class:`~tucker_attention.settings.distill.DistillError`). Kept apart from the conversion
 (:mod:`tucker_attention.hf`) so that the command line can be built without transformers."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BUDGET = "a fraction in (0, 1] of the source's or a whole count > 1"
 
 
 class ConvertError(ValueError):
-    """A bad argument of :func:`~tucker_attention.hf.conversion.command.convert_folder` (or of ``distill``):
+    """A bad argument of :func:`~tucker_attention.hf.conversion.command.convert_folder`:
     ``argument`` names it (``src``, ``ranks``, ``budget_params``, ``budget_kv``, ``out``, ``calibration``,
     ``dtype``, ...)."""
 
