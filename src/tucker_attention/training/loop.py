@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -326,7 +327,10 @@ class Loop:
         if good:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
+        with warnings.catch_warnings():
+            if not good:   # a skipped step advances the schedule on purpose: the lr of step n is that of step n
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.schedule.step()
         self.step += 1
         return loss_value, norm_value, good
 
