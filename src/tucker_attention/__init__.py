@@ -17,7 +17,7 @@ from .layers import (
     make_attention,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Attention", "GroupedQueryAttention", "KVCache", "MultiHeadAttention", "MultiHeadLatentAttention",
            "MultiQueryAttention", "TuckerAttention", "TuckerHeadsAttention", "attention_param_count",
