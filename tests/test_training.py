@@ -290,3 +290,23 @@ def test_a_fresh_run_refuses_a_used_folder_unless_overwrite(corpus, tmp_path):
     assert summary["steps"] == 4
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000004"]
     assert max(m["step"] for m in read_metrics(run)) == 4
+
+
+def test_a_job_that_leaves_out_a_step_of_the_loop_is_refused_when_built():
+    from tucker_attention.training.loop import Job
+
+    class NoLoss(Job):
+        def trained(self):
+            return torch.nn.Linear(2, 2)
+
+        def start(self, state):
+            pass
+
+        def batch(self, generator):
+            return []
+
+        def summary(self):
+            return {}
+
+    with pytest.raises(TypeError, match=r"abstract method '?loss"):
+        NoLoss()

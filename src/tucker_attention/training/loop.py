@@ -16,6 +16,7 @@ gradient is that of the mean loss over the step's examples.
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import os
@@ -106,7 +107,7 @@ def micro_batches(batch, k: int) -> list:
 
 # -- the loop ------------------------------------------------------------------------------------------
 
-class Job:
+class Job(abc.ABC):
     """What a job supplies to :class:`Loop` (``self.loop``, set by the job's constructor).
 
     Attributes: ``steps`` (optimizer steps of the whole run), ``label`` (the progress bar's),
@@ -125,9 +126,9 @@ class Job:
     find_unused: bool = False
     leave_bar: bool = True
 
+    @abc.abstractmethod
     def trained(self) -> nn.Module:
         """The module whose parameters train (clipped together) and whose state checkpoints hold."""
-        raise NotImplementedError
 
     def objective(self) -> nn.Module:
         """What :meth:`loss` calls as ``net``, wrapped in DDP and compiled by the loop (default: :meth:`trained`)."""
@@ -139,27 +140,31 @@ class Job:
 
     def check_resumed(self, path: Path, state: dict, module: nn.Module) -> None:
         """Refuse a checkpoint (folder ``path``, its ``state``) written with other settings; take its ``module``."""
+        return None   # by default: nothing
 
+    @abc.abstractmethod
     def start(self, state: dict | None) -> None:
         """Set ``loop.optimizer`` and ``loop.schedule`` (restored from a checkpoint's ``state`` when resuming)."""
-        raise NotImplementedError
 
     def begin(self) -> None:
         """What comes before the first step, once the metrics and the bar are open."""
+        return None   # by default: nothing
 
     def before_step(self) -> None:
         """What comes before each step (e.g. the next phase's optimizer)."""
+        return None   # by default: nothing
 
+    @abc.abstractmethod
     def batch(self, generator: torch.Generator) -> list:
         """This process's share of the next step's global batch (drawn from ``generator``), as micro-batches."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, net: nn.Module, micro) -> torch.Tensor:
         """The mean loss of one micro-batch (under autocast), ``net`` the wrapped :meth:`objective`."""
-        raise NotImplementedError
 
     def after_step(self, loss: float, grad_norm: float, good: bool) -> None:
         """Records, evaluation and checkpoints after a step (``good``: it was applied)."""
+        return None   # by default: nothing
 
     def state(self) -> dict:
         """The job's share of a checkpoint's state (counters, its settings)."""
@@ -173,9 +178,9 @@ class Job:
         """The settings ``config.json`` records (None: no file)."""
         return None
 
+    @abc.abstractmethod
     def summary(self) -> dict:
         """The run's result, after the last step (rank 0 writes it where the job keeps it)."""
-        raise NotImplementedError
 
 
 class Loop:
