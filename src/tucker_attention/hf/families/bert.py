@@ -14,7 +14,6 @@ class Bert(GQAFamily):
     description = "query/key/value and the parent's output.dense"
     tested_on = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention")
     linears = ("query", "key", "value")
-    parts = frozenset(linears)
     outside_parts = ("output.dense",)
 
     def projections(self, module: nn.Module, parent: nn.Module | None) -> Projections:

@@ -14,7 +14,6 @@ class NeoX(GQAFamily):
     description = "fused query_key_value per head [h, 3, head_dim] and dense, partial RoPE"
     tested_on = ("GPTNeoXAttention",)
     linears = ("query_key_value", "dense")
-    parts = frozenset(linears)
     head_rope = True
 
     def projections(self, module: nn.Module, parent: nn.Module | None) -> Projections:

@@ -13,7 +13,6 @@ class FusedQKV(GQAFamily):
     description = "fused qkv_proj [q | k | v] and o_proj"
     tested_on = ("Phi3Attention",)
     linears = ("qkv_proj", "o_proj")
-    parts = frozenset(linears)
     head_rope = True
 
     def projections(self, module: nn.Module, parent: nn.Module | None) -> Projections:

@@ -47,11 +47,16 @@ class Family:
     #: The ``nn.Linear`` children that identify a block (the default :meth:`matches`).
     linears: tuple[str, ...] = ()
     #: Every child a block may have (nn.Dropout aside): anything else (sinks, gates, relative
-    #: positions) is refused, never dropped silently.
+    #: positions) is refused, never dropped silently. Default: ``linears``.
     parts: frozenset[str] = frozenset()
     #: Modules outside the block, by path from its parent, that the read layer computes (BERT's
     #: ``output.dense``): a converted model has ``nn.Identity`` there.
     outside_parts: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "parts" not in vars(cls) and cls.linears:
+            cls.parts = frozenset(cls.linears)
 
     def matches(self, module: nn.Module) -> bool:
         """Whether ``module`` has this structure's parts (cheap: names and types, nothing is read)."""
